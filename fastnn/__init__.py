@@ -1,0 +1,24 @@
+"""fastnn: a small, fast, correct MLP trainer for MNIST-like data on NumPy and CuPy.
+
+    import fastnn
+    model = fastnn.MLP([784, 128, 64, 10], activation="relu", device="auto")
+    history = fastnn.fit(model, x_train, y_train, epochs=10, batch_size=128, lr=0.1,
+                         optimizer="momentum", x_val=x_test, y_val=y_test)
+    print(model.evaluate(x_test, y_test))
+"""
+
+from .backend import NumpyOps, Ops, cuda_status, get_ops
+from .errors import ConfigError, DataError, DeviceError, FastnnError
+from .gradcheck import GradReport, check_gradients, gradcheck
+from .model import MLP
+from .optim import SGD, Adam, Momentum, Optimizer, make_optimizer
+from .train import DivergedError, fit, train_epoch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLP", "fit", "train_epoch", "gradcheck", "check_gradients", "GradReport",
+    "Ops", "NumpyOps", "get_ops", "cuda_status",
+    "Optimizer", "SGD", "Momentum", "Adam", "make_optimizer",
+    "FastnnError", "ConfigError", "DataError", "DeviceError", "DivergedError",
+]

@@ -1,0 +1,333 @@
+"""The multilayer perceptron: flat parameter arena, forward, backward.
+
+All parameters live in one 1-D array (the *arena*) and all gradients in another
+of the same layout; ``W[l]`` (fan_in, fan_out) and ``b[l]`` (fan_out,) are views
+into them. An optimizer step is therefore one kernel over the whole arena.
+
+One training step on a batch ``x`` (B, D), labels ``y`` (B,) int32::
+
+    forward:   a[0] = x;  a[l+1] = act(a[l] @ W[l] + b[l])      one GEMM per layer
+    loss:      delta[L-1] = dL/dz of the last layer              fused (softmax/MSE)
+    backward:  gW[l] = a[l].T @ delta[l];  gb[l] = sum_rows(delta[l])
+               delta[l-1] = (delta[l] @ W[l].T) * act'(a[l])    two GEMMs per layer
+
+Per-sample training is the same code with B = 1 (``a.T @ delta`` is then the
+outer product). Buffers for a batch size live in a ``Workspace``, built once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .backend import ACTIVATIONS, get_ops, resolve_dtype
+from .errors import ConfigError, DataError
+
+LOSSES = ("xent", "mse")
+INITS = ("xavier", "glorot", "he", "normal")
+FORMAT_VERSION = 1
+
+
+class Workspace:
+    """Preallocated buffers for one batch size B.
+
+    x: (B, D) float input batch; y: (B,) int32 labels; acts[l]: (B, n_{l+1})
+    activations; deltas[l]: (B, n_{l+1}) dL/dz; loss/correct: 1-element sums.
+    """
+
+    def __init__(self, ops, sizes, batch: int, dtype):
+        xp = ops.xp
+        self.batch = batch
+        self.x = xp.empty((batch, sizes[0]), dtype)
+        self.y = xp.empty(batch, np.int32)
+        self.acts = [xp.empty((batch, n), dtype) for n in sizes[1:]]
+        self.deltas = [xp.empty((batch, n), dtype) for n in sizes[1:]]
+        self.loss = xp.zeros(1, dtype)
+        self.correct = xp.zeros(1, np.int32)
+
+
+class MLP:
+    """A dense network ``sizes[0] -> ... -> sizes[-1]`` with biases.
+
+    sizes: layer widths, e.g. ``(784, 128, 64, 10)``; activation: hidden-layer
+    activation, one of relu, sigmoid, tanh; loss: ``"xent"`` (softmax
+    cross-entropy on linear logits) or ``"mse"`` (sigmoid outputs, squared error
+    against one-hot targets); init: xavier/glorot, he or normal (default: he for
+    relu, xavier otherwise); device: cpu, gpu or auto; dtype: float32 or float64.
+
+    ``input_scale`` and ``input_shift`` describe the preprocessing applied to raw
+    uint8 inputs (``x * scale + shift``); float inputs are used as given.
+    """
+
+    def __init__(self, sizes, activation="relu", loss="xent", init=None, device="cpu",
+                 dtype="float32", seed=0):
+        sizes = tuple(int(n) for n in sizes)
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ConfigError(f"sizes must list at least two positive widths, got {sizes}")
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if loss not in LOSSES:
+            raise ConfigError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+        if init is None:
+            init = "he" if activation == "relu" else "xavier"
+        if init not in INITS:
+            raise ConfigError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+        if loss == "xent" and sizes[-1] < 2:
+            raise ConfigError("softmax cross-entropy needs at least 2 output classes")
+        self.sizes = sizes
+        self.activation = activation
+        self.loss = loss
+        self.init = init
+        self.seed = seed
+        self.dtype = resolve_dtype(dtype)
+        self.ops = get_ops(device)
+        self.device = self.ops.name
+        self.input_scale = 1.0 / 255.0
+        self.input_shift = 0.0
+        self.acts = [activation] * (len(sizes) - 2) + ["linear" if loss == "xent" else "sigmoid"]
+        self.shapes = []
+        for fi, fo in zip(sizes[:-1], sizes[1:]):
+            self.shapes += [(fi, fo), (fo,)]
+        self.size = sum(int(np.prod(s)) for s in self.shapes)
+        xp = self.ops.xp
+        self.params = xp.zeros(self.size, self.dtype)
+        self.grads = xp.zeros(self.size, self.dtype)
+        self.param_views = self._views(self.params)
+        self.grad_views = self._views(self.grads)
+        self._workspaces: dict[int, Workspace] = {}
+        self.set_params(self._init_params(np.random.default_rng(seed)))
+
+    # ------------------------------------------------------------ parameters
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def _views(self, arena):
+        views, off = [], 0
+        for shape in self.shapes:
+            n = int(np.prod(shape))
+            views.append(arena[off:off + n].reshape(shape))
+            off += n
+        return views
+
+    def _init_params(self, rng):
+        out = []
+        for fi, fo in zip(self.sizes[:-1], self.sizes[1:]):
+            if self.init in ("xavier", "glorot"):
+                std = np.sqrt(2.0 / (fi + fo))
+            elif self.init == "he":
+                std = np.sqrt(2.0 / fi)
+            else:  # "normal": N(0, 1/fan_in), as in Nielsen's network.py
+                std = np.sqrt(1.0 / fi)
+            out += [rng.standard_normal((fi, fo)) * std, np.zeros(fo)]
+        return out
+
+    def get_params(self) -> list[np.ndarray]:
+        """``[W1, b1, W2, b2, ...]`` as NumPy copies; W (fan_in, fan_out), b (fan_out,)."""
+        return [self.ops.to_host(v).copy() for v in self.param_views]
+
+    def set_params(self, params) -> None:
+        """Copy ``[W1, b1, ...]`` (NumPy or device arrays) into the arena."""
+        params = list(params)
+        if len(params) != len(self.shapes):
+            raise ConfigError(f"expected {len(self.shapes)} arrays, got {len(params)}")
+        for i, (view, p) in enumerate(zip(self.param_views, params)):
+            if tuple(p.shape) != view.shape:
+                raise ConfigError(f"parameter {i} has shape {tuple(p.shape)}, expected {view.shape}")
+            view[...] = self.ops.asarray(p, self.dtype)
+
+    # ------------------------------------------------------------------ data
+    def workspace(self, batch: int) -> Workspace:
+        ws = self._workspaces.get(batch)
+        if ws is None:
+            ws = self._workspaces[batch] = Workspace(self.ops, self.sizes, batch, self.dtype)
+        return ws
+
+    def check_inputs(self, x, y=None, name="x"):
+        """Validate host arrays before they are uploaded; raises DataError."""
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
+            raise DataError(f"{name} has shape {tuple(x.shape)}, the model expects (N, {self.sizes[0]})")
+        if x.shape[0] == 0:
+            raise DataError(f"{name} is empty")
+        xp = self.ops.xp if not isinstance(x, np.ndarray) else np
+        if x.dtype.kind == "f":
+            if not bool(xp.isfinite(x).all()):
+                raise DataError(f"{name} contains NaN or infinite values")
+        elif x.dtype != np.uint8:
+            raise DataError(f"{name} has dtype {x.dtype}: use float inputs or uint8 pixels")
+        if y is not None:
+            y = np.asarray(y) if isinstance(y, (list, tuple)) else y
+            if y.ndim != 1 or y.shape[0] != x.shape[0]:
+                raise DataError(f"labels have shape {tuple(y.shape)}, expected ({x.shape[0]},) integers")
+            if y.dtype.kind not in "iu":
+                raise DataError(f"labels have dtype {y.dtype}: expected integer class labels")
+            lo, hi = int(y.min()), int(y.max())
+            k = self.sizes[-1]
+            if lo < 0 or hi >= k:
+                raise DataError(f"labels must be in 0..{k - 1}, found values in {lo}..{hi}")
+        return x, y
+
+    def to_device(self, x, y=None):
+        """Upload validated inputs once: uint8 stays uint8 (scaled when gathered),
+        floats become the model dtype; labels become int32."""
+        x, y = self.check_inputs(x, y)
+        xd = self.ops.asarray(x, None if x.dtype == np.uint8 else self.dtype)
+        yd = None if y is None else self.ops.asarray(y, np.int32)
+        return xd, yd
+
+    def load_batch(self, ws: Workspace, x_dev, y_dev, idx) -> None:
+        """Gather rows ``idx`` of device data into ``ws.x``/``ws.y`` (scaling uint8)."""
+        if x_dev.dtype == np.uint8:
+            self.ops.gather_rows(x_dev, idx, ws.x, self.input_scale, self.input_shift)
+        else:
+            self.ops.gather_rows(x_dev, idx, ws.x, 1.0, 0.0)
+        if y_dev is not None:
+            self.ops.gather_labels(y_dev, idx, ws.y)
+
+    # --------------------------------------------------------- forward/back
+    def forward(self, ws: Workspace):
+        """ws.x (B, D) -> ws.acts[-1] (B, K): logits for xent, sigmoid outputs for mse."""
+        ops, a = self.ops, ws.x
+        for l in range(self.n_layers):
+            h = ws.acts[l]
+            ops.matmul(a, self.param_views[2 * l], out=h)
+            ops.bias_act(h, self.param_views[2 * l + 1], self.acts[l])
+            a = h
+        return a
+
+    def loss_and_delta(self, ws: Workspace, loss_out=None, correct_out=None, want_grad=True) -> None:
+        """Loss of the batch in ws.acts[-1] against ws.y, and dL/dz into ws.deltas[-1].
+
+        loss_out / correct_out: 1-element device arrays (default ws.loss/ws.correct)
+        that receive the sum of per-sample losses and the number of correct argmaxes.
+        """
+        kernel = self.ops.xent if self.loss == "xent" else self.ops.mse
+        kernel(ws.acts[-1], ws.y, ws.deltas[-1] if want_grad else None,
+               ws.loss if loss_out is None else loss_out,
+               ws.correct if correct_out is None else correct_out)
+
+    def backward(self, ws: Workspace) -> None:
+        """From ws.deltas[-1], write the gradient of the batch-mean loss into the arena."""
+        ops = self.ops
+        for l in reversed(range(self.n_layers)):
+            a_prev = ws.x if l == 0 else ws.acts[l - 1]
+            d = ws.deltas[l]
+            ops.weight_grad(a_prev, d, out=self.grad_views[2 * l])
+            ops.sum_rows(d, out=self.grad_views[2 * l + 1])
+            if l > 0:
+                ops.matmul(d, self.param_views[2 * l].T, out=ws.deltas[l - 1])
+                ops.act_backward(ws.deltas[l - 1], a_prev, self.acts[l - 1])
+
+    # ------------------------------------------------------- public helpers
+    def gradients(self, x, y):
+        """Mean loss (float) and its gradients ``[dW1, db1, ...]`` (NumPy) on the batch (x, y)."""
+        xd, yd = self.to_device(x, y)
+        n = xd.shape[0]
+        ws = Workspace(self.ops, self.sizes, n, self.dtype)
+        self.load_batch(ws, xd, yd, self.ops.xp.arange(n))
+        self.forward(ws)
+        self.loss_and_delta(ws)
+        self.backward(ws)
+        loss = float(self.ops.to_host(ws.loss)[0]) / n
+        return loss, [self.ops.to_host(g).copy() for g in self.grad_views]
+
+    def _batches(self, x, y, batch_size):
+        xd, yd = self.to_device(x, y)
+        n = xd.shape[0]
+        idx_all = self.ops.xp.arange(n)
+        for s in range(0, n, batch_size):
+            idx = idx_all[s:s + batch_size]
+            ws = self.workspace(idx.shape[0])
+            self.load_batch(ws, xd, yd, idx)
+            yield ws
+
+    def outputs(self, x, batch_size=10000) -> np.ndarray:
+        """Network outputs (N, K) as NumPy: logits (xent) or sigmoid outputs (mse)."""
+        parts = [self.ops.to_host(self.forward(ws)).copy() for ws in self._batches(x, None, batch_size)]
+        return np.concatenate(parts)
+
+    def predict(self, x, batch_size=10000) -> np.ndarray:
+        """Predicted labels (N,) int64 for inputs x (N, D); uint8 pixels are scaled first."""
+        xp = self.ops.xp
+        parts = [xp.argmax(self.forward(ws), axis=1) for ws in self._batches(x, None, batch_size)]
+        return self.ops.to_host(xp.concatenate(parts)).astype(np.int64)
+
+    def evaluate(self, x, y, batch_size=10000) -> dict:
+        """``{"loss": mean loss, "accuracy": fraction correct}`` over (x, y), in large batches.
+
+        Sums stay on the device until the end: one synchronisation for the whole set.
+        """
+        xp = self.ops.xp
+        n_batches = -(-len(y) // batch_size)
+        losses = xp.zeros(n_batches, self.dtype)
+        hits = xp.zeros(n_batches, np.int32)
+        for i, ws in enumerate(self._batches(x, y, batch_size)):
+            self.forward(ws)
+            self.loss_and_delta(ws, losses[i:i + 1], hits[i:i + 1], want_grad=False)
+        total = float(self.ops.to_host(losses.astype(np.float64).sum()))
+        correct = int(self.ops.to_host(hits.sum()))
+        return {"loss": total / len(y), "accuracy": correct / len(y)}
+
+    # --------------------------------------------------------------- saving
+    def config(self) -> dict:
+        return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
+                "init": self.init, "dtype": self.dtype.name, "seed": self.seed,
+                "input_scale": self.input_scale, "input_shift": self.input_shift}
+
+    def save(self, path) -> None:
+        """Write weights and configuration to an ``.npz`` file, atomically."""
+        arrays = {f"p{i}": p for i, p in enumerate(self.get_params())}
+        meta = dict(self.config(), format="fastnn-mlp", version=FORMAT_VERSION)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path, device="cpu") -> MLP:
+        """Load a model saved by ``save`` onto ``device``; raises DataError for a bad file."""
+        arrays = read_npz(path)
+        try:
+            meta = json.loads(arrays.pop("meta").tobytes().decode())
+            if meta.get("format") != "fastnn-mlp":
+                raise ValueError("not a fastnn model")
+            model = cls(meta["sizes"], meta["activation"], meta["loss"], meta["init"],
+                        device=device, dtype=meta["dtype"], seed=meta.get("seed", 0))
+            model.input_scale = float(meta["input_scale"])
+            model.input_shift = float(meta["input_shift"])
+            model.set_params([arrays[f"p{i}"] for i in range(len(model.shapes))])
+        except (KeyError, ValueError, TypeError, ConfigError) as exc:
+            raise DataError(f"{path}: not a valid fastnn model file ({exc})") from None
+        return model
+
+
+def atomic_savez(path, arrays: dict) -> None:
+    """Write an ``.npz`` through a temporary file, fsync it, then rename it into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_npz(path) -> dict:
+    """All arrays of an ``.npz`` file (no pickles); DataError if missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None

@@ -1,0 +1,107 @@
+"""Optimizers over the flat parameter arena: each step is one backend call.
+
+The model's parameters (``model.params``) and gradients (``model.grads``) are two
+1-D arrays of the same layout, so SGD, momentum and Adam update every layer in a
+single kernel, with their state (velocity, moments) in arrays of that layout too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+
+
+class Optimizer:
+    """Base class: ``lr`` and ``weight_decay`` may be changed between steps."""
+
+    name = "base"
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, model, lr: float, weight_decay: float = 0.0):
+        if not lr >= 0:
+            raise ConfigError(f"learning rate must be >= 0, got {lr}")
+        if not weight_decay >= 0:
+            raise ConfigError(f"weight decay must be >= 0, got {weight_decay}")
+        self.model = model
+        self.ops = model.ops
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.steps = 0
+        self.state = {k: model.ops.xp.zeros_like(model.params) for k in self.state_names}
+
+    def step(self) -> None:
+        """Update ``model.params`` from ``model.grads`` (which it may overwrite)."""
+        self.steps += 1
+        self._update(self.model.params, self.model.grads)
+
+    def _update(self, p, g) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Host copy of the optimizer state, for checkpoints."""
+        d = {k: self.ops.to_host(v).copy() for k, v in self.state.items()}
+        d["steps"] = np.array(self.steps)
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        self.steps = int(d["steps"])
+        for k, v in self.state.items():
+            v[...] = self.ops.asarray(d[k], v.dtype)
+
+
+class SGD(Optimizer):
+    """Plain SGD: ``p -= lr (g + wd p)``."""
+
+    name = "sgd"
+
+    def _update(self, p, g):
+        self.ops.sgd(p, g, self.lr, self.weight_decay)
+
+
+class Momentum(Optimizer):
+    """SGD with heavy-ball (or Nesterov) momentum, PyTorch's formulation."""
+
+    name = "momentum"
+    state_names = ("velocity",)
+
+    def __init__(self, model, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
+        super().__init__(model, lr, weight_decay)
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+
+    def _update(self, p, g):
+        self.ops.momentum(p, g, self.state["velocity"], self.lr, self.momentum,
+                          self.weight_decay, self.nesterov)
+
+
+class Adam(Optimizer):
+    """Adam with bias correction; weight decay is decoupled (AdamW)."""
+
+    name = "adam"
+    state_names = ("m", "v")
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(model, lr, weight_decay)
+        self.b1, self.b2 = (float(b) for b in betas)
+        self.eps = float(eps)
+
+    def _update(self, p, g):
+        self.ops.adam(p, g, self.state["m"], self.state["v"], self.lr, self.b1, self.b2,
+                      self.eps, self.steps, self.weight_decay)
+
+
+def make_optimizer(name: str, model, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> Optimizer:
+    """``"sgd"``, ``"momentum"``, ``"nesterov"`` or ``"adam"`` -> an optimizer for ``model``."""
+    if name == "sgd":
+        return SGD(model, lr, weight_decay)
+    if name in ("momentum", "nesterov"):
+        return Momentum(model, lr, momentum, nesterov=name == "nesterov", weight_decay=weight_decay)
+    if name == "adam":
+        return Adam(model, lr, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,219 @@
+"""The MLP and fit(): API contract, dtypes, per-sample training, saving, clear errors."""
+
+import numpy as np
+import pytest
+
+import fastnn
+
+
+def toy(n=64, d=12, k=3, seed=0):
+    """A separable toy problem: class = argmax of three fixed projections."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    y = (x @ rng.standard_normal((d, k))).argmax(axis=1)
+    return x, y
+
+
+def test_params_layout_and_roundtrip():
+    m = fastnn.MLP([5, 4, 3], seed=1)
+    p = m.get_params()
+    assert [a.shape for a in p] == [(5, 4), (4,), (4, 3), (3,)]
+    assert all(a.dtype == np.float32 for a in p)
+    new = [np.full_like(a, i) for i, a in enumerate(p)]
+    m.set_params(new)
+    for a, b in zip(m.get_params(), new):
+        np.testing.assert_array_equal(a, b)
+    # the views share the arena: a step over the arena moves every layer
+    assert m.params.size == sum(a.size for a in p)
+    assert np.shares_memory(m.param_views[2], m.params)
+
+
+def test_float32_end_to_end_through_an_epoch():
+    x, y = toy()
+    m = fastnn.MLP([12, 8, 3])
+    seen = []
+    orig = m.forward
+
+    def spy(ws):
+        out = orig(ws)
+        seen.extend([ws.x.dtype, *(a.dtype for a in ws.acts), *(d.dtype for d in ws.deltas)])
+        return out
+
+    m.forward = spy
+    fastnn.fit(m, x.astype(np.float64), y, epochs=1, batch_size=16, optimizer="adam", lr=0.01)
+    assert seen and set(seen) == {np.dtype(np.float32)}
+    assert m.params.dtype == np.float32 and m.grads.dtype == np.float32
+    opt = fastnn.make_optimizer("adam", m, 0.01)
+    assert all(v.dtype == np.float32 for v in opt.state.values())
+
+
+def test_float64_on_request():
+    m = fastnn.MLP([4, 3], dtype="float64")
+    assert m.params.dtype == np.float64
+    assert m.get_params()[0].dtype == np.float64
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("momentum", 0.1), ("nesterov", 0.1), ("adam", 0.01)])
+def test_fit_learns_a_toy_problem(optimizer, lr):
+    x, y = toy(n=512)
+    m = fastnn.MLP([12, 16, 3])
+    before = m.evaluate(x, y)
+    hist = fastnn.fit(m, x, y, epochs=20, batch_size=32, lr=lr, optimizer=optimizer, x_val=x, y_val=y)
+    assert hist[-1]["train_loss"] < before["loss"] / 3
+    assert hist[-1]["val_accuracy"] > 0.95
+    keys = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"}
+    assert keys <= hist[0].keys()
+    assert [h["epoch"] for h in hist] == list(range(1, 21))
+
+
+def test_per_sample_fit_is_one_sgd_step_per_sample_in_shuffled_order():
+    x, y = toy(n=20)
+    m = fastnn.MLP([12, 6, 3], dtype="float64", seed=4)
+    ref = fastnn.MLP([12, 6, 3], dtype="float64", seed=4)
+    fastnn.fit(m, x, y, epochs=2, per_sample=True, lr=0.1, seed=7)
+    rng = np.random.default_rng(7)
+    params = ref.get_params()
+    for _ in range(2):
+        for i in rng.permutation(len(y)):
+            _, g = ref.gradients(x[i:i + 1], y[i:i + 1])
+            params = [p - 0.1 * gi for p, gi in zip(params, g)]
+            ref.set_params(params)
+    for a, b in zip(m.get_params(), params):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_batched_fit_equals_manual_minibatch_sgd_with_ragged_last_batch():
+    x, y = toy(n=50)
+    m = fastnn.MLP([12, 6, 3], dtype="float64", seed=4)
+    ref = fastnn.MLP([12, 6, 3], dtype="float64", seed=4)
+    fastnn.fit(m, x, y, epochs=1, batch_size=16, lr=0.3, seed=3)
+    perm = np.random.default_rng(3).permutation(50)
+    params = ref.get_params()
+    for s in range(0, 50, 16):  # batches of 16, 16, 16, 2
+        i = perm[s:s + 16]
+        _, g = ref.gradients(x[i], y[i])
+        params = [p - 0.3 * gi for p, gi in zip(params, g)]
+        ref.set_params(params)
+    for a, b in zip(m.get_params(), params):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_train_loss_is_mean_over_the_epoch():
+    x, y = toy(n=40)
+    m = fastnn.MLP([12, 3], dtype="float64")
+    ref = fastnn.MLP([12, 3], dtype="float64")
+    hist = fastnn.fit(m, x, y, epochs=1, batch_size=40, lr=0.1)  # one batch: loss before the step
+    assert hist[0]["train_loss"] == pytest.approx(ref.evaluate(x, y)["loss"], rel=1e-12)
+    assert hist[0]["train_accuracy"] == ref.evaluate(x, y)["accuracy"]
+
+
+def test_uint8_inputs_are_scaled_like_float_inputs():
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (30, 10), dtype=np.uint8)
+    m = fastnn.MLP([10, 5, 3])
+    np.testing.assert_allclose(m.outputs(u8), m.outputs(u8 / 255.0), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_and_evaluate_agree():
+    x, y = toy(n=300)
+    m = fastnn.MLP([12, 8, 3])
+    fastnn.fit(m, x, y, epochs=3, lr=0.1)
+    pred = m.predict(x, batch_size=64)
+    assert pred.dtype == np.int64 and pred.shape == (300,)
+    ev = m.evaluate(x, y, batch_size=64)
+    assert ev["accuracy"] == pytest.approx(np.mean(pred == y))
+    z = m.outputs(x).astype(np.float64)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    assert ev["loss"] == pytest.approx(np.mean(lse - z[np.arange(300), y]), rel=1e-5)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    x, y = toy()
+    m = fastnn.MLP([12, 7, 3], activation="tanh", loss="mse", dtype="float64", seed=9)
+    m.input_scale = 0.5
+    path = tmp_path / "model.npz"
+    m.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary file left
+    m2 = fastnn.MLP.load(path)
+    assert (m2.sizes, m2.activation, m2.loss, m2.dtype, m2.input_scale) == (
+        m.sizes, "tanh", "mse", np.dtype("float64"), 0.5)
+    for a, b in zip(m.get_params(), m2.get_params()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(m.predict(x), m2.predict(x))
+
+
+def test_load_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(fastnn.DataError, match="bad.npz"):
+        fastnn.MLP.load(bad)
+    with pytest.raises(fastnn.DataError, match="no such file"):
+        fastnn.MLP.load(tmp_path / "missing.npz")
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.zeros(3))
+    with pytest.raises(fastnn.DataError, match="not a valid fastnn model"):
+        fastnn.MLP.load(other)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"activation": "swish"}, "unknown activation 'swish'"),
+    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"init": "orthogonal"}, "unknown init"),
+    ({"device": "tpu"}, "unknown device 'tpu'"),
+    ({"dtype": "float16"}, "unknown dtype"),
+])
+def test_unknown_names_are_config_errors(kwargs, match):
+    with pytest.raises(fastnn.ConfigError, match=match):
+        fastnn.MLP([4, 3], **kwargs)
+
+
+def test_unknown_optimizer():
+    x, y = toy()
+    with pytest.raises(fastnn.ConfigError, match="unknown optimizer 'rmsprop'"):
+        fastnn.fit(fastnn.MLP([12, 3]), x, y, optimizer="rmsprop")
+
+
+def test_bad_data_gets_clear_errors():
+    x, y = toy()
+    m = fastnn.MLP([12, 3])
+    with pytest.raises(fastnn.DataError, match=r"shape \(64, 11\), the model expects \(N, 12\)"):
+        fastnn.fit(m, x[:, :11], y)
+    with pytest.raises(fastnn.DataError, match=r"labels must be in 0..2, found values in 0..3"):
+        fastnn.fit(m, x, np.where(y == 2, 3, y))
+    with pytest.raises(fastnn.DataError, match="labels must be in"):
+        m.evaluate(x, y - 1)
+    bad = x.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(fastnn.DataError, match="NaN"):
+        fastnn.fit(m, bad, y)
+    with pytest.raises(fastnn.DataError, match="expected integer class labels"):
+        fastnn.fit(m, x, y.astype(np.float32))
+    with pytest.raises(fastnn.DataError, match=r"labels have shape \(63,\)"):
+        fastnn.fit(m, x, y[:-1])
+    with pytest.raises(fastnn.DataError, match="NaN"):
+        m.predict(np.full((2, 12), np.inf, np.float32))
+
+
+def test_gpu_request_without_cuda_is_a_clear_error():
+    if fastnn.cuda_status() is None:
+        pytest.skip("a GPU is present")
+    with pytest.raises(fastnn.DeviceError, match="device 'gpu' is not usable: "):
+        fastnn.MLP([4, 3], device="gpu")
+    assert fastnn.MLP([4, 3], device="auto").device == "cpu"
+
+
+def test_divergence_is_reported():
+    x, y = toy()
+    m = fastnn.MLP([12, 8, 3])
+    with pytest.raises(fastnn.DivergedError, match="learning rate") as info:
+        fastnn.fit(m, x * 1e4, y, epochs=5, lr=1e30)
+    assert len(info.value.history) >= 1
+
+
+@pytest.mark.slow
+def test_fashion_mnist_two_epochs_reaches_85_percent(fashion):
+    xtr, ytr, xte, yte = fashion
+    m = fastnn.MLP([784, 128, 64, 10], activation="relu")
+    hist = fastnn.fit(m, xtr, ytr, epochs=2, batch_size=128, lr=2e-3, optimizer="adam",
+                      x_val=xte, y_val=yte)
+    assert hist[-1]["val_accuracy"] >= 0.85

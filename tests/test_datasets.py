@@ -1,0 +1,277 @@
+"""Readers, search order, preprocessing and error messages, on files the tests write."""
+
+import gzip
+import hashlib
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+from fastnn import DataError
+from fastnn.datasets import IDX_FILES, load, read_csv, read_idx
+
+
+def idx_bytes(a: np.ndarray) -> bytes:
+    return bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, ">u4").tobytes() + a.astype(np.uint8).tobytes()
+
+
+def write_idx_set(folder, n_train=12, n_test=5, gz=True, seed=0, side=4):
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
+        "train_labels": rng.integers(0, 10, n_train).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
+        "test_labels": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, stem in IDX_FILES.items():
+        data = idx_bytes(arrays[key])
+        if gz:
+            (folder / (stem + ".gz")).write_bytes(gzip.compress(data))
+        else:
+            (folder / stem).write_bytes(data)
+    return arrays
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTNN_DATA", raising=False)
+
+
+# ----------------------------------------------------------------- IDX
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder_roundtrip(tmp_path, gz):
+    arrays = write_idx_set(tmp_path / "d", gz=gz)
+    ds = load(tmp_path / "d")
+    np.testing.assert_array_equal(ds.train_images, arrays["train_images"].reshape(12, 16))
+    np.testing.assert_array_equal(ds.test_labels, arrays["test_labels"])
+    assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int64
+    assert ds.scale == pytest.approx(1 / 255) and ds.shift == 0
+    x = ds.x_train
+    assert x.dtype == np.float32 and x.shape == (12, 16) and 0 <= x.min() and x.max() <= 1
+    np.testing.assert_allclose(x, arrays["train_images"].reshape(12, 16) / 255, rtol=1e-6)
+
+
+def test_named_dataset_search_order(tmp_path, monkeypatch):
+    a_root = write_idx_set(tmp_path / "root" / "kmnist", seed=1)
+    write_idx_set(tmp_path / "env", seed=2)  # <dir>/<file> layout
+    monkeypatch.setenv("FASTNN_DATA", str(tmp_path / "env"))
+    ds = load("kmnist", root=tmp_path / "root", download=False)
+    np.testing.assert_array_equal(ds.train_labels, a_root["train_labels"])
+    assert ds.classes[1] == "ki"
+    ds2 = load("kmnist", download=False)  # no root: $FASTNN_DATA
+    assert str(tmp_path / "env") in ds2.source["train_images"]
+    monkeypatch.delenv("FASTNN_DATA")
+    cached = write_idx_set(tmp_path / "cache" / "fastnn" / "kmnist", seed=3)
+    ds3 = load("kmnist", download=False)  # the user cache
+    np.testing.assert_array_equal(ds3.test_labels, cached["test_labels"])
+
+
+def test_named_dataset_missing_offline_says_where_it_looked(tmp_path):
+    with pytest.raises(DataError) as info:
+        load("mnist", root=tmp_path, download=False)
+    msg = str(info.value)
+    assert "train-images-idx3-ubyte" in msg and str(tmp_path) in msg and "cache" in msg
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda b: b[:-3], "truncated"),
+    (lambda b: b + b"xx", "trailing bytes"),
+    (lambda b: b"\x00\x00\x08\x03\x00", "truncated IDX header"),
+    (lambda b: b"\x12\x34" + b[2:], "bad IDX magic"),
+    (lambda b: b"\x00\x00\x42" + b[3:], "bad IDX magic"),
+    (lambda b: b"", "too short"),
+    (lambda b: b"<html><body>404</body></html>", "HTML"),
+])
+def test_broken_idx_files(tmp_path, mutate, match):
+    good = idx_bytes(np.zeros((3, 4, 4), np.uint8))
+    p = tmp_path / "x-idx3-ubyte"
+    p.write_bytes(mutate(good))
+    with pytest.raises(DataError, match=match) as info:
+        read_idx(p)
+    assert str(p) in str(info.value)
+
+
+def test_gz_that_is_really_an_html_page(tmp_path):
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    p.write_bytes(b"<!DOCTYPE html><html><title>Not Found</title></html>")
+    with pytest.raises(DataError, match="HTML page, not gzip"):
+        read_idx(p)
+
+
+def test_truncated_gzip(tmp_path):
+    p = tmp_path / "a.gz"
+    p.write_bytes(gzip.compress(idx_bytes(np.zeros((50, 4, 4), np.uint8)))[:30])
+    with pytest.raises(DataError, match="corrupt or truncated gzip"):
+        read_idx(p)
+
+
+def test_image_label_count_mismatch(tmp_path):
+    write_idx_set(tmp_path / "d")
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros(4, np.uint8))))
+    with pytest.raises(DataError, match="4 labels for 5 images"):
+        load(tmp_path / "d")
+
+
+def test_labels_out_of_range_for_a_named_set(tmp_path):
+    write_idx_set(tmp_path / "mnist")
+    (tmp_path / "mnist" / "train-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.full(12, 10, np.uint8))))
+    with pytest.raises(DataError, match=r"labels outside 0..9"):
+        load("mnist", root=tmp_path, download=False)
+
+
+def test_mixed_widths(tmp_path):
+    write_idx_set(tmp_path / "d")
+    (tmp_path / "d" / "t10k-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros((5, 5, 5), np.uint8))))
+    with pytest.raises(DataError, match="25 pixels but the training images"):
+        load(tmp_path / "d")
+
+
+# ----------------------------------------------------------------- CSV
+def csv_text(images, labels, header=True):
+    rows = []
+    if header:
+        rows.append(",".join(["label"] + [f"pixel{i}" for i in range(images.shape[1])]))
+    rows += [",".join(map(str, [lab, *img])) for img, lab in zip(images, labels)]
+    return "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_csv_pair(tmp_path, header):
+    rng = np.random.default_rng(0)
+    tr, te = rng.integers(0, 256, (6, 9)), rng.integers(0, 256, (3, 9))
+    (tmp_path / "mnist_train.csv").write_text(csv_text(tr, [1, 2, 3, 4, 5, 6], header))
+    (tmp_path / "mnist_test.csv").write_text(csv_text(te, [7, 8, 9], header))
+    ds = load(tmp_path)
+    np.testing.assert_array_equal(ds.train_images, tr)
+    assert ds.train_images.dtype == np.uint8
+    np.testing.assert_array_equal(ds.test_labels, [7, 8, 9])
+    ds2 = load(None, train=tmp_path / "mnist_train.csv", test=tmp_path / "mnist_test.csv")
+    np.testing.assert_array_equal(ds2.test_images, te)
+
+
+def test_csv_label_column_not_first(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text("p0,p1,label\n1,2,3\n4,5,6\n")
+    x, y = read_csv(p)
+    np.testing.assert_array_equal(x, [[1, 2], [4, 5]])
+    np.testing.assert_array_equal(y, [3, 6])
+
+
+@pytest.mark.parametrize("body,match", [
+    ("label,a,b\n1,2,3\n4,5\n", "line 3 has 2 fields, expected 3"),
+    ("label,a,b\n1,2,3\n4,x,6\n", "line 3: non-numeric value 'x'"),
+    ("label,a,b\n1,2,3\n4,nan,6\n", "line 3: NaN"),
+    ("", "empty file"),
+    ("a,b,c\n1,2,3\n", "no 'label' column"),
+    ("label,a,b\n", "no data rows"),
+    ("label,a,b\n1.5,2,3\n", "whole numbers"),
+    ("label,a,b\n-1,2,3\n", "negative label"),
+])
+def test_broken_csv(tmp_path, body, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(body)
+    with pytest.raises(DataError, match=match) as info:
+        read_csv(p)
+    assert "bad.csv" in str(info.value)
+
+
+# ------------------------------------------------------------ NPZ, pickle
+def test_npz_keras_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "mnist.npz"
+    np.savez(p, x_train=rng.integers(0, 256, (7, 3, 3), dtype=np.uint8), y_train=np.arange(7),
+             x_test=rng.integers(0, 256, (2, 3, 3), dtype=np.uint8), y_test=np.array([1, 0]))
+    ds = load(p)
+    assert ds.train_images.shape == (7, 9) and list(ds.test_labels) == [1, 0]
+    np.savez(p, x_train=np.zeros((2, 4)))
+    with pytest.raises(DataError, match="missing arrays y_train, x_test, y_test"):
+        load(p)
+
+
+def test_one_hot_labels_are_accepted_and_checked(tmp_path):
+    p = tmp_path / "d.npz"
+    onehot = np.eye(3)[[0, 2, 1]]
+    np.savez(p, x_train=np.zeros((3, 4), np.uint8), y_train=onehot,
+             x_test=np.zeros((1, 4), np.uint8), y_test=np.array([2]))
+    assert list(load(p).train_labels) == [0, 2, 1]
+    onehot[1, 0] = 1
+    np.savez(p, x_train=np.zeros((3, 4), np.uint8), y_train=onehot,
+             x_test=np.zeros((1, 4), np.uint8), y_test=np.array([2]))
+    with pytest.raises(DataError, match="one-hot label row 1"):
+        load(p)
+
+
+def test_pickles_need_explicit_consent(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "test").mkdir()
+    imgs = [rng.integers(0, 256, 16).astype(np.uint8) for _ in range(5)]
+    for name, obj in [("images.pkl", imgs), ("labels.pkl", [0, 1, 2, 3, 4]),
+                      ("test/test_images.pkl", imgs[:2]), ("test/test_labels.pkl", [4, 3])]:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(obj, f)
+    with pytest.raises(DataError, match="refusing to load a pickle.*allow_pickle=True"):
+        load(tmp_path)
+    ds = load(tmp_path, allow_pickle=True)
+    assert ds.train_images.shape == (5, 16) and list(ds.test_labels) == [4, 3]
+
+
+# ---------------------------------------------------------- preprocessing
+def test_one_preprocessing_for_both_splits(tmp_path):
+    p = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    tr = rng.random((20, 6)).astype(np.float32)  # already in [0, 1]
+    np.savez(p, x_train=tr, y_train=np.zeros(20, int), x_test=tr[:3] * 255, y_test=np.zeros(3, int))
+    with pytest.raises(DataError, match="pixels range over 0..255 but the training pixels"):
+        load(p)
+    np.savez(p, x_train=tr, y_train=np.zeros(20, int), x_test=tr[:3], y_test=np.zeros(3, int))
+    ds = load(p)
+    assert ds.scale == 1.0  # never rescaled twice
+    np.testing.assert_allclose(ds.x_test, tr[:3])
+
+
+def test_standardize_uses_training_statistics(tmp_path):
+    arrays = write_idx_set(tmp_path / "d", n_train=50)
+    ds = load(tmp_path / "d", standardize=True)
+    x = ds.x_train.astype(np.float64)
+    assert abs(x.mean()) < 1e-5 and abs(x.std() - 1) < 1e-5
+    raw = arrays["test_images"].reshape(5, -1) / 255.0
+    mean, std = (arrays["train_images"] / 255.0).mean(), (arrays["train_images"] / 255.0).std()
+    np.testing.assert_allclose(ds.x_test, (raw - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_name(tmp_path):
+    with pytest.raises(DataError, match="neither a known data set"):
+        load(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no data set found"):
+        load(tmp_path / "empty")
+
+
+# ---------------------------------------------------------- the real data
+def test_real_fashion_mnist_and_mnist_test_set():
+    from conftest import data_root
+
+    root = data_root()
+    if not (root / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real data not found in {root}")
+    t0 = time.perf_counter()
+    ds = load("fashion-mnist", root=root, download=False)
+    seconds = time.perf_counter() - t0
+    print(f"loaded Fashion-MNIST in {seconds:.2f} s")
+    assert ds.train_images.shape == (60000, 784) and ds.test_images.shape == (10000, 784)
+    assert np.bincount(ds.train_labels).tolist() == [6000] * 10
+    assert ds.train_images.max() == 255 and ds.train_images.min() == 0
+    assert ds.classes[9] == "Ankle boot"
+    labels = read_idx(root / "mnist" / "t10k-labels-idx1-ubyte.gz")
+    images = read_idx(root / "mnist" / "t10k-images-idx3-ubyte.gz")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    raw = gzip.decompress((root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes())
+    assert hashlib.md5(raw).hexdigest() == "2646ac647ad5339dbf082846283269ea"
+    np.testing.assert_array_equal(np.frombuffer(raw, np.uint8, offset=16).reshape(10000, 28, 28), images)

@@ -329,7 +329,8 @@ def read_npz(path):
     arrays = _read(path)
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
-        raise DataError(f"{path}: missing arrays {', '.join(missing)} (expected x_train, y_train, x_test, y_test)")
+        raise DataError(f"{path}: missing arrays {', '.join(missing)} "
+                        "(expected x_train, y_train, x_test, y_test)")
     return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
 
 

@@ -44,7 +44,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server():
     Handler.files, Handler.drop = {}, set()
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()

@@ -88,6 +88,7 @@ class MLP:
         self.device = self.ops.name
         self.input_scale = 1.0 / 255.0
         self.input_shift = 0.0
+        self.classes = None  # optional class names, saved with the model
         self.acts = [activation] * (len(sizes) - 2) + ["linear" if loss == "xent" else "sigmoid"]
         self.shapes = []
         for fi, fo in zip(sizes[:-1], sizes[1:]):
@@ -278,7 +279,8 @@ class MLP:
     def config(self) -> dict:
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed,
-                "input_scale": self.input_scale, "input_shift": self.input_shift}
+                "input_scale": self.input_scale, "input_shift": self.input_shift,
+                "classes": self.classes}
 
     def save(self, path) -> None:
         """Write weights and configuration to an ``.npz`` file, atomically."""
@@ -299,6 +301,7 @@ class MLP:
                         device=device, dtype=meta["dtype"], seed=meta.get("seed", 0))
             model.input_scale = float(meta["input_scale"])
             model.input_shift = float(meta["input_shift"])
+            model.classes = meta.get("classes")
             model.set_params([arrays[f"p{i}"] for i in range(len(model.shapes))])
         except (KeyError, ValueError, TypeError, ConfigError) as exc:
             raise DataError(f"{path}: not a valid fastnn model file ({exc})") from None

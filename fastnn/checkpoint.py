@@ -1,0 +1,89 @@
+"""Checkpoints that survive a crash: full training state, written atomically.
+
+A checkpoint is ``<dir>/ckpt-epoch-NNNN.npz`` holding the parameter arena, the
+optimizer state, the epoch, the NumPy RNG state, the run's configuration and
+its history. Each is written to a temporary file, fsynced and renamed into
+place (``model.atomic_savez``); the previous checkpoint is deleted only after
+the new one is complete, so a crash or SIGKILL at any moment leaves at least
+one loadable checkpoint. ``load_latest`` skips corrupt files with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .model import atomic_savez, read_npz
+
+PATTERN = re.compile(r"^ckpt-epoch-(\d{4,})\.npz$")
+KEEP = 2
+
+
+def checkpoint_files(folder) -> list[Path]:
+    """Checkpoint files in ``folder``, newest epoch first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := PATTERN.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(folder, model, opt, epoch: int, rng, config: dict, history: list) -> Path:
+    """Write the full state after ``epoch``; keep the newest ``KEEP`` checkpoints."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"epoch": epoch, "rng": rng.bit_generator.state, "config": config,
+            "model": model.config(), "history": history, "format": "fastnn-checkpoint"}
+    arrays = {"params": model.ops.to_host(model.params)}
+    arrays.update({f"opt_{k}": v for k, v in opt.state_dict().items()})
+    arrays["meta"] = np.frombuffer(json.dumps(meta, default=float).encode(), np.uint8)
+    path = folder / f"ckpt-epoch-{epoch:04d}.npz"
+    atomic_savez(path, arrays)
+    for old in checkpoint_files(folder)[KEEP:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """Load one checkpoint file -> ``{"meta", "params", "opt"}``; DataError if unusable."""
+    arrays = read_npz(path)
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        if meta.get("format") != "fastnn-checkpoint":
+            raise ValueError("not a fastnn checkpoint")
+        params = arrays.pop("params")
+        opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}
+        if "steps" not in opt or params.ndim != 1:
+            raise ValueError("incomplete state")
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a valid checkpoint ({exc})") from None
+    return {"meta": meta, "params": params, "opt": opt, "path": Path(path)}
+
+
+def load_latest(folder, warn=print) -> dict:
+    """The newest checkpoint in ``folder`` that loads; corrupt ones are reported and skipped."""
+    files = checkpoint_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no checkpoint found (expected ckpt-epoch-NNNN.npz files)")
+    for path in files:
+        try:
+            return read_checkpoint(path)
+        except DataError as exc:
+            warn(f"warning: {exc}; using the previous checkpoint")
+    raise DataError(f"{folder}: every checkpoint is corrupt")
+
+
+def restore(state: dict, model, opt, rng) -> None:
+    """Put a loaded checkpoint's parameters, optimizer state and RNG state back."""
+    if state["params"].shape != model.params.shape:
+        raise DataError(f"{state['path']}: the checkpoint's parameters do not fit this network")
+    model.params[...] = model.ops.asarray(state["params"], model.dtype)
+    try:
+        opt.load_state_dict(state["opt"])
+    except KeyError as exc:
+        raise DataError(f"{state['path']}: no optimizer state {exc} for {opt.name}") from None
+    rng.bit_generator.state = state["meta"]["rng"]

@@ -1,0 +1,341 @@
+"""Command line: ``fastnn train`` (also ``scripts/train.py``) and ``fastnn predict``.
+
+Exit codes: 0 success; 1 training diverged; 2 bad flags, bad data or a bad file
+(one line on stderr, no traceback); 130 interrupted by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from . import __version__, checkpoint, datasets
+from .backend import ACTIVATIONS
+from .errors import FastnnError
+from .model import INITS, LOSSES, MLP
+from .optim import OPTIMIZERS, make_optimizer
+from .report import confusion_matrix, format_report, write_plots
+from .train import DivergedError, fit
+
+DEFAULTS = {
+    "dataset": "fashion-mnist", "hidden": "256,128", "activation": "relu", "loss": "xent",
+    "init": None, "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
+    "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32",
+    "device": "auto", "per_sample": False, "patience": None, "standardize": False,
+}
+
+# The two networks of the questions in the README, done right.
+PRESETS = {
+    "seed1": {"hidden": "128,64", "activation": "sigmoid", "loss": "xent", "init": "xavier",
+              "optimizer": "sgd", "lr": 0.05, "per_sample": True, "epochs": 3,
+              "lr_schedule": "constant", "weight_decay": 0.0},
+    "seed2": {"hidden": "16,16", "activation": "sigmoid", "loss": "mse", "init": "xavier",
+              "optimizer": "sgd", "lr": 20.0, "batch_size": 125, "epochs": 30,
+              "lr_schedule": "constant", "weight_decay": 0.0},
+}
+RUN_KEYS = list(DEFAULTS) + ["data_dir", "train", "test", "allow_pickle", "limit", "download"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _hidden(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()] if text.strip() else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 128,64, got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"layer widths must be positive, got {text!r}")
+    return sizes
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not v > 0 or (kind is float and not math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return v
+    return parse
+
+
+def _nonneg_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
+
+def train_parser(prog="fastnn train") -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Train an MLP on MNIST-like data (defaults: "
+                      "Fashion-MNIST, 784-256-128-10 relu, Adam, cosine schedule, 20 epochs).")
+    S = argparse.SUPPRESS  # absent flags stay absent, so presets and checkpoints can fill them
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=S, help="mnist, fashion-mnist, kmnist, a folder, or an .npz")
+    g.add_argument("--data-dir", default=S, help="folder searched first for named data sets")
+    g.add_argument("--train", default=S, help="training file (CSV or IDX images); with --test")
+    g.add_argument("--test", default=S, help="test file (CSV or IDX images); with --train")
+    g.add_argument("--allow-pickle", action="store_true", default=S,
+                   help="allow loading pickled images/labels (pickle can run arbitrary code)")
+    g.add_argument("--no-download", dest="download", action="store_false", default=S)
+    g.add_argument("--standardize", action="store_true", default=S,
+                   help="scale inputs to mean 0, std 1 (statistics of the training split)")
+    g.add_argument("--limit", type=_positive(int), default=S, help="use the first N training samples")
+    g = p.add_argument_group("network")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=S,
+                   help="seed1/seed2: the networks of the two questions in the README, done right")
+    g.add_argument("--hidden", type=_hidden, default=S, help="hidden widths, e.g. 128,64")
+    g.add_argument("--activation", choices=ACTIVATIONS, default=S)
+    g.add_argument("--loss", choices=LOSSES, default=S)
+    g.add_argument("--init", choices=INITS, default=S)
+    g.add_argument("--dtype", choices=["float32", "float64"], default=S)
+    g = p.add_argument_group("training")
+    g.add_argument("--device", choices=["auto", "cpu", "gpu"], default=S)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S)
+    g.add_argument("--lr", type=_positive(float), default=S)
+    g.add_argument("--momentum", type=_nonneg_float, default=S)
+    g.add_argument("--weight-decay", type=_nonneg_float, default=S)
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default=S)
+    g.add_argument("--batch-size", type=_positive(int), default=S)
+    g.add_argument("--epochs", type=_positive(int), default=S)
+    g.add_argument("--per-sample", action="store_true", default=S,
+                   help="batch size 1: an update after every sample")
+    g.add_argument("--patience", type=_positive(int), default=S,
+                   help="early stopping: stop after N epochs without a better test loss, keep the best")
+    g.add_argument("--seed", type=int, default=S)
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", action="store_true", help="only the final result")
+    g.add_argument("--metrics", help="write one JSON object per epoch to this .jsonl file")
+    g.add_argument("--save", help="save the trained model (.npz) here")
+    g.add_argument("--checkpoint-dir", help="write the full training state here after every epoch")
+    g.add_argument("--resume", metavar="DIR", help="continue from the last complete checkpoint in DIR")
+    g.add_argument("--plots", metavar="DIR", help="write curves, confusion matrix, misclassified images")
+    return p
+
+
+def resolve_config(args, stored=None) -> dict:
+    """Defaults < preset < stored (resumed) configuration < flags given now."""
+    given = {k: v for k, v in vars(args).items() if k in RUN_KEYS or k == "preset"}
+    cfg = dict(DEFAULTS, data_dir=None, train=None, test=None, allow_pickle=False, limit=None,
+               download=True)
+    preset = given.pop("preset", None) or (stored or {}).get("preset")
+    if preset:
+        cfg.update(PRESETS[preset])
+    if stored:
+        cfg.update({k: v for k, v in stored.items() if k in cfg})
+    cfg.update(given)
+    cfg["preset"] = preset
+    if isinstance(cfg["hidden"], str):
+        cfg["hidden"] = _hidden(cfg["hidden"])
+    if (cfg["train"] is None) != (cfg["test"] is None):
+        raise FastnnError("--train and --test go together")
+    return cfg
+
+
+def load_data(cfg):
+    if cfg["train"] is not None:
+        ds = datasets.load(None, train=cfg["train"], test=cfg["test"], standardize=cfg["standardize"])
+    else:
+        ds = datasets.load(cfg["dataset"], root=cfg["data_dir"], download=cfg["download"],
+                           allow_pickle=cfg["allow_pickle"], standardize=cfg["standardize"])
+    return ds.limit(cfg["limit"]) if cfg["limit"] else ds
+
+
+def _inputs(ds, images):
+    """uint8 pixels go to the device as they are (the model scales them); floats are preprocessed."""
+    return images if images.dtype == np.uint8 else ds.preprocess(images)
+
+
+class Output:
+    """Progress bar, epoch lines and the metrics file."""
+
+    def __init__(self, quiet, metrics_path, append):
+        self.quiet = quiet
+        self.metrics = open(metrics_path, "a" if append else "w") if metrics_path else None  # noqa: SIM115
+        self.bar = None
+
+    def say(self, text=""):
+        if not self.quiet:
+            print(text, flush=True)
+
+    def record(self, obj):
+        if self.metrics:
+            self.metrics.write(json.dumps(obj) + "\n")
+            self.metrics.flush()
+
+    def progress(self, epoch, epochs, total):
+        """A callable for fit's progress hook, or None when no bar is shown."""
+        if self.quiet or not sys.stdout.isatty():
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        self.bar = tqdm(total=total, unit="sample", unit_scale=True, leave=False,
+                        desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
+        return self.bar.update
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        self.close_bar()
+        if self.metrics:
+            self.metrics.close()
+
+
+def run_train(argv=None) -> int:
+    args = train_parser().parse_args(argv)
+    state = None
+    if args.resume:
+        state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))
+        args.checkpoint_dir = args.checkpoint_dir or args.resume
+    cfg = resolve_config(args, state["meta"]["config"] if state else None)
+    ds = load_data(cfg)
+    n_in, k = ds.train_images.shape[1], len(ds.classes)
+    model = MLP([n_in, *cfg["hidden"], k], cfg["activation"], cfg["loss"], cfg["init"],
+                device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"])
+    model.input_scale, model.input_shift = ds.scale, ds.shift
+    opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
+    rng = np.random.default_rng(cfg["seed"])
+    history, start = [], 1
+    if state:
+        checkpoint.restore(state, model, opt, rng)
+        history = state["meta"]["history"]
+        start = state["meta"]["epoch"] + 1
+    out = Output(args.quiet, args.metrics, append=bool(state))
+    xtr, xte = _inputs(ds, ds.train_images), _inputs(ds, ds.test_images)
+    out.record({"type": "config", **cfg, "sizes": list(model.sizes), "device": model.device,
+                "classes": ds.classes, "source": ds.source, "n_train": len(ds.train_labels),
+                "n_test": len(ds.test_labels), "resumed_from_epoch": start - 1 if state else None,
+                "fastnn": __version__})
+    out.say(f"fastnn {__version__}: {ds.name} ({len(ds.train_labels)} train / {len(ds.test_labels)} test), "
+            f"network {'-'.join(map(str, model.sizes))} {cfg['activation']}/{cfg['loss']}, "
+            f"{cfg['optimizer']} lr {cfg['lr']:g}, batch {1 if cfg['per_sample'] else cfg['batch_size']}, "
+            f"device {model.device}" + (f", resuming after epoch {start - 1}" if state else ""))
+
+    def on_epoch(rec):
+        out.close_bar()
+        history.append(rec)
+        out.record({"type": "epoch", **rec})
+        out.say(f"epoch {rec['epoch']:3d}/{cfg['epochs']}  train loss {rec['train_loss']:.4f} "
+                f"acc {rec['train_accuracy']:.4f}  test loss {rec['val_loss']:.4f} "
+                f"acc {rec['val_accuracy']:.4f}  {rec['seconds']:.2f} s  "
+                f"{rec['samples_per_s']:,.0f} samples/s")
+        if args.checkpoint_dir:
+            checkpoint.save_checkpoint(args.checkpoint_dir, model, opt, rec["epoch"], rng, cfg, history)
+        if rec["epoch"] < cfg["epochs"]:
+            bar_hook[0] = out.progress(rec["epoch"] + 1, cfg["epochs"], len(xtr))
+        return False
+
+    bar_hook = [out.progress(start, cfg["epochs"], len(xtr))]
+    t0 = time.perf_counter()
+    try:
+        fit(model, xtr, ds.train_labels, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+            lr=cfg["lr"], optimizer=opt, per_sample=cfg["per_sample"], x_val=xte, y_val=ds.test_labels,
+            lr_schedule=cfg["lr_schedule"], patience=cfg["patience"], on_epoch=on_epoch,
+            progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start)
+    except DivergedError as exc:
+        out.close()
+        where = f"; the last good checkpoint is in {args.checkpoint_dir}" if args.checkpoint_dir else ""
+        print(f"training stopped: {exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        out.close()
+        msg = "interrupted"
+        if args.checkpoint_dir and checkpoint.checkpoint_files(args.checkpoint_dir):
+            msg += f"; resume with --resume {args.checkpoint_dir} (last complete epoch: {len(history)})"
+        if args.save:
+            model.save(args.save)
+            msg += f"; current weights saved to {args.save}"
+        print(msg, file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - t0
+    pred = model.predict(xte)
+    cm = confusion_matrix(ds.test_labels, pred, k)
+    acc = float(np.trace(cm)) / cm.sum()
+    out.record({"type": "result", "test_accuracy": acc, "train_seconds": seconds,
+                "confusion_matrix": cm.tolist()})
+    out.say()
+    out.say(format_report(cm, ds.classes))
+    print(f"test accuracy {acc:.4f} after {len(history)} epochs ({seconds:.1f} s)")
+    if args.save:
+        model.classes = ds.classes
+        model.save(args.save)
+        out.say(f"model saved to {args.save}")
+    if args.plots:
+        files = write_plots(args.plots, history, cm, ds.classes, ds.test_images, ds.test_labels, pred,
+                            side=int(round(math.sqrt(n_in))))
+        out.say("plots: " + ", ".join(map(str, files)))
+    out.close()
+    return 0
+
+
+def predict_parser(prog="fastnn predict"):
+    p = OneLineParser(prog=prog, description="Classify images with a saved model.")
+    p.add_argument("model", help="a model saved with --save")
+    p.add_argument("inputs", nargs="+", help="IDX image files, CSV files, or PNG images")
+    p.add_argument("--invert", action="store_true", help="invert pixels (dark ink on light paper)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu")
+    return p
+
+
+def run_predict(argv=None) -> int:
+    args = predict_parser().parse_args(argv)
+    model = MLP.load(args.model, device=args.device)
+    classes = getattr(model, "classes", None) or [str(i) for i in range(model.sizes[-1])]
+    for path in args.inputs:
+        images, labels = datasets.read_images(path)
+        images = datasets.flatten_images(images, path)
+        if images.shape[1] != model.sizes[0]:
+            raise FastnnError(f"{path}: images have {images.shape[1]} pixels, the model expects "
+                              f"{model.sizes[0]}")
+        if args.invert:
+            images = (255 - images) if images.dtype == np.uint8 else 1.0 - images
+        if images.dtype != np.uint8:
+            images = images * np.float32(model.input_scale if images.max() > 1 else 1.0)
+        pred = model.predict(images)
+        for i, p in enumerate(pred):
+            name = f"{path}[{i}]" if len(pred) > 1 else str(path)
+            print(f"{name}\t{p}\t{classes[p]}")
+        if labels is not None:
+            print(f"{path}: accuracy {np.mean(pred == labels):.4f} on {len(labels)} labelled images")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv[0] if argv and argv[0] in ("train", "predict") else None
+    if cmd:
+        argv = argv[1:]
+    try:
+        return run_predict(argv) if cmd == "predict" else run_train(argv)
+    except FastnnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. --metrics or --save into a folder that does not exist
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The real scripts in subprocesses, on small slices of the real data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, data_root
+
+import fastnn
+from fastnn import checkpoint
+
+TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
+PREDICT = [sys.executable, str(REPO / "scripts" / "predict.py")]
+SMALL = ["--limit", "2000", "--hidden", "32", "--epochs", "3", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_args():
+    root = data_root()
+    if not (root / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found in {root}")
+    return ["--data-dir", str(root)]
+
+
+# One BLAS thread: the summation order of a GEMM (and so the last bit of the weights) is
+# then the same in every process, which the bit-exact resume test relies on.
+ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+
+
+def run(cmd, timeout=300):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def test_train_writes_metrics_and_a_model_that_predicts_the_same(tmp_path, data_args):
+    metrics, model_path = tmp_path / "m.jsonl", tmp_path / "model.npz"
+    r = run(TRAIN + data_args + SMALL + ["--metrics", str(metrics), "--save", str(model_path)])
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout and r.stderr == ""
+    lines = [json.loads(s) for s in metrics.read_text().splitlines()]
+    assert [x["type"] for x in lines] == ["config", "epoch", "epoch", "epoch", "result"]
+    assert lines[0]["device"] == "cpu" and lines[0]["sizes"] == [784, 32, 10]
+    assert lines[0]["n_train"] == 2000 and lines[0]["classes"][0] == "T-shirt/top"
+    assert [x["epoch"] for x in lines[1:4]] == [1, 2, 3]
+    for x in lines[1:4]:
+        assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"} <= x.keys()
+    acc = lines[-1]["test_accuracy"]
+    assert 0.6 < acc < 1.0
+    assert f"test accuracy {acc:.4f}" in r.stdout
+
+    model = fastnn.MLP.load(model_path)
+    images = data_root() / "fashion-mnist" / "t10k-images-idx3-ubyte.gz"
+    from fastnn.datasets import read_idx
+
+    x = read_idx(images).reshape(-1, 784)[:500]
+    ours = model.predict(x)
+    assert np.mean(ours == read_idx(images.with_name("t10k-labels-idx1-ubyte.gz"))[:500]) > 0.6
+    r2 = run(PREDICT + [str(model_path), str(images)])
+    assert r2.returncode == 0, r2.stderr
+    preds = [int(line.split("\t")[1]) for line in r2.stdout.splitlines() if "\t" in line]
+    assert len(preds) == 10000
+    np.testing.assert_array_equal(preds[:500], ours)
+    assert f"accuracy {acc:.4f} on 10000 labelled images" in r2.stdout
+
+
+def _final_params(path):
+    return [p for p in fastnn.MLP.load(path).get_params()]
+
+
+def test_resume_after_a_kill_gives_identical_weights(tmp_path, data_args):
+    args = TRAIN + data_args + SMALL + ["--epochs", "4", "--optimizer", "momentum", "--lr", "0.05"]
+    full = tmp_path / "full.npz"
+    assert run(args + ["--save", str(full)]).returncode == 0
+    ck = tmp_path / "ck"
+    proc = subprocess.Popen(args + ["--checkpoint-dir", str(ck)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while not checkpoint.checkpoint_files(ck) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = checkpoint.load_latest(ck)
+    assert 1 <= state["meta"]["epoch"] <= 4
+    resumed = tmp_path / "resumed.npz"
+    r = run(TRAIN + ["--resume", str(ck), "--save", str(resumed), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    for a, b in zip(_final_params(full), _final_params(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_while_checkpointing_never_leaves_an_unloadable_latest(tmp_path, data_args):
+    ck = tmp_path / "ck"
+    args = TRAIN + data_args + ["--limit", "300", "--hidden", "512,512", "--epochs", "100000",
+                                "--quiet", "--device", "cpu", "--checkpoint-dir", str(ck)]
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        deadline = time.time() + 120
+        while len(checkpoint.checkpoint_files(ck)) < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.05, 0.6)))  # land anywhere, often mid-write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        warnings = []
+        state = checkpoint.load_latest(ck, warn=warnings.append)
+        assert warnings == [] and state["meta"]["epoch"] >= 1
+        assert len(checkpoint.checkpoint_files(ck)) <= checkpoint.KEEP
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_args):
+    ck = tmp_path / "ck"
+    r = run(TRAIN + data_args + SMALL + ["--checkpoint-dir", str(ck)])
+    assert r.returncode == 0, r.stderr
+    newest = checkpoint.checkpoint_files(ck)[0]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    r = run(TRAIN + ["--resume", str(ck), "--epochs", "3"])
+    assert r.returncode == 0, r.stderr
+    assert "ckpt-epoch-0003.npz" in r.stderr and "using the previous checkpoint" in r.stderr
+    assert "resuming after epoch 2" in r.stdout
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--lr", "-1"], "argument --lr: must be a positive number"),
+    (["--hidden", "12,x"], "argument --hidden: expected widths"),
+    (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
+    (["--train", "a.csv"], "--train and --test go together"),
+    (["--dataset", "/no/such/place"], "/no/such/place: neither a known data set"),
+    (["--resume", "/no/such/dir"], "/no/such/dir: no checkpoint found"),
+    (["--metrics", "/no/such/dir/m.jsonl"], "No such file or directory"),
+])
+def test_bad_flags_are_one_line_errors(flags, match, data_args):
+    r = run(TRAIN + data_args + SMALL + flags)
+    assert r.returncode == 2
+    assert match in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_data_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "train.csv").write_text("label,a,b\n1,2,3\n4,5\n")
+    (tmp_path / "test.csv").write_text("label,a,b\n1,2,3\n")
+    r = run(TRAIN + ["--dataset", str(tmp_path), "--quiet"])
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {tmp_path / 'train.csv'}: line 3 has 2 fields, expected 3"
+
+
+def test_divergence_exits_1_with_an_explanation(tmp_path, data_args):
+    r = run(TRAIN + data_args + SMALL + ["--optimizer", "sgd", "--lr", "1e30", "--lr-schedule", "constant"])
+    assert r.returncode == 1
+    assert "learning rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_csv_training_from_the_first_seed_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, n in (("mnist_train.csv", 300), ("mnist_test.csv", 100)):
+        y = rng.integers(0, 3, n)
+        x = (np.eye(3)[y].repeat(4, axis=1) * 200 + rng.integers(0, 50, (n, 12))).astype(int)
+        rows = ["label," + ",".join(f"pixel{i}" for i in range(12))]
+        rows += [",".join(map(str, [lab, *px])) for lab, px in zip(y, x)]
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    r = run(TRAIN + ["--dataset", str(tmp_path), "--hidden", "8", "--epochs", "20", "--lr", "0.01",
+                     "--quiet"])
+    assert r.returncode == 0, r.stderr
+    acc = float(r.stdout.split("test accuracy ")[1].split()[0])
+    assert acc > 0.9

@@ -167,3 +167,118 @@ def test_csv_training_from_the_first_seed_layout(tmp_path):
     assert r.returncode == 0, r.stderr
     acc = float(r.stdout.split("test accuracy ")[1].split()[0])
     assert acc > 0.9
+
+
+def test_ctrl_c_exits_cleanly_and_says_how_to_resume(tmp_path, data_args):
+    ck, saved = tmp_path / "ck", tmp_path / "now.npz"
+    args = TRAIN + data_args + ["--limit", "300", "--hidden", "64", "--epochs", "100000", "--device", "cpu",
+                                "--checkpoint-dir", str(ck), "--save", str(saved)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while len(checkpoint.checkpoint_files(ck)) < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"--resume {ck}" in err and "Traceback" not in err
+    assert fastnn.MLP.load(saved).sizes == (784, 64, 10)
+    checkpoint.load_latest(ck)
+
+
+def test_plots(tmp_path, data_args):
+    pytest.importorskip("matplotlib")
+    r = run(TRAIN + data_args + SMALL + ["--epochs", "2", "--plots", str(tmp_path / "plots")])
+    assert r.returncode == 0, r.stderr
+    for name in ("curves.png", "confusion.png", "misclassified.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def png_bytes(img: np.ndarray, channels: int, seed=0) -> bytes:
+    """A PNG encoder for the test: every row gets a random filter type (0-4)."""
+    import struct
+    import zlib
+
+    h, w = img.shape
+    px = np.repeat(img[:, :, None], channels, axis=2).astype(np.int32)
+    if channels in (2, 4):
+        px[:, :, -1] = 255
+    rows = px.reshape(h, w * channels)
+    rng = np.random.default_rng(seed)
+    out, prev = b"", np.zeros(w * channels, np.int32)
+    for y in range(h):
+        f, cur = int(rng.integers(0, 5)), rows[y]
+        left = np.concatenate([np.zeros(channels, np.int32), cur[:-channels]])
+        upleft = np.concatenate([np.zeros(channels, np.int32), prev[:-channels]])
+        if f == 0:
+            pred = np.zeros_like(cur)
+        elif f == 1:
+            pred = left
+        elif f == 2:
+            pred = prev
+        elif f == 3:
+            pred = (left + prev) // 2
+        else:
+            p = left + prev - upleft
+            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+        out += bytes([f]) + ((cur - pred) & 255).astype(np.uint8).tobytes()
+        prev = cur
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    color = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(out))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_png_reader(tmp_path, channels):
+    from fastnn.datasets import read_png
+
+    img = np.random.default_rng(channels).integers(0, 256, (28, 28)).astype(np.uint8)
+    (tmp_path / "a.png").write_bytes(png_bytes(img, channels, seed=channels))
+    np.testing.assert_array_equal(read_png(tmp_path / "a.png"), img)
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    with pytest.raises(fastnn.DataError, match="b.png: not a PNG file"):
+        read_png(tmp_path / "b.png")
+
+
+def test_predict_reads_a_png(tmp_path, data_args):
+    model_path = tmp_path / "m.npz"
+    assert run(TRAIN + data_args + SMALL + ["--save", str(model_path)]).returncode == 0
+    from fastnn.datasets import read_idx
+
+    img = read_idx(data_root() / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")[0]
+    (tmp_path / "one.png").write_bytes(png_bytes(img, 1))
+    r = run(PREDICT + [str(model_path), str(tmp_path / "one.png")])
+    assert r.returncode == 0, r.stderr
+    want = fastnn.MLP.load(model_path).predict(img.reshape(1, 784))[0]
+    assert r.stdout.split("\t")[1] == str(want)
+
+
+@pytest.mark.slow
+def test_default_configuration_reaches_89_percent_on_fashion_mnist(tmp_path, data_args):
+    metrics = tmp_path / "m.jsonl"
+    r = subprocess.run(TRAIN + data_args + ["--quiet", "--metrics", str(metrics)], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(metrics.read_text().splitlines()[-1])
+    print(r.stdout.splitlines()[-1])
+    assert result["test_accuracy"] >= 0.89
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,floor", [("seed1", 0.85), ("seed2", 0.84)])
+def test_seed_presets_reach_a_sound_accuracy(preset, floor, tmp_path, data_args):
+    metrics = tmp_path / "m.jsonl"
+    r = subprocess.run(TRAIN + data_args + ["--preset", preset, "--quiet", "--metrics", str(metrics)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(s) for s in metrics.read_text().splitlines()]
+    print(preset, r.stdout.splitlines()[-1])
+    assert lines[0]["per_sample"] == (preset == "seed1")
+    assert lines[0]["loss"] == ("mse" if preset == "seed2" else "xent")
+    assert lines[-1]["test_accuracy"] >= floor

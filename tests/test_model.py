@@ -217,3 +217,29 @@ def test_fashion_mnist_two_epochs_reaches_85_percent(fashion):
     hist = fastnn.fit(m, xtr, ytr, epochs=2, batch_size=128, lr=2e-3, optimizer="adam",
                       x_val=xte, y_val=yte)
     assert hist[-1]["val_accuracy"] >= 0.85
+
+
+def test_early_stopping_restores_the_best_weights():
+    x, y = toy(n=200)
+    xv, yv = toy(n=100, seed=1)
+    m = fastnn.MLP([12, 32, 3], seed=0)
+    seen = []
+
+    def record(rec):
+        seen.append((rec["val_loss"], m.get_params()))
+
+    # a learning rate this high makes the validation loss go up and down
+    hist = fastnn.fit(m, x, y, epochs=40, batch_size=8, lr=2.0, optimizer="sgd", x_val=xv, y_val=yv,
+                      patience=3, on_epoch=record)
+    assert hist[-1].get("early_stop") and len(hist) < 40
+    best = int(np.argmin([v for v, _ in seen]))
+    for a, b in zip(m.get_params(), seen[best][1]):
+        np.testing.assert_array_equal(a, b)
+    assert m.evaluate(xv, yv)["loss"] == pytest.approx(seen[best][0], rel=1e-6)
+
+
+def test_cosine_schedule():
+    x, y = toy()
+    hist = fastnn.fit(fastnn.MLP([12, 3]), x, y, epochs=4, lr=0.2, lr_schedule="cosine")
+    assert [round(h["lr"], 6) for h in hist] == [0.2, round(0.1 * (1 + np.cos(np.pi / 4)), 6), 0.1,
+                                                 round(0.1 * (1 + np.cos(3 * np.pi / 4)), 6)]

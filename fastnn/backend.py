@@ -219,7 +219,7 @@ class NumpyOps(Ops):
 
     def scratch(self, shape, dtype, slot: int = 0) -> np.ndarray:
         """A reusable work array of this shape and dtype (one per slot)."""
-        key = (tuple(np.atleast_1d(shape)), np.dtype(dtype).str, slot)
+        key = (shape, dtype, slot)  # shape: a tuple; dtype: a NumPy dtype or type
         buf = self._scratch.get(key)
         if buf is None:
             buf = self._scratch[key] = np.empty(shape, dtype)
@@ -242,16 +242,15 @@ class NumpyOps(Ops):
         np.take(src, idx, out=out, mode="clip")
 
     def weight_grad(self, a, d, out):
-        if a.shape[0] == 1:  # per-sample: an outer product; BLAS GEMM with K=1 is 3x slower
-            np.multiply(a.reshape(-1, 1), d, out=out)
-        else:
-            np.matmul(a.T, d, out=out)
+        # np.dot goes to BLAS even for B = 1 (an outer product), where np.matmul takes a
+        # loop 6x slower and a broadcast multiply 2x slower.
+        np.dot(a.T, d, out=out)
 
     def sum_rows(self, d, out):
         # ones @ d runs as one BLAS GEMV: 3x faster than d.sum(axis=0) at B=128.
-        ones = self._ones.get((d.shape[0], d.dtype.str))
+        ones = self._ones.get((d.shape[0], d.dtype))
         if ones is None:
-            ones = self._ones[d.shape[0], d.dtype.str] = np.ones(d.shape[0], d.dtype)
+            ones = self._ones[d.shape[0], d.dtype] = np.ones(d.shape[0], d.dtype)
         np.matmul(ones, d, out=out)
 
     def act_backward(self, d, a, act):
@@ -273,6 +272,8 @@ class NumpyOps(Ops):
             super().act_backward(d, a, act)
 
     def xent(self, logits, y, grad, loss_out, correct_out):
+        if logits.shape[0] == 1:
+            return self._xent_one(logits[0], int(y[0]), grad, loss_out, correct_out)
         b = logits.shape[0]
         rows = np.arange(b)
         picked = logits[rows, y]
@@ -288,6 +289,19 @@ class NumpyOps(Ops):
             s *= b
             np.divide(grad, s[:, None], out=grad)
             grad[rows, y] -= 1.0 / b
+
+    def _xent_one(self, z, t, grad, loss_out, correct_out):
+        # Per-sample training calls this 60000 times an epoch: the fewest NumPy calls.
+        m = z.max()
+        e = grad[0] if grad is not None else self.scratch(z.shape, z.dtype)
+        np.subtract(z, m, out=e)
+        np.exp(e, out=e)
+        s = e.sum()
+        loss_out[0] = np.log(s) + m - z[t]
+        correct_out[0] = z.argmax() == t
+        if grad is not None:
+            e *= 1.0 / s
+            e[t] -= 1.0
 
     def sgd(self, p, g, lr, wd):
         if wd:

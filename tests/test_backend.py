@@ -49,6 +49,12 @@ def run_kernels(ops, dtype):
         loss2, hits2 = xp.zeros(1, dtype), xp.zeros(1, np.int32)
         getattr(ops, name)(z, t["y"], None, loss2, hits2)
         out[f"{name}_loss_nograd"] = loss2
+        for row in range(3):  # batch size 1, as in per-sample training
+            g1, l1, h1 = xp.zeros_like(z[:1]), xp.zeros(1, dtype), xp.zeros(1, np.int32)
+            getattr(ops, name)(z[row:row + 1], t["y"][row:row + 1], g1, l1, h1)
+            out[f"{name}_b1_{row}"] = xp.concatenate([g1[0], l1, h1.astype(dtype)])
+            getattr(ops, name)(z[row:row + 1], t["y"][row:row + 1], None, l1, h1)
+            out[f"{name}_b1_nograd_{row}"] = xp.concatenate([l1, h1.astype(dtype)])
     t = arrays(xp, dtype)
     rows = xp.empty((9, 7), dtype)
     ops.gather_rows(t["u8"], t["idx"], rows, 1 / 255, 0.25)

@@ -7,6 +7,7 @@
     print(model.evaluate(x_test, y_test))
 """
 
+from . import datasets
 from .backend import NumpyOps, Ops, cuda_status, get_ops
 from .errors import ConfigError, DataError, DeviceError, FastnnError
 from .gradcheck import GradReport, check_gradients, gradcheck
@@ -17,7 +18,7 @@ from .train import DivergedError, fit, train_epoch
 __version__ = "0.1.0"
 
 __all__ = [
-    "MLP", "fit", "train_epoch", "gradcheck", "check_gradients", "GradReport",
+    "datasets", "MLP", "fit", "train_epoch", "gradcheck", "check_gradients", "GradReport",
     "Ops", "NumpyOps", "get_ops", "cuda_status",
     "Optimizer", "SGD", "Momentum", "Adam", "make_optimizer",
     "FastnnError", "ConfigError", "DataError", "DeviceError", "DivergedError",

@@ -62,6 +62,14 @@ class Ops:
         """Wait for queued device work (a no-op on the CPU)."""
 
     # ------------------------------------------------------------ data access
+    def upload_images(self, x, dtype, scale: float, shift: float):
+        """Host images (N, D) -> device array for ``gather_rows``.
+
+        uint8 pixels stay uint8 (a quarter of the memory and transfer; they are
+        scaled as each batch is gathered); float inputs become ``dtype`` as given.
+        """
+        return self.asarray(x, None if x.dtype == np.uint8 else dtype)
+
     def gather_rows(self, src, idx, out, scale: float, shift: float) -> None:
         """``out[i] = src[idx[i]] * scale + shift`` as ``out.dtype``.
 
@@ -231,15 +239,26 @@ class NumpyOps(Ops):
             np.take(src, idx, axis=0, out=out, mode="clip")
             if scale != 1.0:
                 out *= scale
-        else:
+        else:  # uint8 rows, then convert and scale: 2x faster than one mixed-type multiply
             rows = self.scratch(out.shape, src.dtype)
             np.take(src, idx, axis=0, out=rows, mode="clip")
-            np.multiply(rows, out.dtype.type(scale), out=out)
+            np.copyto(out, rows)
+            out *= scale
         if shift:
             out += shift
 
     def gather_labels(self, src, idx, out):
         np.take(src, idx, out=out, mode="clip")
+
+    def bias_act(self, h, b, act):
+        if act == "relu":
+            # h * (h > 0) runs 2x faster than np.maximum(h, 0) on these small matrices
+            h += b
+            mask = self.scratch(h.shape, np.bool_)
+            np.greater(h, 0, out=mask)
+            h *= mask
+        else:
+            super().bias_act(h, b, act)
 
     def weight_grad(self, a, d, out):
         # np.dot goes to BLAS even for B = 1 (an outer product), where np.matmul takes a
@@ -248,10 +267,7 @@ class NumpyOps(Ops):
 
     def sum_rows(self, d, out):
         # ones @ d runs as one BLAS GEMV: 3x faster than d.sum(axis=0) at B=128.
-        ones = self._ones.get((d.shape[0], d.dtype))
-        if ones is None:
-            ones = self._ones[d.shape[0], d.dtype] = np.ones(d.shape[0], d.dtype)
-        np.matmul(ones, d, out=out)
+        np.dot(self._ones_of(d.shape[0], d.dtype), d, out=out)
 
     def act_backward(self, d, a, act):
         if act == "relu":
@@ -272,23 +288,39 @@ class NumpyOps(Ops):
             super().act_backward(d, a, act)
 
     def xent(self, logits, y, grad, loss_out, correct_out):
-        if logits.shape[0] == 1:
+        b, k = logits.shape
+        if b == 1:
             return self._xent_one(logits[0], int(y[0]), grad, loss_out, correct_out)
-        b = logits.shape[0]
-        rows = np.arange(b)
+        rows = self._arange(b)
+        am = logits.argmax(axis=1)
+        m = logits[rows, am]  # the row maxima; cheaper than logits.max(axis=1)
         picked = logits[rows, y]
-        m = logits.max(axis=1)
-        correct_out[...] = np.count_nonzero(logits.argmax(axis=1) == y)
+        correct_out[0] = np.count_nonzero(am == y)
         e = grad if grad is not None else self.scratch(logits.shape, logits.dtype)
         np.subtract(logits, m[:, None], out=e)
         np.exp(e, out=e)
-        s = e.sum(axis=1)
-        # loss_i = log(sum_j exp(z_j - m)) + m - z_y
-        loss_out[...] = np.log(s).sum() + (m - picked).sum()
+        s = np.dot(e, self._ones_of(k, e.dtype))  # row sums as one GEMV
         if grad is not None:
-            s *= b
-            np.divide(grad, s[:, None], out=grad)
-            grad[rows, y] -= 1.0 / b
+            e *= np.divide(1.0 / b, s)[:, None]
+            e[rows, y] -= 1.0 / b
+        # loss_i = log(sum_j exp(z_j - m)) + (m - z_y), summed per row first: both terms
+        # are small, while m and z_y alone can be large enough to lose digits.
+        np.log(s, out=s)
+        m -= picked
+        s += m
+        loss_out[0] = s.sum()
+
+    def _arange(self, n):
+        r = self._ones.get(("arange", n))
+        if r is None:
+            r = self._ones["arange", n] = np.arange(n)
+        return r
+
+    def _ones_of(self, n, dtype):
+        ones = self._ones.get((n, dtype))
+        if ones is None:
+            ones = self._ones[n, dtype] = np.ones(n, dtype)
+        return ones
 
     def _xent_one(self, z, t, grad, loss_out, correct_out):
         # Per-sample training calls this 60000 times an epoch: the fewest NumPy calls.

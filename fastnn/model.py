@@ -175,10 +175,10 @@ class MLP:
         return x, y
 
     def to_device(self, x, y=None):
-        """Upload validated inputs once: uint8 stays uint8 (scaled when gathered),
-        floats become the model dtype; labels become int32."""
+        """Upload validated inputs once (``ops.upload_images``: uint8 pixels are scaled by
+        the model's preprocessing, floats are taken as given); labels become int32."""
         x, y = self.check_inputs(x, y)
-        xd = self.ops.asarray(x, None if x.dtype == np.uint8 else self.dtype)
+        xd = self.ops.upload_images(x, self.dtype, self.input_scale, self.input_shift)
         yd = None if y is None else self.ops.asarray(y, np.int32)
         return xd, yd
 

@@ -9,6 +9,7 @@
 
 from . import datasets
 from .backend import NumpyOps, Ops, cuda_status, get_ops
+from .diagnose import EpochMonitor, Finding, diagnose
 from .errors import ConfigError, DataError, DeviceError, FastnnError
 from .gradcheck import GradReport, check_gradients, gradcheck
 from .model import MLP
@@ -18,7 +19,8 @@ from .train import DivergedError, fit, train_epoch
 __version__ = "0.1.0"
 
 __all__ = [
-    "datasets", "MLP", "fit", "train_epoch", "gradcheck", "check_gradients", "GradReport",
+    "MLP", "fit", "train_epoch", "datasets",
+    "diagnose", "Finding", "EpochMonitor", "gradcheck", "check_gradients", "GradReport",
     "Ops", "NumpyOps", "get_ops", "cuda_status",
     "Optimizer", "SGD", "Momentum", "Adam", "make_optimizer",
     "FastnnError", "ConfigError", "DataError", "DeviceError", "DivergedError",

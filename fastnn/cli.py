@@ -1,4 +1,4 @@
-"""Command line: ``fastnn train`` (also ``scripts/train.py``) and ``fastnn predict``.
+"""Command line: ``fastnn train`` (also ``scripts/train.py``), ``fastnn doctor``, ``fastnn predict``.
 
 Exit codes: 0 success; 1 training diverged; 2 bad flags, bad data or a bad file
 (one line on stderr, no traceback); 130 interrupted by Ctrl-C.
@@ -16,6 +16,7 @@ import numpy as np
 
 from . import __version__, checkpoint, datasets
 from .backend import ACTIVATIONS
+from .diagnose import EpochMonitor, diagnose
 from .errors import FastnnError
 from .model import INITS, LOSSES, MLP
 from .optim import OPTIMIZERS, make_optimizer
@@ -118,6 +119,8 @@ def train_parser(prog="fastnn train") -> argparse.ArgumentParser:
                    help="early stopping: stop after N epochs without a better test loss, keep the best")
     g.add_argument("--seed", type=int, default=S)
     g = p.add_argument_group("output")
+    g.add_argument("--doctor", action="store_true",
+                   help="check data, initialisation, gradients and a trial run first, and watch every epoch")
     g.add_argument("--quiet", action="store_true", help="only the final result")
     g.add_argument("--metrics", help="write one JSON object per epoch to this .jsonl file")
     g.add_argument("--save", help="save the trained model (.npz) here")
@@ -200,8 +203,8 @@ class Output:
             self.metrics.close()
 
 
-def run_train(argv=None) -> int:
-    args = train_parser().parse_args(argv)
+def run_train(argv=None, doctor_only=False) -> int:
+    args = train_parser("fastnn doctor" if doctor_only else "fastnn train").parse_args(argv)
     state = None
     if args.resume:
         state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))
@@ -221,6 +224,19 @@ def run_train(argv=None) -> int:
         start = state["meta"]["epoch"] + 1
     out = Output(args.quiet, args.metrics, append=bool(state))
     xtr, xte = _inputs(ds, ds.train_images), _inputs(ds, ds.test_images)
+    monitor = None
+    if args.doctor or doctor_only:
+        findings = diagnose(model, xtr, ds.train_labels, xte, ds.test_labels, lr=cfg["lr"],
+                            optimizer=cfg["optimizer"], batch_size=1 if cfg["per_sample"] else cfg["batch_size"])
+        print(f"doctor: {len(findings)} finding(s)" if findings else "doctor: no problems found")
+        for f in findings:
+            print(f)
+            out.record({"type": "finding", "code": f.code, "severity": f.severity, "evidence": f.evidence,
+                        "fix": f.fix})
+        if doctor_only:
+            out.close()
+            return 1 if any(f.severity == "error" for f in findings) else 0
+        monitor = EpochMonitor(model, xte, ds.test_labels)
     out.record({"type": "config", **cfg, "sizes": list(model.sizes), "device": model.device,
                 "classes": ds.classes, "source": ds.source, "n_train": len(ds.train_labels),
                 "n_test": len(ds.test_labels), "resumed_from_epoch": start - 1 if state else None,
@@ -238,6 +254,10 @@ def run_train(argv=None) -> int:
                 f"acc {rec['train_accuracy']:.4f}  test loss {rec['val_loss']:.4f} "
                 f"acc {rec['val_accuracy']:.4f}  {rec['seconds']:.2f} s  "
                 f"{rec['samples_per_s']:,.0f} samples/s")
+        for f in monitor(rec) if monitor else []:
+            print(f)
+            out.record({"type": "finding", "epoch": rec["epoch"], "code": f.code, "severity": f.severity,
+                        "evidence": f.evidence, "fix": f.fix})
         if args.checkpoint_dir:
             checkpoint.save_checkpoint(args.checkpoint_dir, model, opt, rec["epoch"], rng, cfg, history)
         if rec["epoch"] < cfg["epochs"]:
@@ -321,11 +341,13 @@ def run_predict(argv=None) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv[0] if argv and argv[0] in ("train", "predict") else None
+    cmd = argv[0] if argv and argv[0] in ("train", "predict", "doctor") else None
     if cmd:
         argv = argv[1:]
     try:
-        return run_predict(argv) if cmd == "predict" else run_train(argv)
+        if cmd == "predict":
+            return run_predict(argv)
+        return run_train(argv, doctor_only=cmd == "doctor")
     except FastnnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -282,3 +282,22 @@ def test_seed_presets_reach_a_sound_accuracy(preset, floor, tmp_path, data_args)
     assert lines[0]["per_sample"] == (preset == "seed1")
     assert lines[0]["loss"] == ("mse" if preset == "seed2" else "xent")
     assert lines[-1]["test_accuracy"] >= floor
+
+
+def test_doctor_command(tmp_path, data_args):
+    r = run([sys.executable, "-m", "fastnn", "doctor", *data_args, "--limit", "5000"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "doctor: no problems found"
+    metrics = tmp_path / "m.jsonl"
+    r = run([sys.executable, "-m", "fastnn", "doctor", *data_args, "--limit", "5000", "--optimizer", "sgd",
+             "--lr", "1000", "--metrics", str(metrics)])
+    assert r.returncode == 1
+    assert "ERROR   non-finite:" in r.stdout and "fix: lower the learning rate" in r.stdout
+    recs = [json.loads(s) for s in metrics.read_text().splitlines()]
+    assert any(x["type"] == "finding" and x["code"] == "non-finite" for x in recs)
+
+
+def test_train_with_doctor_reports_then_trains(data_args):
+    r = run(TRAIN + data_args + SMALL + ["--doctor", "--lr", "1e-9", "--optimizer", "sgd"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.index("no-weight-change") < r.stdout.index("test accuracy")

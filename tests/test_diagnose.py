@@ -1,0 +1,171 @@
+"""The bug zoo: every classic from-scratch failure, built through the public API, is named.
+
+And a healthy run on the real Fashion-MNIST raises no alarm at all.
+"""
+
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn.diagnose import check_predictions
+
+
+@pytest.fixture(scope="module")
+def data(fashion):
+    xtr, ytr, xte, yte = fashion
+    return xtr[:10000], ytr[:10000].astype(np.int64), xte[:3000], yte[:3000].astype(np.int64)
+
+
+def codes(findings, severity=None):
+    return {f.code for f in findings if severity is None or f.severity == severity}
+
+
+def net(act="relu", **kw):
+    return fastnn.MLP([784, 64, 32, 10], activation=act, **kw)
+
+
+@pytest.mark.parametrize("act,opt,lr,batch", [("relu", "momentum", 0.05, 128), ("relu", "adam", 1e-3, 128),
+                                              ("sigmoid", "sgd", 0.05, 1), ("tanh", "sgd", 0.1, 32)])
+def test_healthy_runs_raise_no_alarm(data, act, opt, lr, batch):
+    x, y, xt, yt = data
+    findings = fastnn.diagnose(net(act), x, y, xt, yt, lr=lr, optimizer=opt, batch_size=batch, trial_samples=3000)
+    assert findings == [], "\n".join(map(str, findings))
+
+
+def test_unscaled_inputs(data):
+    x, y, _, _ = data
+    f = fastnn.diagnose(net("sigmoid"), x.astype(np.float32), y, lr=0.05)
+    assert "unscaled-inputs" in codes(f, "error")
+    assert "saturated-units" in codes(f)
+    ev = next(i for i in f if i.code == "unscaled-inputs").evidence
+    assert "0..255" in ev
+
+
+def test_test_data_scaled_differently(data):
+    x, y, xt, yt = data
+    f = fastnn.diagnose(net(), x, y, xt.astype(np.float32), yt, lr=0.05)  # test pixels 0..255 as floats
+    assert "train-test-mismatch" in codes(f, "error")
+
+
+def test_test_data_inverted(data):
+    x, y, xt, yt = data
+    f = fastnn.diagnose(net(), x, y, 255 - xt, yt, lr=0.05)
+    assert "train-test-mismatch" in codes(f, "error")
+    assert "polarity" in next(i for i in f if i.code == "train-test-mismatch").evidence
+
+
+def test_labels_shuffled_apart_from_images(data):
+    x, y, _, _ = data
+    f = fastnn.diagnose(net(), x, np.random.default_rng(0).permutation(y), lr=0.05)
+    assert "bad-labels" in codes(f, "error")
+
+
+@pytest.mark.parametrize("labels,match", [
+    (lambda y: y + 1, "range over 1..10"),
+    (lambda y: y.astype(np.float64) + 0.5, "not whole numbers"),
+    (lambda y: np.eye(10)[y] * 2, "do not sum to 1"),
+    (lambda y: np.where(y == 3, 4, y), "class(es) 3 never occur"),
+])
+def test_bad_label_encodings(data, labels, match):
+    x, y, _, _ = data
+    f = fastnn.diagnose(net(), x, labels(y), lr=0.05)
+    assert any(i.code == "bad-labels" and match in i.evidence for i in f), "\n".join(map(str, f))
+
+
+def test_learning_rate_zero(data):
+    x, y, _, _ = data
+    f = fastnn.diagnose(net(), x, y, lr=0.0)
+    assert "no-weight-change" in codes(f, "error")
+
+
+def test_learning_rate_far_too_high(data):
+    x, y, _, _ = data
+    f = fastnn.diagnose(net(), x, y, lr=1e3)
+    assert "non-finite" in codes(f, "error")
+    assert "step" in next(i for i in f if i.code == "non-finite").evidence
+
+
+def test_learning_rate_far_too_low_is_an_update_ratio_warning(data):
+    x, y, _, _ = data
+    f = fastnn.diagnose(net(), x, y, lr=1e-9)
+    assert "no-weight-change" in codes(f, "warning")
+
+
+def test_all_zero_init(data):
+    x, y, _, _ = data
+    m = net()
+    m.set_params([np.zeros_like(p) for p in m.get_params()])
+    f = fastnn.diagnose(m, x, y, lr=0.05)
+    assert "bad-init" in codes(f, "error")
+    assert "dead-units" in codes(f)  # relu(0) never fires
+    assert "collapsed-predictions" in codes(f, "error")
+
+
+def test_huge_init_spread(data):
+    x, y, _, _ = data
+    m = net("tanh")
+    m.set_params([p * 100 for p in m.get_params()])
+    f = fastnn.diagnose(m, x, y, lr=0.01)
+    assert "bad-init" in codes(f, "warning")
+    assert "saturated-units" in codes(f)
+
+
+def test_collapsed_predictions_name_the_class_and_the_11_35_figure(data):
+    x, y, xt, yt = data
+    m = net()
+    p = m.get_params()
+    p[-1] = np.array([0, 50, 0, 0, 0, 0, 0, 0, 0, 0], np.float32)  # the output bias favours class 1
+    p[-2] = p[-2] * 0
+    m.set_params(p)
+    f = check_predictions(m, xt, yt, "now")
+    assert [i.code for i in f] == ["collapsed-predictions"]
+    assert "class 1 for 100.0%" in f[0].evidence and "11.35%" in f[0].evidence
+    assert f"{np.mean(yt == 1):.2%}" in f[0].evidence
+
+
+def test_loss_stuck_at_chance_with_mse(data):
+    x, y, _, _ = data
+    # the second question's network with its tiny learning rate: the MSE loss sits at 0.09
+    m = fastnn.MLP([784, 16, 16, 10], activation="sigmoid", loss="mse")
+    f = fastnn.diagnose(m, x, y, lr=3.0, batch_size=125)
+    assert "loss-at-chance" in codes(f, "warning"), "\n".join(map(str, f))
+
+
+def test_wrong_gradient_function_of_your_own(data):
+    x, y, _, _ = data
+    m = fastnn.MLP([784, 8, 10], activation="sigmoid", dtype="float64")
+    xs, ys = x[:16], y[:16]
+
+    def loss_fn(params):
+        m.set_params(params)
+        return m.gradients(xs, ys)[0]
+
+    def wrong_grad(params):  # the first question's bug: an extra softmax derivative on the output
+        m.set_params(params)
+        g = m.gradients(xs, ys)[1]
+        g[2] = g[2] * 0.5
+        return g
+
+    f = fastnn.diagnose(m, x, y, lr=0.1, loss_fn=loss_fn, grad_fn=wrong_grad, params=m.get_params())
+    assert "gradient-mismatch" in codes(f, "error")
+    assert "parameter array 2" in next(i for i in f if i.code == "gradient-mismatch").evidence
+
+
+def test_epoch_monitor_flags_a_frozen_collapsed_run(data):
+    x, y, xt, yt = data
+    m = net()
+    m.set_params([np.zeros_like(p) for p in m.get_params()])
+    mon = fastnn.EpochMonitor(m, xt, yt)
+    seen = []
+    fastnn.fit(m, x, y, epochs=2, lr=0.0, x_val=xt, y_val=yt, on_epoch=lambda r: seen.extend(mon(r)))
+    assert {"no-weight-change", "collapsed-predictions", "loss-at-chance"} <= codes(seen)
+    assert len(seen) == len(codes(seen))  # each reported once, not every epoch
+
+
+def test_diagnose_leaves_the_model_unchanged(data):
+    x, y, _, _ = data
+    m = net()
+    before = m.get_params()
+    fastnn.diagnose(m, x, y, lr=0.1)
+    for a, b in zip(before, m.get_params()):
+        np.testing.assert_array_equal(a, b)

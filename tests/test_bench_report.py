@@ -35,3 +35,4 @@ def test_table_and_speedups(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_report.py"), str(bad)],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "not a readable pytest-benchmark JSON" in r.stderr
+

@@ -30,6 +30,8 @@ def flops_per_sample(sizes):
 
 
 def record(benchmark, n, sizes=SIZES, **info):
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing timed
+        return
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(info)
     benchmark.extra_info["samples"] = n
@@ -43,15 +45,20 @@ def record(benchmark, n, sizes=SIZES, **info):
 class FastnnEpoch:
     """One training epoch of fastnn on a device, data uploaded once."""
 
-    def __init__(self, device, images, labels, batch, sizes=SIZES, n=None):
+    def __init__(self, device, images, labels, batch, sizes=SIZES, n=None, cuda_graph=False):
         self.model = fastnn.MLP(sizes, device=device)
         self.opt = fastnn.make_optimizer("sgd", self.model, 0.01)
         n = len(labels) if n is None else n
         self.x, self.y = self.model.to_device(images[:n], labels[:n])
         self.batch, self.rng = batch, np.random.default_rng(0)
+        self.graph = None
+        if cuda_graph:
+            from fastnn.graph import GraphEpoch
 
-    def __call__(self):
-        fastnn.train_epoch(self.model, self.opt, self.x, self.y, self.batch, self.rng)  # syncs at the end
+            self.graph = GraphEpoch(self.model, self.opt, self.x, self.y, batch)
+
+    def __call__(self):  # syncs at the end, when it reads the loss
+        fastnn.train_epoch(self.model, self.opt, self.x, self.y, self.batch, self.rng, graph=self.graph)
 
 
 class TorchEpoch:
@@ -212,6 +219,15 @@ def test_fastnn_batched_gpu(benchmark, epoch_data, batch):
 
 
 @pytest.mark.benchmark(group="epoch-gpu")
+@pytest.mark.parametrize("batch", [128, 512])
+def test_fastnn_cuda_graph_gpu(benchmark, epoch_data, batch):
+    require_gpu()
+    x, y, what = epoch_data
+    pedantic(benchmark, gpu_sync(FastnnEpoch("gpu", x, y, batch, cuda_graph=True)), rounds=5)
+    record(benchmark, N_EPOCH, data=what, impl=f"fastnn batch {batch} on the GPU, CUDA graph")
+
+
+@pytest.mark.benchmark(group="epoch-gpu")
 def test_torch_gpu(benchmark, epoch_data, torch_mod):
     require_gpu()
     if not torch_mod.cuda.is_available():
@@ -244,6 +260,8 @@ def test_gemm_peak(benchmark, device):
         ops.matmul(a, a, out=c)
         ops.synchronize()
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:
+        return
     benchmark.extra_info["gflops"] = 2 * n ** 3 / benchmark.stats.stats.min / 1e9
     benchmark.extra_info["shape"] = f"{n}x{n}x{n}"
 

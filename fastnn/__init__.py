@@ -8,7 +8,7 @@
 """
 
 from . import datasets
-from .backend import NumpyOps, Ops, cuda_status, get_ops
+from .backend import NumpyOps, Ops, cuda_status, get_ops, set_tf32
 from .diagnose import EpochMonitor, Finding, diagnose
 from .errors import ConfigError, DataError, DeviceError, FastnnError
 from .gradcheck import GradReport, check_gradients, gradcheck
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MLP", "fit", "train_epoch", "datasets",
     "diagnose", "Finding", "EpochMonitor", "gradcheck", "check_gradients", "GradReport",
-    "Ops", "NumpyOps", "get_ops", "cuda_status",
+    "Ops", "NumpyOps", "get_ops", "cuda_status", "set_tf32",
     "Optimizer", "SGD", "Momentum", "Adam", "make_optimizer",
     "FastnnError", "ConfigError", "DataError", "DeviceError", "DivergedError",
 ]

@@ -21,6 +21,10 @@ Only ``fastnn.cuda_ops`` imports CuPy, and only when a GPU is asked for.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import numpy as np
 
 from .errors import ConfigError, DeviceError
@@ -190,14 +194,17 @@ class Ops:
         v += gg
         p -= lr * (gg + mu * v) if nesterov else lr * v
 
-    def adam(self, p, g, m, v, lr: float, b1: float, b2: float, eps: float,
-             step: int, wd: float) -> None:
+    def adam(self, p, g, m, v, t, lr: float, b1: float, b2: float, eps: float, wd: float) -> None:
         """Adam with bias correction and decoupled weight decay (AdamW).
 
+        t: 1-element int32 array, the number of steps taken so far; this step is
+        ``t + 1`` and t is incremented (a device counter, so a captured step stays right).
         ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g^2``;
-        ``p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)``, step counted from 1.
+        ``p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)``.
         """
         xp = self.xp
+        t += 1
+        step = t.astype(p.dtype)
         c1 = 1.0 - b1 ** step
         c2 = 1.0 - b2 ** step
         m *= b1
@@ -358,7 +365,9 @@ class NumpyOps(Ops):
             np.multiply(v, lr, out=g)
             p -= g
 
-    def adam(self, p, g, m, v, lr, b1, b2, eps, step, wd):
+    def adam(self, p, g, m, v, t, lr, b1, b2, eps, wd):
+        t += 1
+        step = int(t[0])
         c1 = 1.0 - b1 ** step
         c2 = 1.0 - b2 ** step
         t = self.scratch(p.shape, p.dtype)
@@ -380,6 +389,20 @@ class NumpyOps(Ops):
 
 
 _CPU = None
+
+
+def set_tf32(enabled: bool) -> None:
+    """Allow TF32 tensor-core GEMMs for float32 on the GPU (off by default).
+
+    TF32 keeps 10 mantissa bits in the products: faster on Ampere and Hopper GPUs,
+    but results differ from float32 by about 1e-3 relative, enough to flip a
+    near-tie argmax. CuPy reads ``CUPY_TF32`` when it is imported, so call this
+    before the GPU is first used.
+    """
+    if "cupy" in sys.modules:
+        warnings.warn("set_tf32 called after CuPy was imported: it may not take effect",
+                      RuntimeWarning, stacklevel=2)
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
 
 
 def cuda_status() -> str | None:

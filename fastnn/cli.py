@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from . import __version__, checkpoint, datasets
-from .backend import ACTIVATIONS
+from .backend import ACTIVATIONS, set_tf32
 from .diagnose import EpochMonitor, diagnose
 from .errors import FastnnError
 from .model import INITS, LOSSES, MLP
@@ -28,6 +28,7 @@ DEFAULTS = {
     "init": None, "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
     "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32",
     "device": "auto", "per_sample": False, "patience": None, "standardize": False,
+    "cuda_graph": False, "tf32": False,
 }
 
 # The two networks of the questions in the README, done right.
@@ -118,6 +119,10 @@ def train_parser(prog="fastnn train") -> argparse.ArgumentParser:
     g.add_argument("--patience", type=_positive(int), default=S,
                    help="early stopping: stop after N epochs without a better test loss, keep the best")
     g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--cuda-graph", action="store_true", default=S,
+                   help="GPU: capture one training step as a CUDA graph and replay it per batch")
+    g.add_argument("--tf32", action="store_true", default=S,
+                   help="GPU: allow TF32 tensor cores for float32 GEMMs (faster, less exact)")
     g = p.add_argument_group("output")
     g.add_argument("--doctor", action="store_true",
                    help="check data, initialisation, gradients and a trial run first, and watch every epoch")
@@ -210,6 +215,7 @@ def run_train(argv=None, doctor_only=False) -> int:
         state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))
         args.checkpoint_dir = args.checkpoint_dir or args.resume
     cfg = resolve_config(args, state["meta"]["config"] if state else None)
+    set_tf32(cfg["tf32"])
     ds = load_data(cfg)
     n_in, k = ds.train_images.shape[1], len(ds.classes)
     model = MLP([n_in, *cfg["hidden"], k], cfg["activation"], cfg["loss"], cfg["init"],
@@ -270,7 +276,8 @@ def run_train(argv=None, doctor_only=False) -> int:
         fit(model, xtr, ds.train_labels, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
             lr=cfg["lr"], optimizer=opt, per_sample=cfg["per_sample"], x_val=xte, y_val=ds.test_labels,
             lr_schedule=cfg["lr_schedule"], patience=cfg["patience"], on_epoch=on_epoch,
-            progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start)
+            progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start,
+            cuda_graph=cfg["cuda_graph"] and model.device == "gpu")
     except DivergedError as exc:
         out.close()
         where = f"; the last good checkpoint is in {args.checkpoint_dir}" if args.checkpoint_dir else ""

@@ -28,39 +28,57 @@ _ACT_BACKWARD = {
     "tanh": "d = d * ((T)1 - a * a);",
 }
 
-# One thread per row: K (the number of classes) is small, so a row's softmax,
-# loss, argmax and gradient are computed in registers in one pass over the row.
+# One block of 256 threads walks the rows (K, the number of classes, is small): each
+# row's softmax (or sigmoid MSE), loss, argmax and gradient in one pass, then a
+# shared-memory reduction of the loss sum and hit count. One launch, no temporary
+# arrays, and the same summation order every time (a CUDA graph can capture it).
 _ROW_LOSS_SRC = r"""
 template <typename T>
-__device__ void row_loss(const T* z, const int* y, T* g, T* loss_rows, int* hit_rows,
+__device__ void row_loss(const T* z, const int* y, T* g, T* loss_out, int* hits_out,
                          int B, int K, int want_grad, int mse) {
-    int r = blockDim.x * blockIdx.x + threadIdx.x;
-    if (r >= B) return;
-    const T* zr = z + (long long)r * K;
-    int t = y[r];
-    int best = 0;
-    T m = zr[0];
-    for (int k = 1; k < K; ++k) if (zr[k] > m) { m = zr[k]; best = k; }
-    hit_rows[r] = best == t;
-    if (mse) {
-        T acc = 0;
-        for (int k = 0; k < K; ++k) {
-            T a = zr[k];
-            T d = a - (k == t ? (T)1 : (T)0);
-            acc += d * d;
-            if (want_grad) g[(long long)r * K + k] = (T)2 * d * a * ((T)1 - a) / (T)(B * K);
+    __shared__ T s_loss[256];
+    __shared__ int s_hits[256];
+    T my_loss = 0;
+    int my_hits = 0;
+    for (int r = threadIdx.x; r < B; r += blockDim.x) {
+        const T* zr = z + (long long)r * K;
+        T* gr = g + (long long)r * K;
+        int t = y[r];
+        int best = 0;
+        T m = zr[0];
+        for (int k = 1; k < K; ++k) if (zr[k] > m) { m = zr[k]; best = k; }
+        my_hits += best == t;
+        if (mse) {
+            T acc = 0;
+            for (int k = 0; k < K; ++k) {
+                T a = zr[k];
+                T d = a - (k == t ? (T)1 : (T)0);
+                acc += d * d;
+                if (want_grad) gr[k] = (T)2 * d * a * ((T)1 - a) / (T)(B * K);
+            }
+            my_loss += acc / (T)K;
+        } else {
+            T s = 0;
+            for (int k = 0; k < K; ++k) s += exp(zr[k] - m);
+            my_loss += log(s) + m - zr[t];
+            if (want_grad) {
+                T inv = (T)1 / (s * (T)B);
+                for (int k = 0; k < K; ++k)
+                    gr[k] = exp(zr[k] - m) * inv - (k == t ? (T)1 / (T)B : (T)0);
+            }
         }
-        loss_rows[r] = acc / (T)K;
-        return;
     }
-    T s = 0;
-    for (int k = 0; k < K; ++k) s += exp(zr[k] - m);
-    loss_rows[r] = log(s) + m - zr[t];
-    if (want_grad) {
-        T inv = (T)1 / (s * (T)B);
-        for (int k = 0; k < K; ++k)
-            g[(long long)r * K + k] = exp(zr[k] - m) * inv - (k == t ? (T)1 / (T)B : (T)0);
+    s_loss[threadIdx.x] = my_loss;
+    s_hits[threadIdx.x] = my_hits;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w) {
+            s_loss[threadIdx.x] += s_loss[threadIdx.x + w];
+            s_hits[threadIdx.x] += s_hits[threadIdx.x + w];
+        }
+        __syncthreads();
     }
+    if (threadIdx.x == 0) { loss_out[0] = s_loss[0]; hits_out[0] = s_hits[0]; }
 }
 extern "C" __global__ void row_loss_f32(const float* z, const int* y, float* g, float* l,
                                         int* h, int B, int K, int wg, int mse) {
@@ -71,6 +89,7 @@ extern "C" __global__ void row_loss_f64(const double* z, const int* y, double* g
     row_loss<double>(z, y, g, l, h, B, K, wg, mse);
 }
 """
+ROW_LOSS_THREADS = 256
 
 
 @functools.cache
@@ -101,6 +120,12 @@ def _gather_kernel():
 
 
 @functools.cache
+def _label_kernel():
+    return cp.ElementwiseKernel("raw int32 src, raw I idx", "int32 out", "out = src[idx[i]];",
+                                "fastnn_gather_labels")
+
+
+@functools.cache
 def _optim_kernel(kind: str):
     if kind == "sgd":
         return cp.ElementwiseKernel(
@@ -110,8 +135,12 @@ def _optim_kernel(kind: str):
             "T g, T lr, T mu, T wd, int32 nesterov", "T p, T v",
             "T gg = g + wd * p; v = mu * v + gg; p -= lr * (nesterov ? gg + mu * v : v);",
             "fastnn_momentum")
+    if kind == "count":
+        return cp.ElementwiseKernel("", "int32 t", "t += 1;", "fastnn_count_step")
+    # Adam reads the step count from the device, so a captured step stays right on replay.
     return cp.ElementwiseKernel(
-        "T g, T lr, T b1, T b2, T eps, T c1, T c2, T wd", "T p, T m, T v",
+        "T g, raw int32 t, T lr, T b1, T b2, T eps, T wd", "T p, T m, T v",
+        "T step = (T)(t[0] + 1); T c1 = (T)1 - pow(b1, step); T c2 = (T)1 - pow(b2, step);"
         "m = b1 * m + ((T)1 - b1) * g; v = b2 * v + ((T)1 - b2) * g * g;"
         "p -= lr * ((m / c1) / (sqrt(v / c2) + eps) + wd * p);",
         "fastnn_adam")
@@ -124,6 +153,7 @@ class CupyOps(Ops):
 
     def __init__(self):
         super().__init__(cp)
+        self._ones = {}
 
     def to_host(self, a) -> np.ndarray:
         return cp.asnumpy(a)
@@ -135,6 +165,9 @@ class CupyOps(Ops):
         t = out.dtype.type
         _gather_kernel()(src, idx, np.int64(out.shape[1]), t(scale), t(shift), out)
 
+    def gather_labels(self, src, idx, out):
+        _label_kernel()(src, idx, out)
+
     def bias_act(self, h, b, act):
         _bias_act_kernel(act)(b, h)
 
@@ -142,19 +175,18 @@ class CupyOps(Ops):
         if act != "linear":
             _act_backward_kernel(act)(a, d)
 
+    def sum_rows(self, d, out):
+        ones = self._ones.get((d.shape[0], d.dtype))
+        if ones is None:
+            ones = self._ones[d.shape[0], d.dtype] = cp.ones(d.shape[0], d.dtype)
+        cp.matmul(ones, d, out=out)  # one cuBLAS GEMV
+
     def _row_loss(self, z, y, grad, loss_out, correct_out, mse: int):
         b, k = z.shape
-        suffix = "f32" if z.dtype == np.float32 else "f64"
-        fn = _row_loss_module().get_function("row_loss_" + suffix)
-        rows = cp.empty(b, z.dtype)
-        hits = cp.empty(b, np.int32)
-        g = grad if grad is not None else rows  # never written when want_grad == 0
-        threads = 128
-        fn(((b + threads - 1) // threads,), (threads,),
-           (z, y, g, rows, hits, np.int32(b), np.int32(k), np.int32(grad is not None),
-            np.int32(mse)))
-        cp.sum(rows, out=loss_out.reshape(()))
-        cp.sum(hits, out=correct_out.reshape(()))
+        fn = _row_loss_module().get_function("row_loss_f32" if z.dtype == np.float32 else "row_loss_f64")
+        g = grad if grad is not None else z  # never written when want_grad == 0
+        fn((1,), (ROW_LOSS_THREADS,), (z, y, g, loss_out, correct_out, np.int32(b), np.int32(k),
+                                       np.int32(grad is not None), np.int32(mse)))
 
     def xent(self, logits, y, grad, loss_out, correct_out):
         self._row_loss(logits, y, grad, loss_out, correct_out, 0)
@@ -170,10 +202,10 @@ class CupyOps(Ops):
         t = p.dtype.type
         _optim_kernel("momentum")(g, t(lr), t(mu), t(wd), np.int32(nesterov), p, v)
 
-    def adam(self, p, g, m, v, lr, b1, b2, eps, step, wd):
-        t = p.dtype.type
-        _optim_kernel("adam")(g, t(lr), t(b1), t(b2), t(eps), t(1.0 - b1 ** step),
-                              t(1.0 - b2 ** step), t(wd), p, m, v)
+    def adam(self, p, g, m, v, t, lr, b1, b2, eps, wd):
+        f = p.dtype.type
+        _optim_kernel("adam")(g, t, f(lr), f(b1), f(b2), f(eps), f(wd), p, m, v)
+        _optim_kernel("count")(t)
 
 
 def device_problem() -> str | None:

@@ -89,10 +89,11 @@ class Adam(Optimizer):
         super().__init__(model, lr, weight_decay)
         self.b1, self.b2 = (float(b) for b in betas)
         self.eps = float(eps)
+        self.state["t"] = model.ops.xp.zeros(1, np.int32)  # steps taken, kept on the device
 
     def _update(self, p, g):
-        self.ops.adam(p, g, self.state["m"], self.state["v"], self.lr, self.b1, self.b2,
-                      self.eps, self.steps, self.weight_decay)
+        self.ops.adam(p, g, self.state["m"], self.state["v"], self.state["t"], self.lr, self.b1,
+                      self.b2, self.eps, self.weight_decay)
 
 
 def make_optimizer(name: str, model, lr: float, momentum: float = 0.9,

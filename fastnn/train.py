@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 
@@ -27,19 +28,24 @@ class DivergedError(FastnnError):
         self.history = history
 
 
-def train_epoch(model, opt: Optimizer, x_dev, y_dev, batch_size: int, rng, progress=None) -> dict:
+def train_epoch(model, opt: Optimizer, x_dev, y_dev, batch_size: int, rng, progress=None, graph=None) -> dict:
     """One epoch over device data x_dev (N, D), y_dev (N,) int32 in shuffled batches.
 
     With ``batch_size=1`` this is per-sample SGD: one update after every sample.
     progress: optional callable(n) told after each batch how many samples it held
     (it counts launched work; it never waits for the device).
+    graph: a ``fastnn.graph.GraphEpoch`` to replay instead of launching each kernel.
     Returns ``{"train_loss", "train_accuracy", "seconds"}`` (one synchronisation).
     """
     ops, xp = model.ops, model.ops.xp
     n = x_dev.shape[0]
-    steps = -(-n // batch_size)
     t0 = time.perf_counter()
-    perm = ops.asarray(rng.permutation(n))
+    order = rng.permutation(n)
+    if graph is not None:
+        loss, hits = graph(order, progress)
+        return {"train_loss": loss / n, "train_accuracy": hits / n, "seconds": time.perf_counter() - t0}
+    steps = -(-n // batch_size)
+    perm = ops.asarray(order)
     losses = xp.zeros(steps, model.dtype)
     hits = xp.zeros(steps, np.int32)
     for s in range(steps):
@@ -59,7 +65,7 @@ def train_epoch(model, opt: Optimizer, x_dev, y_dev, batch_size: int, rng, progr
 
 def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9,
         weight_decay=0.0, per_sample=False, x_val=None, y_val=None, seed=0, lr_schedule="constant",
-        patience=None, on_epoch=None, progress=None, rng=None, start_epoch=1) -> list[dict]:
+        patience=None, on_epoch=None, progress=None, rng=None, start_epoch=1, cuda_graph=False) -> list[dict]:
     """Train ``model`` on x (N, D) float or uint8, y (N,) integer labels.
 
     optimizer: "sgd", "momentum", "nesterov", "adam", or an ``Optimizer`` instance.
@@ -71,6 +77,9 @@ def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentu
     progress: optional callable ``(n_samples)`` called after every batch.
     rng / start_epoch: continue a run (a NumPy Generator in the state it had
     after epoch ``start_epoch - 1``); by default a new one from ``seed``.
+    cuda_graph: on the GPU, replay a captured training step per batch
+    (``fastnn.graph``); if capturing fails, a warning says why and training
+    goes on uncaptured.
     Returns the history, one dict per epoch with ``epoch, lr, train_loss,
     train_accuracy, val_loss, val_accuracy, seconds, samples_per_s``.
     Raises DivergedError when the loss becomes NaN or infinite.
@@ -92,13 +101,14 @@ def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentu
         optimizer, model, lr, momentum, weight_decay)
     base_lr = opt.lr
     rng = np.random.default_rng(seed) if rng is None else rng
+    graph = _graph_or_none(model, opt, x_dev, y_dev, int(batch_size)) if cuda_graph else None
     history, best, best_params = [], math.inf, None
     for epoch in range(int(start_epoch), int(epochs) + 1):
         if lr_schedule == "cosine":
             opt.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
         rec = {"epoch": epoch, "lr": opt.lr}
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
-            rec.update(train_epoch(model, opt, x_dev, y_dev, int(batch_size), rng, progress))
+            rec.update(train_epoch(model, opt, x_dev, y_dev, int(batch_size), rng, progress, graph))
         rec["samples_per_s"] = x_dev.shape[0] / rec["seconds"]
         if x_val is not None:
             val = model.evaluate(x_val, y_val)
@@ -124,3 +134,17 @@ def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentu
     if best_params is not None:
         model.params[...] = best_params
     return history
+
+
+def _graph_or_none(model, opt, x_dev, y_dev, batch):
+    """A captured-step runner, or None (with a warning) when capture fails on this GPU."""
+    from .graph import GraphEpoch
+
+    graph = GraphEpoch(model, opt, x_dev, y_dev, batch)  # ConfigError on the CPU
+    try:
+        graph.capture()
+    except Exception as exc:  # the driver or CuPy refused the capture
+        warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); training without it",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return graph

@@ -84,9 +84,11 @@ def run_kernels(ops, dtype):
                 ops.momentum(t["p"], t["g"].copy(), t["s1"], 0.1, 0.9, wd, nesterov)
             out[f"mom_{nesterov}_{wd}"], out[f"vel_{nesterov}_{wd}"] = t["p"], t["s1"]
         t = arrays(xp, dtype)
-        for step in (1, 2, 3):
-            ops.adam(t["p"], t["g"].copy(), t["s1"], t["s2"], 0.01, 0.9, 0.999, 1e-8, step, wd)
+        steps = xp.zeros(1, np.int32)
+        for _ in range(3):
+            ops.adam(t["p"], t["g"].copy(), t["s1"], t["s2"], steps, 0.01, 0.9, 0.999, 1e-8, wd)
         out[f"adam_{wd}"], out[f"adam_m_{wd}"], out[f"adam_v_{wd}"] = t["p"], t["s1"], t["s2"]
+        out[f"adam_t_{wd}"] = steps
     return {k: ops.to_host(v) for k, v in out.items()}
 
 

@@ -301,3 +301,11 @@ def test_train_with_doctor_reports_then_trains(data_args):
     r = run(TRAIN + data_args + SMALL + ["--doctor", "--lr", "1e-9", "--optimizer", "sgd"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.index("no-weight-change") < r.stdout.index("test accuracy")
+
+
+def test_gpu_without_cuda_is_a_one_line_error(data_args):
+    if fastnn.cuda_status() is None:
+        pytest.skip("a GPU is present")
+    r = run(TRAIN + data_args + SMALL[:-2] + ["--device", "gpu"])
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: device 'gpu' is not usable: ") and len(r.stderr.splitlines()) == 1

@@ -107,9 +107,14 @@ def _act_backward_kernel(act: str):
     return cp.ElementwiseKernel("T a", "T d", _ACT_BACKWARD[act], f"fastnn_{act}_backward")
 
 
+def compile_module(code: str):
+    """A CuPy RawModule of CUDA C++ source (compiled on first use of a function)."""
+    return cp.RawModule(code=code, options=("-std=c++14",))
+
+
 @functools.cache
 def _row_loss_module():
-    return cp.RawModule(code=_ROW_LOSS_SRC, options=("-std=c++14",))
+    return compile_module(_ROW_LOSS_SRC)
 
 
 @functools.cache

@@ -16,7 +16,8 @@ Everything the step reads or writes lives at a fixed device address:
 The learning rate is a constant of the graph, which is captured again when it
 changes (once per epoch under a schedule); Adam's step count is a device
 counter, so its bias correction stays right on replay. The ragged last batch of
-an epoch runs uncaptured. Only ``fastnn.cuda_ops`` and this module touch CuPy.
+an epoch runs uncaptured. CuPy itself is reached through ``model.ops`` and
+``fastnn.cuda_ops``, the one module that imports it.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ extern "C" __global__ void record_f64(const double* l, const int* h, int* c, dou
 
 @functools.cache
 def _module():
-    import cupy as cp
+    from .cuda_ops import compile_module
 
-    return cp.RawModule(code=_SRC, options=("-std=c++14",))
+    return compile_module(_SRC)
 
 
 class GraphEpoch:

@@ -309,3 +309,34 @@ def test_gpu_without_cuda_is_a_one_line_error(data_args):
     r = run(TRAIN + data_args + SMALL[:-2] + ["--device", "gpu"])
     assert r.returncode == 2
     assert r.stderr.startswith("error: device 'gpu' is not usable: ") and len(r.stderr.splitlines()) == 1
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    pytest.importorskip("tqdm")
+    from fastnn.cli import Output
+
+    out = Output(quiet=False, metrics_path=None, append=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert out.progress(1, 3, 1000) is None  # piped or redirected: no bar
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    hook = out.progress(1, 3, 1000)
+    assert hook is not None
+    hook(500)
+    assert out.bar.n == 500 and out.bar.total == 1000
+    out.close()
+    assert Output(quiet=True, metrics_path=None, append=False).progress(1, 3, 1000) is None
+
+
+def test_cupy_is_imported_by_one_module_only():
+    import ast
+
+    importers = []
+    for path in (REPO / "fastnn").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] == "cupy" for n in names):
+                importers.append(path.name)
+    assert sorted(set(importers)) == ["cuda_ops.py"]
+    r = run([sys.executable, "-c", "import sys, fastnn; fastnn.MLP([4, 2]); print('cupy' in sys.modules)"])
+    assert r.stdout.strip() == "False"

@@ -66,7 +66,7 @@ class Ops:
         """Wait for queued device work (a no-op on the CPU)."""
 
     # ------------------------------------------------------------ data access
-    def upload_images(self, x, dtype, scale: float, shift: float):
+    def upload_images(self, x, dtype):
         """Host images (N, D) -> device array for ``gather_rows``.
 
         uint8 pixels stay uint8 (a quarter of the memory and transfer; they are

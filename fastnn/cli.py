@@ -220,7 +220,7 @@ def run_train(argv=None, doctor_only=False) -> int:
     n_in, k = ds.train_images.shape[1], len(ds.classes)
     model = MLP([n_in, *cfg["hidden"], k], cfg["activation"], cfg["loss"], cfg["init"],
                 device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"])
-    model.input_scale, model.input_shift = ds.scale, ds.shift
+    model.input_scale, model.input_shift, model.pixel_max = ds.scale, ds.shift, ds.pixel_max
     opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     rng = np.random.default_rng(cfg["seed"])
     history, start = [], 1
@@ -334,10 +334,8 @@ def run_predict(argv=None) -> int:
             raise FastnnError(f"{path}: images have {images.shape[1]} pixels, the model expects "
                               f"{model.sizes[0]}")
         if args.invert:
-            images = (255 - images) if images.dtype == np.uint8 else 1.0 - images
-        if images.dtype != np.uint8:
-            images = images * np.float32(model.input_scale if images.max() > 1 else 1.0)
-        pred = model.predict(images)
+            images = (255 - images) if images.dtype == np.uint8 or images.max() > 1 else 1.0 - images
+        pred = model.predict(model.preprocess(images))
         for i, p in enumerate(pred):
             name = f"{path}[{i}]" if len(pred) > 1 else str(path)
             print(f"{name}\t{p}\t{classes[p]}")

@@ -78,7 +78,8 @@ class Dataset:
     train_images / test_images: (N, D) raw pixels, uint8 (0..255) or float32;
     train_labels / test_labels: (N,) int64 in 0..K-1; classes: K names;
     scale, shift: the preprocessing ``x * scale + shift``, derived from the
-    training split; source: where each file came from.
+    training split; pixel_max: 255 for raw pixels, 1 for images already in [0, 1];
+    source: where each file came from.
     """
 
     name: str
@@ -90,6 +91,7 @@ class Dataset:
     scale: float = 1.0
     shift: float = 0.0
     source: dict = field(default_factory=dict)
+    pixel_max: float = 255.0  # the raw pixel range the preprocessing applies to: 255 or 1
 
     def preprocess(self, images) -> np.ndarray:
         """Raw images (N, D) -> float32 network inputs, ``images * scale + shift``."""
@@ -117,11 +119,11 @@ class Dataset:
         """A copy holding only the first n_train / n_test samples (same preprocessing)."""
         return Dataset(self.name, self.train_images[:n_train], self.train_labels[:n_train],
                        self.test_images[:n_test], self.test_labels[:n_test], self.classes,
-                       self.scale, self.shift, dict(self.source))
+                       self.scale, self.shift, dict(self.source), self.pixel_max)
 
 
 def fit_preprocessing(train, test, standardize=False, train_name="train", test_name="test"):
-    """Derive ``(scale, shift)`` from the training images; check the test images match.
+    """Derive ``(scale, shift, pixel_max)`` from the training images; check the test images match.
 
     uint8 (or integral 0..255) pixels get ``scale = 1/255``; floats already in [0, 1]
     keep ``scale = 1`` (never rescaled twice). ``standardize`` then maps the
@@ -151,7 +153,7 @@ def fit_preprocessing(train, test, standardize=False, train_name="train", test_n
         if std == 0:
             raise DataError(f"{train_name}: every pixel has the same value; cannot standardize")
         scale, shift = scale / std, -mean / std
-    return scale, shift
+    return scale, shift, k_train
 
 
 def finish(name, train_images, train_labels, test_images, test_labels, classes, source,
@@ -172,9 +174,9 @@ def finish(name, train_images, train_labels, test_images, test_labels, classes, 
         if int(y.max()) >= len(classes):
             raise DataError(f"{source.get(split, split)}: labels outside 0..{len(classes) - 1} "
                             f"(found {int(y.max())})")
-    scale, shift = fit_preprocessing(train_images, test_images, standardize, tr, te)
+    scale, shift, pixel_max = fit_preprocessing(train_images, test_images, standardize, tr, te)
     return Dataset(name, train_images, train_labels, test_images, test_labels, list(classes),
-                   scale, shift, dict(source))
+                   scale, shift, dict(source), pixel_max)
 
 
 def flatten_images(images, where) -> np.ndarray:

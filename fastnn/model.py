@@ -88,6 +88,7 @@ class MLP:
         self.device = self.ops.name
         self.input_scale = 1.0 / 255.0
         self.input_shift = 0.0
+        self.pixel_max = 255.0  # raw pixel range that input_scale/shift apply to (255, or 1)
         self.classes = None  # optional class names, saved with the model
         self.acts = [activation] * (len(sizes) - 2) + ["linear" if loss == "xent" else "sigmoid"]
         self.shapes = []
@@ -143,9 +144,14 @@ class MLP:
 
     # ------------------------------------------------------------------ data
     def workspace(self, batch: int) -> Workspace:
-        ws = self._workspaces.get(batch)
+        """The buffers for batch size ``batch``, kept for the few sizes used most recently
+        (the training batch, the ragged last batch, evaluation batches)."""
+        ws = self._workspaces.pop(batch, None)
         if ws is None:
-            ws = self._workspaces[batch] = Workspace(self.ops, self.sizes, batch, self.dtype)
+            ws = Workspace(self.ops, self.sizes, batch, self.dtype)
+            while len(self._workspaces) >= 4:
+                self._workspaces.pop(next(iter(self._workspaces)))
+        self._workspaces[batch] = ws  # most recently used last
         return ws
 
     def check_inputs(self, x, y=None, name="x"):
@@ -175,10 +181,10 @@ class MLP:
         return x, y
 
     def to_device(self, x, y=None):
-        """Upload validated inputs once (``ops.upload_images``: uint8 pixels are scaled by
-        the model's preprocessing, floats are taken as given); labels become int32."""
+        """Upload validated inputs once: uint8 pixels stay uint8 (the model's preprocessing
+        scales each gathered batch), floats become the model dtype; labels become int32."""
         x, y = self.check_inputs(x, y)
-        xd = self.ops.upload_images(x, self.dtype, self.input_scale, self.input_shift)
+        xd = self.ops.upload_images(x, self.dtype)
         yd = None if y is None else self.ops.asarray(y, np.int32)
         return xd, yd
 
@@ -190,6 +196,17 @@ class MLP:
             self.ops.gather_rows(x_dev, idx, ws.x, 1.0, 0.0)
         if y_dev is not None:
             self.ops.gather_labels(y_dev, idx, ws.y)
+
+    def preprocess(self, images) -> np.ndarray:
+        """Raw images (N, D) -> network inputs, the way the training images were preprocessed.
+
+        uint8 pixels are 0..255; float images are taken as 0..1 when none exceeds 1,
+        else as 0..255. Returns float inputs of the model dtype (NumPy).
+        """
+        x = np.asarray(images)
+        in_max = 255.0 if x.dtype == np.uint8 or (x.size and x.max() > 1) else 1.0
+        x = x.astype(np.float64) * (self.pixel_max / in_max)
+        return (x * self.input_scale + self.input_shift).astype(self.dtype)
 
     # --------------------------------------------------------- forward/back
     def forward(self, ws: Workspace):
@@ -280,7 +297,7 @@ class MLP:
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed,
                 "input_scale": self.input_scale, "input_shift": self.input_shift,
-                "classes": self.classes}
+                "pixel_max": self.pixel_max, "classes": self.classes}
 
     def save(self, path) -> None:
         """Write weights and configuration to an ``.npz`` file, atomically."""
@@ -302,6 +319,7 @@ class MLP:
             model.input_scale = float(meta["input_scale"])
             model.input_shift = float(meta["input_shift"])
             model.classes = meta.get("classes")
+            model.pixel_max = float(meta.get("pixel_max", 255.0))
             model.set_params([arrays[f"p{i}"] for i in range(len(model.shapes))])
         except (KeyError, ValueError, TypeError, ConfigError) as exc:
             raise DataError(f"{path}: not a valid fastnn model file ({exc})") from None

@@ -65,6 +65,12 @@ def test_train_writes_metrics_and_a_model_that_predicts_the_same(tmp_path, data_
     assert len(preds) == 10000
     np.testing.assert_array_equal(preds[:500], ours)
     assert f"accuracy {acc:.4f} on 10000 labelled images" in r2.stdout
+    # the same images as a headerless CSV of floats in [0, 1] get the same answers
+    csv = tmp_path / "few.csv"
+    np.savetxt(csv, x[:50] / 255.0, delimiter=",", fmt="%.6f")
+    r3 = run(PREDICT + [str(model_path), str(csv)])
+    assert r3.returncode == 0, r3.stderr
+    np.testing.assert_array_equal([int(line.split("\t")[1]) for line in r3.stdout.splitlines()], ours[:50])
 
 
 def _final_params(path):

@@ -242,3 +242,27 @@ def test_cosine_schedule():
     hist = fastnn.fit(fastnn.MLP([12, 3]), x, y, epochs=4, lr=0.2, lr_schedule="cosine")
     assert [round(h["lr"], 6) for h in hist] == [0.2, round(0.1 * (1 + np.cos(np.pi / 4)), 6), 0.1,
                                                  round(0.1 * (1 + np.cos(3 * np.pi / 4)), 6)]
+
+
+def test_preprocess_maps_any_raw_form_to_the_training_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (5, 12), dtype=np.uint8)
+    m = fastnn.MLP([12, 3])
+    m.input_scale, m.input_shift = 1 / (255 * 0.3), -0.4 / 0.3  # standardized pixels
+    want = u8 / (255 * 0.3) - 0.4 / 0.3
+    for raw in (u8, u8 / 255.0, u8.astype(np.float64)):
+        np.testing.assert_allclose(m.preprocess(raw), want, rtol=1e-5, atol=1e-5)
+    m.pixel_max = 1.0  # trained on images already in [0, 1]
+    m.input_scale, m.input_shift = 2.0, -1.0
+    np.testing.assert_allclose(m.preprocess(u8), u8 / 255 * 2 - 1, rtol=1e-5, atol=1e-5)
+    m.save(tmp_path / "m.npz")
+    assert fastnn.MLP.load(tmp_path / "m.npz").pixel_max == 1.0
+
+
+def test_workspaces_are_kept_for_a_few_batch_sizes_only():
+    m = fastnn.MLP([12, 3])
+    for b in range(1, 20):
+        m.workspace(b)
+    assert len(m._workspaces) == 4
+    ws = m.workspace(128)
+    assert m.workspace(128) is ws

@@ -221,6 +221,7 @@ def run_train(argv=None, doctor_only=False) -> int:
     model = MLP([n_in, *cfg["hidden"], k], cfg["activation"], cfg["loss"], cfg["init"],
                 device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"])
     model.input_scale, model.input_shift, model.pixel_max = ds.scale, ds.shift, ds.pixel_max
+    model.classes = ds.classes
     opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     rng = np.random.default_rng(cfg["seed"])
     history, start = [], 1
@@ -287,7 +288,8 @@ def run_train(argv=None, doctor_only=False) -> int:
         out.close()
         msg = "interrupted"
         if args.checkpoint_dir and checkpoint.checkpoint_files(args.checkpoint_dir):
-            msg += f"; resume with --resume {args.checkpoint_dir} (last complete epoch: {len(history)})"
+            last = history[-1]["epoch"] if history else 0
+            msg += f"; resume with --resume {args.checkpoint_dir} (last complete epoch: {last})"
         if args.save:
             model.save(args.save)
             msg += f"; current weights saved to {args.save}"
@@ -303,7 +305,6 @@ def run_train(argv=None, doctor_only=False) -> int:
     out.say(format_report(cm, ds.classes))
     print(f"test accuracy {acc:.4f} after {len(history)} epochs ({seconds:.1f} s)")
     if args.save:
-        model.classes = ds.classes
         model.save(args.save)
         out.say(f"model saved to {args.save}")
     if args.plots:

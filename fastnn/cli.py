@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -210,6 +211,8 @@ class Output:
 
 def run_train(argv=None, doctor_only=False) -> int:
     args = train_parser("fastnn doctor" if doctor_only else "fastnn train").parse_args(argv)
+    if args.save and not Path(args.save).resolve().parent.is_dir():  # say so now, not after training
+        raise FastnnError(f"{args.save}: the folder to save the model in does not exist")
     state = None
     if args.resume:
         state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))

@@ -137,6 +137,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_args):
     (["--dataset", "/no/such/place"], "/no/such/place: neither a known data set"),
     (["--resume", "/no/such/dir"], "/no/such/dir: no checkpoint found"),
     (["--metrics", "/no/such/dir/m.jsonl"], "No such file or directory"),
+    (["--save", "/no/such/dir/m.npz"], "/no/such/dir/m.npz: the folder to save the model in does not exist"),
 ])
 def test_bad_flags_are_one_line_errors(flags, match, data_args):
     r = run(TRAIN + data_args + SMALL + flags)

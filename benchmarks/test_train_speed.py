@@ -202,6 +202,23 @@ class GemmsOfEpoch:
 
 # ---------------------------------------------------------------- GPU
 @pytest.mark.benchmark(group="epoch-gpu")
+@pytest.mark.parametrize("looped", [False, True], ids=["per-sample", "looped-minibatch"])
+def test_naive_on_the_gpu(benchmark, epoch_data, looped):
+    """The beginner's loop with CuPy in place of NumPy: a kernel launch per tiny op."""
+    require_gpu()
+    import cupy
+
+    x, y, what = epoch_data
+    n = 1000
+    xs, ys = cupy.asarray(x[:n].astype(np.float64) / 255), y[:n]
+    net = NaiveMLP(SIZES, xp=cupy)
+    fn = (lambda: net.train_looped_minibatch(xs, ys, 0.1, 125)) if looped else \
+        (lambda: net.train_per_sample(xs, ys, 0.01))
+    pedantic(benchmark, gpu_sync(fn))
+    record(benchmark, n, data=what, impl="naive loop on CuPy" + (", batches of 125" if looped else ""))
+
+
+@pytest.mark.benchmark(group="epoch-gpu")
 def test_fastnn_per_sample_gpu(benchmark, epoch_data):
     require_gpu()
     x, y, what = epoch_data

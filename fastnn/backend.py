@@ -52,6 +52,15 @@ class Ops:
 
     def __init__(self, xp):
         self.xp = xp
+        self._consts: dict[tuple, object] = {}
+
+    def constant(self, kind: str, n: int, dtype):
+        """A cached read-only helper vector: ``"ones"`` (n,) of dtype, or ``"arange"`` (n,)."""
+        key = (kind, n, dtype)
+        c = self._consts.get(key)
+        if c is None:
+            c = self._consts[key] = self.xp.ones(n, dtype) if kind == "ones" else self.xp.arange(n)
+        return c
 
     # ----------------------------------------------------------------- memory
     def asarray(self, a, dtype=None):
@@ -220,9 +229,10 @@ class Ops:
 class NumpyOps(Ops):
     """NumPy backend: the generic kernels, with the hot ones rewritten in place.
 
-    Every override is a sequence of ufunc calls with ``out=`` that allocates
-    nothing, since at the sizes of an MNIST MLP the allocator and the extra
-    passes over memory cost as much as the arithmetic.
+    The overrides are sequences of ufunc calls with ``out=`` into preallocated
+    buffers, since at the sizes of an MNIST MLP the allocator and the extra passes
+    over memory cost as much as the arithmetic. The one exception is ``xent``,
+    which makes a few (B,)-sized temporaries (argmax, row maxima, row sums).
     """
 
     name = "cpu"
@@ -230,7 +240,6 @@ class NumpyOps(Ops):
     def __init__(self):
         super().__init__(np)
         self._scratch: dict[tuple, np.ndarray] = {}
-        self._ones: dict[tuple, np.ndarray] = {}
 
     def scratch(self, shape, dtype, slot: int = 0) -> np.ndarray:
         """A reusable work array of this shape and dtype (one per slot)."""
@@ -274,7 +283,7 @@ class NumpyOps(Ops):
 
     def sum_rows(self, d, out):
         # ones @ d runs as one BLAS GEMV: 3x faster than d.sum(axis=0) at B=128.
-        np.dot(self._ones_of(d.shape[0], d.dtype), d, out=out)
+        np.dot(self.constant("ones", d.shape[0], d.dtype), d, out=out)
 
     def act_backward(self, d, a, act):
         if act == "relu":
@@ -298,7 +307,7 @@ class NumpyOps(Ops):
         b, k = logits.shape
         if b == 1:
             return self._xent_one(logits[0], int(y[0]), grad, loss_out, correct_out)
-        rows = self._arange(b)
+        rows = self.constant("arange", b, None)
         am = logits.argmax(axis=1)
         m = logits[rows, am]  # the row maxima; cheaper than logits.max(axis=1)
         picked = logits[rows, y]
@@ -306,7 +315,7 @@ class NumpyOps(Ops):
         e = grad if grad is not None else self.scratch(logits.shape, logits.dtype)
         np.subtract(logits, m[:, None], out=e)
         np.exp(e, out=e)
-        s = np.dot(e, self._ones_of(k, e.dtype))  # row sums as one GEMV
+        s = np.dot(e, self.constant("ones", k, e.dtype))  # row sums as one GEMV
         if grad is not None:
             e *= np.divide(1.0 / b, s)[:, None]
             e[rows, y] -= 1.0 / b
@@ -316,18 +325,6 @@ class NumpyOps(Ops):
         m -= picked
         s += m
         loss_out[0] = s.sum()
-
-    def _arange(self, n):
-        r = self._ones.get(("arange", n))
-        if r is None:
-            r = self._ones["arange", n] = np.arange(n)
-        return r
-
-    def _ones_of(self, n, dtype):
-        ones = self._ones.get((n, dtype))
-        if ones is None:
-            ones = self._ones[n, dtype] = np.ones(n, dtype)
-        return ones
 
     def _xent_one(self, z, t, grad, loss_out, correct_out):
         # Per-sample training calls this 60000 times an epoch: the fewest NumPy calls.
@@ -370,22 +367,22 @@ class NumpyOps(Ops):
         step = int(t[0])
         c1 = 1.0 - b1 ** step
         c2 = 1.0 - b2 ** step
-        t = self.scratch(p.shape, p.dtype)
+        w = self.scratch(p.shape, p.dtype)
         m *= b1
-        np.multiply(g, 1.0 - b1, out=t)
-        m += t
+        np.multiply(g, 1.0 - b1, out=w)
+        m += w
         v *= b2
         np.square(g, out=g)
         g *= 1.0 - b2
         v += g
-        np.sqrt(v, out=t)
-        t *= 1.0 / np.sqrt(c2)
-        t += eps
-        np.divide(m, t, out=t)
+        np.sqrt(v, out=w)
+        w *= 1.0 / np.sqrt(c2)
+        w += eps
+        np.divide(m, w, out=w)  # w = m_hat / (sqrt(v_hat) + eps), up to the 1/c1 below
         if wd:
             p *= 1.0 - lr * wd
-        t *= lr / c1
-        p -= t
+        w *= lr / c1
+        p -= w
 
 
 _CPU = None

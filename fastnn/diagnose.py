@@ -227,13 +227,8 @@ def check_init(model, x) -> list[Finding]:
 
 def trial_run(model, x, y, lr, optimizer, batch_size, samples, momentum=0.9) -> list[Finding]:
     """Train a copy of the model on a few thousand samples and watch what happens."""
-    from .model import MLP
-
     out = []
-    trial = MLP(model.sizes, model.activation, model.loss, model.init, device=model.device,
-                dtype=model.dtype.name)
-    trial.input_scale, trial.input_shift = model.input_scale, model.input_shift
-    trial.set_params(model.get_params())
+    trial = model.clone()
     opt = make_optimizer(optimizer, trial, lr, momentum)
     idx = np.random.default_rng(3).permutation(len(y))[:samples]
     xd, yd = trial.to_device(np.asarray(x)[idx], y[idx])
@@ -244,9 +239,7 @@ def trial_run(model, x, y, lr, optimizer, batch_size, samples, momentum=0.9) -> 
         ws = trial.workspace(sel.shape[0])
         trial.load_batch(ws, xd, yd, sel)
         with np.errstate(all="ignore"):
-            trial.forward(ws)
-            trial.loss_and_delta(ws)
-            trial.backward(ws)
+            trial.forward_backward(ws)
             opt.step()
         loss = float(ops.to_host(ws.loss)[0]) / sel.shape[0]
         losses.append(loss)

@@ -84,10 +84,7 @@ def gradcheck(model, x, y, eps=1e-6, max_entries=50, seed=0) -> GradReport:
     A float64 copy of the model (same weights, CPU) is used, so a float32 or GPU
     model can be checked too.
     """
-    from .model import MLP
-
-    ref = MLP(model.sizes, model.activation, model.loss, model.init, device="cpu", dtype="float64")
-    ref.input_scale, ref.input_shift = model.input_scale, model.input_shift
+    ref = model.clone(device="cpu", dtype="float64")
 
     def loss_fn(params):
         ref.set_params(params)

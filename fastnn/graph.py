@@ -89,9 +89,7 @@ class GraphEpoch:
         m, ws, b = self.model, self.ws, self.batch
         self._stage(((b + 255) // 256,), (256,), (self.perm, self.counter, np.int32(b), self.idx))
         m.load_batch(ws, self.x, self.y, self.idx)
-        m.forward(ws)
-        m.loss_and_delta(ws)
-        m.backward(ws)
+        m.forward_backward(ws)
         self.opt.step()
         self._record((1,), (1,), (ws.loss, ws.correct, self.counter, self.losses, self.hits))
 
@@ -139,9 +137,7 @@ class GraphEpoch:
                 idx = self.perm[self.full * self.batch:]
                 ws = m.workspace(idx.shape[0])
                 m.load_batch(ws, self.x, self.y, idx)
-                m.forward(ws)
-                m.loss_and_delta(ws, self.losses[self.full:], self.hits[self.full:])
-                m.backward(ws)
+                m.forward_backward(ws, self.losses[self.full:], self.hits[self.full:])
                 opt.step()
                 if progress is not None:
                     progress(idx.shape[0])

@@ -180,10 +180,10 @@ class MLP:
                 raise DataError(f"labels must be in 0..{k - 1}, found values in {lo}..{hi}")
         return x, y
 
-    def to_device(self, x, y=None):
+    def to_device(self, x, y=None, name="x"):
         """Upload validated inputs once: uint8 pixels stay uint8 (the model's preprocessing
         scales each gathered batch), floats become the model dtype; labels become int32."""
-        x, y = self.check_inputs(x, y)
+        x, y = self.check_inputs(x, y, name)
         xd = self.ops.upload_images(x, self.dtype)
         yd = None if y is None else self.ops.asarray(y, np.int32)
         return xd, yd
@@ -242,21 +242,40 @@ class MLP:
                 ops.matmul(d, self.param_views[2 * l].T, out=ws.deltas[l - 1])
                 ops.act_backward(ws.deltas[l - 1], a_prev, self.acts[l - 1])
 
+    def forward_backward(self, ws: Workspace, loss_out=None, correct_out=None) -> None:
+        """The step before the update: forward, loss, backward of the batch in ``ws``.
+
+        The gradient of the batch-mean loss lands in the gradient arena; loss_out /
+        correct_out as in ``loss_and_delta``.
+        """
+        self.forward(ws)
+        self.loss_and_delta(ws, loss_out, correct_out)
+        self.backward(ws)
+
+    def clone(self, device=None, dtype=None) -> MLP:
+        """A new model with this one's configuration, preprocessing and weights."""
+        c = MLP(self.sizes, self.activation, self.loss, self.init, device=device or self.device,
+                dtype=dtype or self.dtype.name, seed=self.seed)
+        c.input_scale, c.input_shift, c.pixel_max = self.input_scale, self.input_shift, self.pixel_max
+        c.classes = self.classes
+        c.set_params(self.get_params())
+        return c
+
     # ------------------------------------------------------- public helpers
     def gradients(self, x, y):
         """Mean loss (float) and its gradients ``[dW1, db1, ...]`` (NumPy) on the batch (x, y)."""
         xd, yd = self.to_device(x, y)
         n = xd.shape[0]
-        ws = Workspace(self.ops, self.sizes, n, self.dtype)
+        ws = self.workspace(n)
         self.load_batch(ws, xd, yd, self.ops.xp.arange(n))
-        self.forward(ws)
-        self.loss_and_delta(ws)
-        self.backward(ws)
+        self.forward_backward(ws)
         loss = float(self.ops.to_host(ws.loss)[0]) / n
         return loss, [self.ops.to_host(g).copy() for g in self.grad_views]
 
     def _batches(self, x, y, batch_size):
-        xd, yd = self.to_device(x, y)
+        return self._batches_device(*self.to_device(x, y), batch_size)
+
+    def _batches_device(self, xd, yd, batch_size):
         n = xd.shape[0]
         idx_all = self.ops.xp.arange(n)
         for s in range(0, n, batch_size):
@@ -281,16 +300,20 @@ class MLP:
 
         Sums stay on the device until the end: one synchronisation for the whole set.
         """
-        xp = self.ops.xp
-        n_batches = -(-len(y) // batch_size)
+        return self.evaluate_device(*self.to_device(x, y), batch_size)
+
+    def evaluate_device(self, x_dev, y_dev, batch_size=10000) -> dict:
+        """``evaluate`` on data already uploaded by ``to_device`` (fit's validation set)."""
+        xp, n = self.ops.xp, y_dev.shape[0]
+        n_batches = -(-n // batch_size)
         losses = xp.zeros(n_batches, self.dtype)
         hits = xp.zeros(n_batches, np.int32)
-        for i, ws in enumerate(self._batches(x, y, batch_size)):
+        for i, ws in enumerate(self._batches_device(x_dev, y_dev, batch_size)):
             self.forward(ws)
             self.loss_and_delta(ws, losses[i:i + 1], hits[i:i + 1], want_grad=False)
         total = float(self.ops.to_host(losses.astype(np.float64).sum()))
         correct = int(self.ops.to_host(hits.sum()))
-        return {"loss": total / len(y), "accuracy": correct / len(y)}
+        return {"loss": total / n, "accuracy": correct / n}
 
     # --------------------------------------------------------------- saving
     def config(self) -> dict:

@@ -52,9 +52,7 @@ def train_epoch(model, opt: Optimizer, x_dev, y_dev, batch_size: int, rng, progr
         idx = perm[s * batch_size:(s + 1) * batch_size]
         ws = model.workspace(idx.shape[0])
         model.load_batch(ws, x_dev, y_dev, idx)
-        model.forward(ws)
-        model.loss_and_delta(ws, losses[s:s + 1], hits[s:s + 1])
-        model.backward(ws)
+        model.forward_backward(ws, losses[s:s + 1], hits[s:s + 1])
         opt.step()
         if progress is not None:
             progress(idx.shape[0])
@@ -95,8 +93,7 @@ def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentu
     if patience is not None and x_val is None:
         raise ConfigError("early stopping (patience) needs validation data")
     x_dev, y_dev = model.to_device(x, y)
-    if x_val is not None:
-        model.check_inputs(x_val, y_val, name="x_val")
+    val_dev = None if x_val is None else model.to_device(x_val, y_val, name="x_val")  # once, not per epoch
     opt = optimizer if isinstance(optimizer, Optimizer) else make_optimizer(
         optimizer, model, lr, momentum, weight_decay)
     base_lr = opt.lr
@@ -111,7 +108,7 @@ def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentu
             rec.update(train_epoch(model, opt, x_dev, y_dev, int(batch_size), rng, progress, graph))
         rec["samples_per_s"] = x_dev.shape[0] / rec["seconds"]
         if x_val is not None:
-            val = model.evaluate(x_val, y_val)
+            val = model.evaluate_device(*val_dev)
             rec["val_loss"], rec["val_accuracy"] = val["loss"], val["accuracy"]
         else:
             rec["val_loss"] = rec["val_accuracy"] = None

@@ -111,7 +111,7 @@ def test_every_mirror_failing_is_one_message(server, tmp_path):
     with pytest.raises(DataError) as info:
         download([server + "/x/a.gz", server + "/y/a.gz"], tmp_path / "a.gz", "0" * 32, progress=False)
     msg = str(info.value)
-    assert msg.count("404") == 2 and "/x/a.gz" in msg and "/y/a.gz" in msg
+    assert msg.count("HTTP Error 404") == 2 and "/x/a.gz" in msg and "/y/a.gz" in msg
 
 
 def test_named_dataset_downloads_into_the_cache_and_reuses_it(server, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 training diverged; 2 bad flags, bad data or a bad file
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -186,6 +187,11 @@ class Output:
             self.metrics.write(json.dumps(obj) + "\n")
             self.metrics.flush()
 
+    def finding(self, f, **where):
+        """Print a doctor's finding (even with --quiet) and file it in the metrics."""
+        print(f)
+        self.record({"type": "finding", **where, **dataclasses.asdict(f)})
+
     def progress(self, epoch, epochs, total):
         """A callable for fit's progress hook, or None when no bar is shown."""
         if self.quiet or not sys.stdout.isatty():
@@ -240,9 +246,7 @@ def run_train(argv=None, doctor_only=False) -> int:
                             optimizer=cfg["optimizer"], batch_size=1 if cfg["per_sample"] else cfg["batch_size"])
         print(f"doctor: {len(findings)} finding(s)" if findings else "doctor: no problems found")
         for f in findings:
-            print(f)
-            out.record({"type": "finding", "code": f.code, "severity": f.severity, "evidence": f.evidence,
-                        "fix": f.fix})
+            out.finding(f)
         if doctor_only:
             out.close()
             return 1 if any(f.severity == "error" for f in findings) else 0
@@ -265,9 +269,7 @@ def run_train(argv=None, doctor_only=False) -> int:
                 f"acc {rec['val_accuracy']:.4f}  {rec['seconds']:.2f} s  "
                 f"{rec['samples_per_s']:,.0f} samples/s")
         for f in monitor(rec) if monitor else []:
-            print(f)
-            out.record({"type": "finding", "epoch": rec["epoch"], "code": f.code, "severity": f.severity,
-                        "evidence": f.evidence, "fix": f.fix})
+            out.finding(f, epoch=rec["epoch"])
         if args.checkpoint_dir:
             checkpoint.save_checkpoint(args.checkpoint_dir, model, opt, rec["epoch"], rng, cfg, history)
         if rec["epoch"] < cfg["epochs"]:

@@ -53,9 +53,12 @@ class FastnnEpoch:
         self.batch, self.rng = batch, np.random.default_rng(0)
         self.graph = None
         if cuda_graph:
-            from fastnn.graph import GraphEpoch
+            from functools import partial
 
-            self.graph = GraphEpoch(self.model, self.opt, self.x, self.y, batch)
+            from fastnn.backends.cuda_graph import CapturedStep
+
+            step = partial(fastnn.train_step, self.model, self.opt, self.x, self.y)
+            self.graph = CapturedStep(step, self.model, self.opt, n, batch)
 
     def __call__(self):  # syncs at the end, when it reads the loss
         fastnn.train_epoch(self.model, self.opt, self.x, self.y, self.batch, self.rng, graph=self.graph)
@@ -188,7 +191,7 @@ class GemmsOfEpoch:
 
     def __call__(self):
         m, ws, dot = self.m, self.ws, np.dot
-        W, G = m.param_views[0::2], m.grad_views[0::2]
+        W, G = m.W, m.gW
         for _ in range(self.steps):
             a = ws.x
             for l, w in enumerate(W):

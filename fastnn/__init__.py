@@ -8,18 +8,19 @@
 """
 
 from . import datasets
-from .backend import NumpyOps, Ops, cuda_status, get_ops, set_tf32
+from .backends import NumpyOps, Ops, cuda_status, get_ops, set_tf32
 from .diagnose import EpochMonitor, Finding, diagnose
-from .errors import ConfigError, DataError, DeviceError, FastnnError
+from .errors import ConfigError, DataError, DeviceError, DivergedError, FastnnError
 from .gradcheck import GradReport, check_gradients, gradcheck
 from .model import MLP
 from .optim import SGD, Adam, Momentum, Optimizer, make_optimizer
-from .train import DivergedError, fit, train_epoch
+from .preprocessing import Preprocessing
+from .train import fit, train_epoch, train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MLP", "fit", "train_epoch", "datasets",
+    "MLP", "Preprocessing", "fit", "train_epoch", "train_step", "datasets",
     "diagnose", "Finding", "EpochMonitor", "gradcheck", "check_gradients", "GradReport",
     "Ops", "NumpyOps", "get_ops", "cuda_status", "set_tf32",
     "Optimizer", "SGD", "Momentum", "Adam", "make_optimizer",

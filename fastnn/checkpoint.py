@@ -3,21 +3,22 @@
 A checkpoint is ``<dir>/ckpt-epoch-NNNN.npz`` holding the parameter arena, the
 optimizer state, the epoch, the NumPy RNG state, the run's configuration and
 its history. Each is written to a temporary file, fsynced and renamed into
-place (``model.atomic_savez``); the previous checkpoint is deleted only after
+place (``npzfile``); the previous checkpoint is deleted only after
 the new one is complete, so a crash or SIGKILL at any moment leaves at least
 one loadable checkpoint. ``load_latest`` skips corrupt files with a warning.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from . import npzfile
 from .errors import DataError
-from .model import atomic_savez, read_npz
+from .model import MLP
+from .optim import Optimizer
 
 PATTERN = re.compile(r"^ckpt-epoch-(\d{4,})\.npz$")
 KEEP = 2
@@ -32,17 +33,17 @@ def checkpoint_files(folder) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def save_checkpoint(folder, model, opt, epoch: int, rng, config: dict, history: list) -> Path:
+def save_checkpoint(folder, model: MLP, opt: Optimizer, epoch: int, rng: np.random.Generator,
+                    config: dict, history: list) -> Path:
     """Write the full state after ``epoch``; keep the newest ``KEEP`` checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"epoch": epoch, "rng": rng.bit_generator.state, "config": config,
-            "model": model.config(), "history": history, "format": "fastnn-checkpoint"}
+            "model": model.config(), "history": history}
     arrays = {"params": model.ops.to_host(model.params)}
     arrays.update({f"opt_{k}": v for k, v in opt.state_dict().items()})
-    arrays["meta"] = np.frombuffer(json.dumps(meta, default=float).encode(), np.uint8)
     path = folder / f"ckpt-epoch-{epoch:04d}.npz"
-    atomic_savez(path, arrays)
+    npzfile.save(path, "fastnn-checkpoint", meta, arrays)
     for old in checkpoint_files(folder)[KEEP:]:
         old.unlink(missing_ok=True)
     return path
@@ -50,16 +51,13 @@ def save_checkpoint(folder, model, opt, epoch: int, rng, config: dict, history: 
 
 def read_checkpoint(path) -> dict:
     """Load one checkpoint file -> ``{"meta", "params", "opt"}``; DataError if unusable."""
-    arrays = read_npz(path)
+    meta, arrays = npzfile.load(path, "fastnn-checkpoint", "checkpoint")
     try:
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
-        if meta.get("format") != "fastnn-checkpoint":
-            raise ValueError("not a fastnn checkpoint")
         params = arrays.pop("params")
         opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}
         if "steps" not in opt or params.ndim != 1:
             raise ValueError("incomplete state")
-    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+    except (KeyError, ValueError) as exc:
         raise DataError(f"{path}: not a valid checkpoint ({exc})") from None
     return {"meta": meta, "params": params, "opt": opt, "path": Path(path)}
 
@@ -77,7 +75,7 @@ def load_latest(folder, warn=print) -> dict:
     raise DataError(f"{folder}: every checkpoint is corrupt")
 
 
-def restore(state: dict, model, opt, rng) -> None:
+def restore(state: dict, model: MLP, opt: Optimizer, rng: np.random.Generator) -> None:
     """Put a loaded checkpoint's parameters, optimizer state and RNG state back."""
     if state["params"].shape != model.params.shape:
         raise DataError(f"{state['path']}: the checkpoint's parameters do not fit this network")

@@ -11,19 +11,20 @@ import dataclasses
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, checkpoint, datasets
-from .backend import ACTIVATIONS, set_tf32
+from .backends import ACTIVATIONS, DEVICES, set_tf32
 from .diagnose import EpochMonitor, diagnose
-from .errors import FastnnError
+from .errors import ConfigError, DataError, DivergedError, FastnnError
 from .model import INITS, LOSSES, MLP
-from .optim import OPTIMIZERS, make_optimizer
+from .optim import OPTIMIZERS, Optimizer, make_optimizer
 from .report import confusion_matrix, format_report, write_plots
-from .train import DivergedError, fit
+from .train import LR_SCHEDULES, fit
 
 DEFAULTS = {
     "dataset": "fashion-mnist", "hidden": "256,128", "activation": "relu", "loss": "xent",
@@ -84,56 +85,73 @@ def _nonneg_float(text):
     return v
 
 
-def train_parser(prog="fastnn train") -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description="Train an MLP on MNIST-like data (defaults: "
-                      "Fashion-MNIST, 784-256-128-10 relu, Adam, cosine schedule, 20 epochs).")
+TRAIN_HELP = ("Train an MLP on MNIST-like data and report its test accuracy (defaults: Fashion-MNIST, "
+              "784-256-128-10 relu, Adam, cosine schedule, 20 epochs).")
+DOCTOR_HELP = ("Check data, initialisation, gradients and a short trial run on a copy of the network, "
+               "and explain what would keep it from learning. Exit status 1 when it finds an error.")
+# Flags of a training run that the doctor has no use for: it refuses them.
+TRAIN_ONLY = {"--epochs", "--lr-schedule", "--patience", "--cuda-graph", "--tf32", "--doctor", "--quiet",
+              "--save", "--checkpoint-dir", "--resume", "--plots"}
+
+
+def train_parser(prog="fastnn train", doctor=False) -> argparse.ArgumentParser:
+    """The flags of ``fastnn train`` (``doctor=True``: of ``fastnn doctor``, without the training-only ones)."""
+    p = OneLineParser(prog=prog, description=DOCTOR_HELP if doctor else TRAIN_HELP)
     S = argparse.SUPPRESS  # absent flags stay absent, so presets and checkpoints can fill them
+
+    def add(group, flag, help=None, **kw):
+        if doctor and flag in TRAIN_ONLY:
+            return
+        key = flag[2:].replace("-", "_")
+        if kw.get("default", 0) is S and DEFAULTS.get(key) is not None and kw.get("action") != "store_true":
+            help = f"{help + ' ' if help else ''}(default: {DEFAULTS[key]})"
+        group.add_argument(flag, help=help, **kw)
+
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=S, help="mnist, fashion-mnist, kmnist, a folder, or an .npz")
-    g.add_argument("--data-dir", default=S, help="folder searched first for named data sets")
-    g.add_argument("--train", default=S, help="training file (CSV or IDX images); with --test")
-    g.add_argument("--test", default=S, help="test file (CSV or IDX images); with --train")
-    g.add_argument("--allow-pickle", action="store_true", default=S,
-                   help="allow loading pickled images/labels (pickle can run arbitrary code)")
-    g.add_argument("--no-download", dest="download", action="store_false", default=S)
-    g.add_argument("--standardize", action="store_true", default=S,
-                   help="scale inputs to mean 0, std 1 (statistics of the training split)")
-    g.add_argument("--limit", type=_positive(int), default=S, help="use the first N training samples")
+    add(g, "--dataset", "mnist, fashion-mnist, kmnist, a folder, or an .npz", default=S)
+    add(g, "--data-dir", "folder searched first for named data sets", default=S)
+    add(g, "--train", "training file (CSV or IDX images); with --test", default=S)
+    add(g, "--test", "test file (CSV or IDX images); with --train", default=S)
+    add(g, "--allow-pickle", "allow loading pickled images/labels (pickle can run arbitrary code)",
+        action="store_true", default=S)
+    add(g, "--no-download", "never download a named data set", dest="download", action="store_false", default=S)
+    add(g, "--standardize", "scale inputs to mean 0, std 1 (statistics of the training split)",
+        action="store_true", default=S)
+    add(g, "--limit", "use the first N training samples", type=_positive(int), default=S)
     g = p.add_argument_group("network")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=S,
-                   help="seed1/seed2: the networks of the two questions in the README, done right")
-    g.add_argument("--hidden", type=_hidden, default=S, help="hidden widths, e.g. 128,64")
-    g.add_argument("--activation", choices=ACTIVATIONS, default=S)
-    g.add_argument("--loss", choices=LOSSES, default=S)
-    g.add_argument("--init", choices=INITS, default=S)
-    g.add_argument("--dtype", choices=["float32", "float64"], default=S)
+    add(g, "--preset", "seed1/seed2: the networks of the two questions in the README, done right",
+        choices=sorted(PRESETS), default=S)
+    add(g, "--hidden", "hidden widths, e.g. 128,64", type=_hidden, default=S)
+    add(g, "--activation", choices=ACTIVATIONS, default=S)
+    add(g, "--loss", choices=LOSSES, default=S)
+    add(g, "--init", "(default: he for relu, xavier otherwise)", choices=INITS, default=S)
+    add(g, "--dtype", choices=["float32", "float64"], default=S)
     g = p.add_argument_group("training")
-    g.add_argument("--device", choices=["auto", "cpu", "gpu"], default=S)
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S)
-    g.add_argument("--lr", type=_positive(float), default=S)
-    g.add_argument("--momentum", type=_nonneg_float, default=S)
-    g.add_argument("--weight-decay", type=_nonneg_float, default=S)
-    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default=S)
-    g.add_argument("--batch-size", type=_positive(int), default=S)
-    g.add_argument("--epochs", type=_positive(int), default=S)
-    g.add_argument("--per-sample", action="store_true", default=S,
-                   help="batch size 1: an update after every sample")
-    g.add_argument("--patience", type=_positive(int), default=S,
-                   help="early stopping: stop after N epochs without a better test loss, keep the best")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--cuda-graph", action="store_true", default=S,
-                   help="GPU: capture one training step as a CUDA graph and replay it per batch")
-    g.add_argument("--tf32", action="store_true", default=S,
-                   help="GPU: allow TF32 tensor cores for float32 GEMMs (faster, less exact)")
+    add(g, "--device", "auto: the GPU when one is usable", choices=DEVICES, default=S)
+    add(g, "--optimizer", choices=OPTIMIZERS, default=S)
+    add(g, "--lr", type=_positive(float), default=S)
+    add(g, "--momentum", type=_nonneg_float, default=S)
+    add(g, "--weight-decay", type=_nonneg_float, default=S)
+    add(g, "--lr-schedule", choices=LR_SCHEDULES, default=S)
+    add(g, "--batch-size", type=_positive(int), default=S)
+    add(g, "--epochs", type=_positive(int), default=S)
+    add(g, "--per-sample", "batch size 1: an update after every sample", action="store_true", default=S)
+    add(g, "--patience", "early stopping: stop after N epochs without a better test loss, keep the best",
+        type=_positive(int), default=S)
+    add(g, "--seed", type=int, default=S)
+    add(g, "--cuda-graph", "GPU: capture one training step as a CUDA graph and replay it per batch",
+        action="store_true", default=S)
+    add(g, "--tf32", "GPU: allow TF32 tensor cores for float32 GEMMs (faster, less exact)",
+        action="store_true", default=S)
     g = p.add_argument_group("output")
-    g.add_argument("--doctor", action="store_true",
-                   help="check data, initialisation, gradients and a trial run first, and watch every epoch")
-    g.add_argument("--quiet", action="store_true", help="only the final result")
-    g.add_argument("--metrics", help="write one JSON object per epoch to this .jsonl file")
-    g.add_argument("--save", help="save the trained model (.npz) here")
-    g.add_argument("--checkpoint-dir", help="write the full training state here after every epoch")
-    g.add_argument("--resume", metavar="DIR", help="continue from the last complete checkpoint in DIR")
-    g.add_argument("--plots", metavar="DIR", help="write curves, confusion matrix, misclassified images")
+    add(g, "--doctor", "check data, initialisation, gradients and a trial run first, and watch every epoch",
+        action="store_true")
+    add(g, "--quiet", "only the final result", action="store_true")
+    add(g, "--metrics", "write one JSON object per epoch (and per finding) to this .jsonl file")
+    add(g, "--save", "save the trained model (.npz) here")
+    add(g, "--checkpoint-dir", "write the full training state here after every epoch")
+    add(g, "--resume", "continue from the last complete checkpoint in DIR", metavar="DIR")
+    add(g, "--plots", "write curves, confusion matrix, misclassified images", metavar="DIR")
     return p
 
 
@@ -151,8 +169,10 @@ def resolve_config(args, stored=None) -> dict:
     cfg["preset"] = preset
     if isinstance(cfg["hidden"], str):
         cfg["hidden"] = _hidden(cfg["hidden"])
+    if cfg["per_sample"]:
+        cfg["batch_size"] = 1  # resolved here, once: every later step reads batch_size
     if (cfg["train"] is None) != (cfg["test"] is None):
-        raise FastnnError("--train and --test go together")
+        raise ConfigError("--train and --test go together")
     return cfg
 
 
@@ -215,50 +235,44 @@ class Output:
             self.metrics.close()
 
 
-def run_train(argv=None, doctor_only=False) -> int:
-    args = train_parser("fastnn doctor" if doctor_only else "fastnn train").parse_args(argv)
-    if args.save and not Path(args.save).resolve().parent.is_dir():  # say so now, not after training
-        raise FastnnError(f"{args.save}: the folder to save the model in does not exist")
-    state = None
-    if args.resume:
-        state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))
-        args.checkpoint_dir = args.checkpoint_dir or args.resume
-    cfg = resolve_config(args, state["meta"]["config"] if state else None)
-    set_tf32(cfg["tf32"])
-    ds = load_data(cfg)
-    n_in, k = ds.train_images.shape[1], len(ds.classes)
-    model = MLP([n_in, *cfg["hidden"], k], cfg["activation"], cfg["loss"], cfg["init"],
-                device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"])
-    model.input_scale, model.input_shift, model.pixel_max = ds.scale, ds.shift, ds.pixel_max
-    model.classes = ds.classes
+def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Optimizer, np.random.Generator]:
+    """The network, its optimizer and the batch-order RNG for a run; a resumed run's state put back."""
+    model = MLP([ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], cfg["activation"], cfg["loss"],
+                cfg["init"], device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"])
+    model.preprocessing, model.classes = ds.preprocessing, ds.classes
     opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     rng = np.random.default_rng(cfg["seed"])
-    history, start = [], 1
     if state:
         checkpoint.restore(state, model, opt, rng)
-        history = state["meta"]["history"]
-        start = state["meta"]["epoch"] + 1
-    out = Output(args.quiet, args.metrics, append=bool(state))
+    return model, opt, rng
+
+
+def run_doctor(cfg, ds, model, out) -> list:
+    """Print and file the doctor's findings before training."""
     xtr, xte = _inputs(ds, ds.train_images), _inputs(ds, ds.test_images)
-    monitor = None
-    if args.doctor or doctor_only:
-        findings = diagnose(model, xtr, ds.train_labels, xte, ds.test_labels, lr=cfg["lr"],
-                            optimizer=cfg["optimizer"], batch_size=1 if cfg["per_sample"] else cfg["batch_size"])
-        print(f"doctor: {len(findings)} finding(s)" if findings else "doctor: no problems found")
-        for f in findings:
-            out.finding(f)
-        if doctor_only:
-            out.close()
-            return 1 if any(f.severity == "error" for f in findings) else 0
-        monitor = EpochMonitor(model, xte, ds.test_labels)
+    findings = diagnose(model, xtr, ds.train_labels, xte, ds.test_labels, lr=cfg["lr"],
+                        optimizer=cfg["optimizer"], batch_size=cfg["batch_size"])
+    print(f"doctor: {len(findings)} finding(s)" if findings else "doctor: no problems found")
+    for f in findings:
+        out.finding(f)
+    return findings
+
+
+def announce(cfg, ds, model, out, resumed_after) -> None:
+    """The run's configuration: a line on screen, a record in the metrics."""
     out.record({"type": "config", **cfg, "sizes": list(model.sizes), "device": model.device,
                 "classes": ds.classes, "source": ds.source, "n_train": len(ds.train_labels),
-                "n_test": len(ds.test_labels), "resumed_from_epoch": start - 1 if state else None,
-                "fastnn": __version__})
+                "n_test": len(ds.test_labels), "resumed_from_epoch": resumed_after, "fastnn": __version__})
     out.say(f"fastnn {__version__}: {ds.name} ({len(ds.train_labels)} train / {len(ds.test_labels)} test), "
             f"network {'-'.join(map(str, model.sizes))} {cfg['activation']}/{cfg['loss']}, "
-            f"{cfg['optimizer']} lr {cfg['lr']:g}, batch {1 if cfg['per_sample'] else cfg['batch_size']}, "
-            f"device {model.device}" + (f", resuming after epoch {start - 1}" if state else ""))
+            f"{cfg['optimizer']} lr {cfg['lr']:g}, batch {cfg['batch_size']}, device {model.device}"
+            + (f", resuming after epoch {resumed_after}" if resumed_after is not None else ""))
+
+
+def train(args, cfg, ds, model, opt, rng, out, history, start) -> int | None:
+    """Train, printing, checkpointing and watching each epoch. An exit status if it stopped early."""
+    xtr, xte = _inputs(ds, ds.train_images), _inputs(ds, ds.test_images)
+    monitor = EpochMonitor(model, xte, ds.test_labels) if args.doctor else None
 
     def on_epoch(rec):
         out.close_bar()
@@ -266,8 +280,7 @@ def run_train(argv=None, doctor_only=False) -> int:
         out.record({"type": "epoch", **rec})
         out.say(f"epoch {rec['epoch']:3d}/{cfg['epochs']}  train loss {rec['train_loss']:.4f} "
                 f"acc {rec['train_accuracy']:.4f}  test loss {rec['val_loss']:.4f} "
-                f"acc {rec['val_accuracy']:.4f}  {rec['seconds']:.2f} s  "
-                f"{rec['samples_per_s']:,.0f} samples/s")
+                f"acc {rec['val_accuracy']:.4f}  {rec['seconds']:.2f} s  {rec['samples_per_s']:,.0f} samples/s")
         for f in monitor(rec) if monitor else []:
             out.finding(f, epoch=rec["epoch"])
         if args.checkpoint_dir:
@@ -277,20 +290,16 @@ def run_train(argv=None, doctor_only=False) -> int:
         return False
 
     bar_hook = [out.progress(start, cfg["epochs"], len(xtr))]
-    t0 = time.perf_counter()
     try:
-        fit(model, xtr, ds.train_labels, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-            lr=cfg["lr"], optimizer=opt, per_sample=cfg["per_sample"], x_val=xte, y_val=ds.test_labels,
-            lr_schedule=cfg["lr_schedule"], patience=cfg["patience"], on_epoch=on_epoch,
-            progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start,
+        fit(model, xtr, ds.train_labels, epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=opt,
+            x_val=xte, y_val=ds.test_labels, lr_schedule=cfg["lr_schedule"], patience=cfg["patience"],
+            on_epoch=on_epoch, progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start,
             cuda_graph=cfg["cuda_graph"] and model.device == "gpu")
     except DivergedError as exc:
-        out.close()
         where = f"; the last good checkpoint is in {args.checkpoint_dir}" if args.checkpoint_dir else ""
         print(f"training stopped: {exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        out.close()
         msg = "interrupted"
         if args.checkpoint_dir and checkpoint.checkpoint_files(args.checkpoint_dir):
             last = history[-1]["epoch"] if history else 0
@@ -300,12 +309,15 @@ def run_train(argv=None, doctor_only=False) -> int:
             msg += f"; current weights saved to {args.save}"
         print(msg, file=sys.stderr)
         return 130
-    seconds = time.perf_counter() - t0
-    pred = model.predict(xte)
-    cm = confusion_matrix(ds.test_labels, pred, k)
+    return None
+
+
+def report(args, ds, model, out, history, seconds) -> None:
+    """Test accuracy (the test set is predicted once, here), per-class report, model, plots."""
+    pred = model.predict(_inputs(ds, ds.test_images))
+    cm = confusion_matrix(ds.test_labels, pred, len(ds.classes))
     acc = float(np.trace(cm)) / cm.sum()
-    out.record({"type": "result", "test_accuracy": acc, "train_seconds": seconds,
-                "confusion_matrix": cm.tolist()})
+    out.record({"type": "result", "test_accuracy": acc, "train_seconds": seconds, "confusion_matrix": cm.tolist()})
     out.say()
     out.say(format_report(cm, ds.classes))
     print(f"test accuracy {acc:.4f} after {len(history)} epochs ({seconds:.1f} s)")
@@ -314,19 +326,66 @@ def run_train(argv=None, doctor_only=False) -> int:
         out.say(f"model saved to {args.save}")
     if args.plots:
         files = write_plots(args.plots, history, cm, ds.classes, ds.test_images, ds.test_labels, pred,
-                            side=int(round(math.sqrt(n_in))))
+                            side=int(round(math.sqrt(ds.test_images.shape[1]))))
         out.say("plots: " + ", ".join(map(str, files)))
-    out.close()
-    return 0
+
+
+def run_train(argv=None, doctor_only=False) -> int:
+    """``fastnn train`` (or, with doctor_only, ``fastnn doctor``): the whole run, step by step."""
+    args = train_parser("fastnn doctor" if doctor_only else "fastnn train", doctor=doctor_only).parse_args(argv)
+    for key in ("doctor", "quiet", "save", "checkpoint_dir", "resume", "plots"):  # output flags the doctor lacks
+        args.__dict__.setdefault(key, None)
+    if args.save and not Path(args.save).resolve().parent.is_dir():  # say so now, not after training
+        raise ConfigError(f"{args.save}: the folder to save the model in does not exist")
+    state = None
+    if args.resume:
+        state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))
+        args.checkpoint_dir = args.checkpoint_dir or args.resume
+    cfg = resolve_config(args, state["meta"]["config"] if state else None)
+    set_tf32(cfg["tf32"])
+    ds = load_data(cfg)
+    model, opt, rng = build(cfg, ds, state)
+    out = Output(args.quiet, args.metrics, append=bool(state))
+    try:
+        if doctor_only or args.doctor:
+            findings = run_doctor(cfg, ds, model, out)
+            if doctor_only:
+                return 1 if any(f.severity == "error" for f in findings) else 0
+        history = state["meta"]["history"] if state else []
+        start = state["meta"]["epoch"] + 1 if state else 1
+        announce(cfg, ds, model, out, start - 1 if state else None)
+        t0 = time.perf_counter()
+        stopped = train(args, cfg, ds, model, opt, rng, out, history, start)
+        if stopped is not None:
+            return stopped
+        report(args, ds, model, out, history, time.perf_counter() - t0)
+        return 0
+    finally:
+        out.close()
+
+
+PREDICT_HELP = "Classify images with a saved model (the model's preprocessing is applied to them)."
+COMMANDS = {"train": TRAIN_HELP, "predict": PREDICT_HELP, "doctor": DOCTOR_HELP}
 
 
 def predict_parser(prog="fastnn predict"):
-    p = OneLineParser(prog=prog, description="Classify images with a saved model.")
+    p = OneLineParser(prog=prog, description=PREDICT_HELP)
     p.add_argument("model", help="a model saved with --save")
     p.add_argument("inputs", nargs="+", help="IDX image files, CSV files, or PNG images")
     p.add_argument("--invert", action="store_true", help="invert pixels (dark ink on light paper)")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="(default: cpu)")
     return p
+
+
+def usage() -> str:
+    """``fastnn --help``: the commands."""
+    lines = ["usage: fastnn [COMMAND] [FLAGS]", "", "commands:"]
+    lines += [textwrap.fill(text, 88, initial_indent=f"  {name:<9}", subsequent_indent=" " * 11)
+              for name, text in COMMANDS.items()]
+    lines += ["", "With no command, fastnn trains. 'fastnn COMMAND --help' lists a command's flags;",
+              "'fastnn --version' prints the version. Exit status: 0 done, 1 training diverged (or the",
+              "doctor found an error), 2 bad flag, data or file, 130 interrupted."]
+    return "\n".join(lines)
 
 
 def run_predict(argv=None) -> int:
@@ -337,7 +396,7 @@ def run_predict(argv=None) -> int:
         images, labels = datasets.read_images(path)
         images = datasets.flatten_images(images, path)
         if images.shape[1] != model.sizes[0]:
-            raise FastnnError(f"{path}: images have {images.shape[1]} pixels, the model expects "
+            raise DataError(f"{path}: images have {images.shape[1]} pixels, the model expects "
                               f"{model.sizes[0]}")
         if args.invert:
             images = (255 - images) if images.dtype == np.uint8 or images.max() > 1 else 1.0 - images
@@ -352,7 +411,13 @@ def run_predict(argv=None) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv[0] if argv and argv[0] in ("train", "predict", "doctor") else None
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return 0
+    if argv[:1] == ["--version"]:
+        print(f"fastnn {__version__}")
+        return 0
+    cmd = argv[0] if argv and argv[0] in COMMANDS else None
     if cmd:
         argv = argv[1:]
     try:

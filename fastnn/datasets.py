@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import npzfile
 from .errors import DataError
+from .preprocessing import Preprocessing
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -77,9 +79,9 @@ class Dataset:
 
     train_images / test_images: (N, D) raw pixels, uint8 (0..255) or float32;
     train_labels / test_labels: (N,) int64 in 0..K-1; classes: K names;
-    scale, shift: the preprocessing ``x * scale + shift``, derived from the
-    training split; pixel_max: 255 for raw pixels, 1 for images already in [0, 1];
-    source: where each file came from.
+    preprocessing: how raw pixels become network inputs (``x * scale + shift``
+    for pixels of range pixel_max: 255 for raw pixels, 1 for images already in
+    [0, 1]), derived from the training split; source: where each file came from.
     """
 
     name: str
@@ -88,14 +90,12 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     classes: list
-    scale: float = 1.0
-    shift: float = 0.0
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     source: dict = field(default_factory=dict)
-    pixel_max: float = 255.0  # the raw pixel range the preprocessing applies to: 255 or 1
 
     def preprocess(self, images) -> np.ndarray:
-        """Raw images (N, D) -> float32 network inputs, ``images * scale + shift``."""
-        return (np.asarray(images, np.float32) * np.float32(self.scale) + np.float32(self.shift))
+        """Raw images (N, D) of this data set's pixel range -> float32 network inputs."""
+        return self.preprocessing.from_raw(images, np.float32, pixel_max=self.preprocessing.pixel_max)
 
     @property
     def x_train(self) -> np.ndarray:
@@ -119,11 +119,11 @@ class Dataset:
         """A copy holding only the first n_train / n_test samples (same preprocessing)."""
         return Dataset(self.name, self.train_images[:n_train], self.train_labels[:n_train],
                        self.test_images[:n_test], self.test_labels[:n_test], self.classes,
-                       self.scale, self.shift, dict(self.source), self.pixel_max)
+                       self.preprocessing, dict(self.source))
 
 
-def fit_preprocessing(train, test, standardize=False, train_name="train", test_name="test"):
-    """Derive ``(scale, shift, pixel_max)`` from the training images; check the test images match.
+def fit_preprocessing(train, test, standardize=False, train_name="train", test_name="test") -> Preprocessing:
+    """Derive the preprocessing from the training images; check the test images match.
 
     uint8 (or integral 0..255) pixels get ``scale = 1/255``; floats already in [0, 1]
     keep ``scale = 1`` (never rescaled twice). ``standardize`` then maps the
@@ -153,7 +153,7 @@ def fit_preprocessing(train, test, standardize=False, train_name="train", test_n
         if std == 0:
             raise DataError(f"{train_name}: every pixel has the same value; cannot standardize")
         scale, shift = scale / std, -mean / std
-    return scale, shift, k_train
+    return Preprocessing(scale, shift, k_train)
 
 
 def finish(name, train_images, train_labels, test_images, test_labels, classes, source,
@@ -174,9 +174,8 @@ def finish(name, train_images, train_labels, test_images, test_labels, classes, 
         if int(y.max()) >= len(classes):
             raise DataError(f"{source.get(split, split)}: labels outside 0..{len(classes) - 1} "
                             f"(found {int(y.max())})")
-    scale, shift, pixel_max = fit_preprocessing(train_images, test_images, standardize, tr, te)
-    return Dataset(name, train_images, train_labels, test_images, test_labels, list(classes),
-                   scale, shift, dict(source), pixel_max)
+    prep = fit_preprocessing(train_images, test_images, standardize, tr, te)
+    return Dataset(name, train_images, train_labels, test_images, test_labels, list(classes), prep, dict(source))
 
 
 def flatten_images(images, where) -> np.ndarray:
@@ -326,9 +325,7 @@ def _is_number(s: str) -> bool:
 
 def read_npz(path):
     """An ``.npz`` with x_train, y_train, x_test, y_test -> those four arrays."""
-    from .model import read_npz as _read
-
-    arrays = _read(path)
+    arrays = npzfile.read_npz(path)
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"{path}: missing arrays {', '.join(missing)} "

@@ -6,10 +6,11 @@ gradients, and returns ``Finding``s, each with a stable ``code``, a ``severity``
 (info, warning, error), the ``evidence`` (numbers) and the likely ``fix``:
 
 unscaled-inputs, train-test-mismatch, bad-labels, saturated-units, dead-units,
-bad-init, collapsed-predictions, loss-at-chance, no-weight-change, non-finite,
-gradient-mismatch.
+bad-init, collapsed-predictions, loss-at-chance, no-weight-change, update-too-large,
+non-finite, gradient-mismatch.
 
-``EpochMonitor`` repeats the cheap checks after every epoch of a real run.
+Every check looks at the network through the model's own forward pass, run on a
+float64 CPU clone. ``EpochMonitor`` repeats the cheap checks after every epoch.
 """
 
 from __future__ import annotations
@@ -21,9 +22,26 @@ import numpy as np
 
 from .errors import DataError
 from .gradcheck import check_gradients, gradcheck
+from .model import MLP
 from .optim import make_optimizer
+from .train import train_step
 
 SEVERITIES = ("info", "warning", "error")
+
+# Thresholds, each with the reason for its value.
+INPUT_LIMIT_ERROR = 20.0  # |input| past 20: far outside the unit scale standard inits assume (0..255 pixels)
+INPUT_LIMIT_WARNING = 1.5  # non-negative inputs past 1.5: pixels not divided by 255, or divided by too little
+RANGE_RATIO = (0.2, 5.0)  # test/training range ratio outside this: another scaling, not sampling noise
+MEAN_SHIFT_STDS = 0.5  # test mean over half a training std from the training mean: another preprocessing
+SATURATION = 0.01  # sigmoid within 0.01 of 0 or 1, tanh within 0.01 of -1 or 1: slope under 0.01
+SATURATED_SHARE = 0.5  # over half of a layer's outputs saturated: most of its gradients vanish
+DEAD_SHARE = 0.5  # over half of a layer's relu units never fire: the layer has lost most of its width
+PREACT_STD = (0.05, 20.0)  # pre-activation std outside this at init: signals vanish or explode with depth
+UPDATE_RATIO = (1e-6, 1.0)  # one step's |dW|/|W| outside this does nothing or overshoots (healthy 1e-5..1e-1)
+COLLAPSE_SHARE = 0.9  # one class for over 90% of inputs: a constant network, not a skewed data set
+CHANCE_TOLERANCE = {"xent": 0.05, "mse": 0.1}  # trial loss this close (relative) to the no-information loss
+CHANCE_TOLERANCE_EPOCH = 0.02  # the same after a whole epoch, measured on more data
+GRAD_REL_ERROR = 1e-4  # float64 central differences agree to about 1e-8: past 1e-4 the gradient is wrong
 
 
 @dataclass
@@ -38,34 +56,28 @@ class Finding:
 
 
 # ------------------------------------------------------------------ helpers
-def effective_inputs(model, x) -> np.ndarray:
-    """What the network sees: uint8 pixels after the model's preprocessing, floats as given."""
-    x = np.asarray(x)
-    if x.dtype == np.uint8:
-        return x.astype(np.float64) * model.input_scale + model.input_shift
-    return x.astype(np.float64)
+def effective_inputs(model: MLP, x) -> np.ndarray:
+    """What the network sees (float64): uint8 pixels after the model's preprocessing, floats as given."""
+    return model.preprocessing.network_inputs(x, np.float64)
 
 
 def _sample(n, k, seed=0):
     return np.sort(np.random.default_rng(seed).choice(n, min(n, k), replace=False))
 
 
-def host_forward(params, acts, x):
-    """float64 forward on the host -> (pre-activations, activations) per layer."""
-    zs, outs, a = [], [], x
-    for i, act in enumerate(acts):
-        z = a @ params[2 * i] + params[2 * i + 1]
-        if act == "relu":
-            a = np.maximum(z, 0)
-        elif act == "sigmoid":
-            a = 0.5 * (1 + np.tanh(0.5 * z))
-        elif act == "tanh":
-            a = np.tanh(z)
-        else:
-            a = z
-        zs.append(z)
-        outs.append(a)
-    return zs, outs
+def layer_outputs(model: MLP, x) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The model's own forward pass on a float64 CPU clone, for inputs x (N, D).
+
+    Returns ``(zs, acts)``: per layer, the pre-activations ``a[l] @ W[l] + b[l]`` and
+    the activations, each (N, n_{l+1}) float64.
+    """
+    ref = model.clone(device="cpu", dtype="float64")
+    ws = ref.workspace(len(x))
+    ws.x[...] = effective_inputs(model, x)
+    ref.forward(ws)
+    acts = [a.copy() for a in ws.acts]
+    zs = [a @ w + b for a, w, b in zip([ws.x] + acts[:-1], ref.W, ref.b)]
+    return zs, acts
 
 
 def chance_loss(model) -> float:
@@ -107,18 +119,22 @@ def _labels(y, k, where):
 
 
 # ----------------------------------------------------------------- checks
-def check_inputs(model, x_train, x_test=None) -> list[Finding]:
+def check_inputs(model: MLP, x_train, x_test=None) -> list[Finding]:
+    """Inputs far from unit scale, and test inputs unlike the training inputs.
+
+    Codes: unscaled-inputs, train-test-mismatch.
+    """
     out = []
     xs = effective_inputs(model, np.asarray(x_train)[_sample(len(x_train), 4000)])
     lo, hi = float(xs.min()), float(xs.max())
-    if max(abs(lo), abs(hi)) > 20:
+    if max(abs(lo), abs(hi)) > INPUT_LIMIT_ERROR:
         out.append(Finding(
             "unscaled-inputs", "error",
             f"inputs range over {lo:g}..{hi:g}; a network with standard initialisation expects values "
             "of about [0, 1] (or mean 0, std 1)",
             "divide pixels by 255 (fastnn does this itself when you pass uint8 images), or standardize "
             "with the training set's mean and std"))
-    elif lo >= 0 and hi > 1.5:
+    elif lo >= 0 and hi > INPUT_LIMIT_WARNING:
         out.append(Finding("unscaled-inputs", "warning", f"non-negative inputs up to {hi:g}",
                            "scale inputs to [0, 1] (pixels / 255)"))
     if x_test is not None:
@@ -126,9 +142,9 @@ def check_inputs(model, x_train, x_test=None) -> list[Finding]:
         mtr, mte, sd = xs.mean(), xt.mean(), xs.std() or 1.0
         rtr, rte = hi - lo, float(xt.max() - xt.min())
         problems = []
-        if rte > 0 and rtr > 0 and not 0.2 < rte / rtr < 5:
+        if rte > 0 and rtr > 0 and not RANGE_RATIO[0] < rte / rtr < RANGE_RATIO[1]:
             problems.append(f"range {xt.min():g}..{xt.max():g} on test against {lo:g}..{hi:g} on training")
-        if abs(mte - mtr) > 0.5 * sd:
+        if abs(mte - mtr) > MEAN_SHIFT_STDS * sd:
             problems.append(f"mean {mte:.3g} on test against {mtr:.3g} on training (std {sd:.3g})")
             mid = (lo + hi) / 2
             if (mtr - mid) * (mte - mid) < 0:
@@ -141,7 +157,11 @@ def check_inputs(model, x_train, x_test=None) -> list[Finding]:
     return out
 
 
-def check_labels(model, x_train, y_train, y_test=None) -> tuple[list[Finding], np.ndarray | None]:
+def check_labels(model: MLP, x_train, y_train, y_test=None) -> tuple[list[Finding], np.ndarray | None]:
+    """Labels out of range or not integers, missing classes, labels apart from their images.
+
+    Code: bad-labels. Also returns the labels as int64 (None when unusable).
+    """
     k = model.sizes[-1]
     y, out = _labels(y_train, k, "training labels")
     if y is None:
@@ -177,16 +197,19 @@ def check_labels(model, x_train, y_train, y_test=None) -> tuple[list[Finding], n
     return out, y
 
 
-def check_units(model, x, when) -> list[Finding]:
-    """Saturated sigmoid/tanh units and dead relu units on the inputs x (N, D)."""
+def check_units(model: MLP, x, when) -> list[Finding]:
+    """Saturated sigmoid/tanh units and dead relu units on the inputs x (N, D).
+
+    Codes: saturated-units, dead-units.
+    """
     out = []
-    params = [p.astype(np.float64) for p in model.get_params()]
-    _, acts = host_forward(params, model.acts, effective_inputs(model, x))
+    _, acts = layer_outputs(model, x)
     for i, a in enumerate(acts[:-1]):
-        act = model.acts[i]
-        if act == "sigmoid" or act == "tanh":
-            sat = float(np.mean((a < 0.01) | (a > 0.99))) if act == "sigmoid" else float(np.mean(np.abs(a) > 0.99))
-            if sat > 0.5:
+        act = model.layer_activations[i]
+        if act in ("sigmoid", "tanh"):
+            lo = 0.0 if act == "sigmoid" else -1.0
+            sat = float(np.mean((a < lo + SATURATION) | (a > 1.0 - SATURATION)))
+            if sat > SATURATED_SHARE:
                 out.append(Finding(
                     "saturated-units", "warning",
                     f"{when}: {sat:.0%} of the {act} outputs of hidden layer {i + 1} are saturated "
@@ -194,7 +217,7 @@ def check_units(model, x, when) -> list[Finding]:
                     "scale the inputs to [0, 1], use Xavier initialisation, or lower the learning rate"))
         if act == "relu":
             dead = float(np.mean((a <= 0).all(axis=0)))
-            if dead > 0.5:
+            if dead > DEAD_SHARE:
                 out.append(Finding(
                     "dead-units", "warning",
                     f"{when}: {dead:.0%} of the relu units of hidden layer {i + 1} never fire on {len(x)} inputs",
@@ -202,11 +225,10 @@ def check_units(model, x, when) -> list[Finding]:
     return out
 
 
-def check_init(model, x) -> list[Finding]:
+def check_init(model: MLP, x) -> list[Finding]:
+    """Identical units and badly scaled pre-activations at initialisation. Code: bad-init."""
     out = []
-    params = model.get_params()
-    for i in range(model.n_layers):
-        w = params[2 * i]
+    for i, w in enumerate(model.ops.to_host(w) for w in model.W):
         if w.shape[1] > 1 and float(np.abs(w - w[:, :1]).max()) == 0.0:
             out.append(Finding(
                 "bad-init", "error",
@@ -214,10 +236,10 @@ def check_init(model, x) -> list[Finding]:
                 f"({'all zero' if not w.any() else 'equal columns'}): they get identical gradients and stay "
                 "identical forever",
                 "initialise weights randomly (xavier for sigmoid/tanh, he for relu), biases to 0"))
-    zs, _ = host_forward([p.astype(np.float64) for p in params], model.acts, effective_inputs(model, x))
+    zs, _ = layer_outputs(model, x)
     for i, z in enumerate(zs[:-1]):
         sd = float(z.std())
-        if sd > 0 and not 0.05 < sd < 20:
+        if sd > 0 and not PREACT_STD[0] < sd < PREACT_STD[1]:
             out.append(Finding(
                 "bad-init", "warning",
                 f"pre-activations of layer {i + 1} have std {sd:.3g} at initialisation (about 1 is healthy)",
@@ -225,71 +247,83 @@ def check_init(model, x) -> list[Finding]:
     return out
 
 
-def trial_run(model, x, y, lr, optimizer, batch_size, samples, momentum=0.9) -> list[Finding]:
-    """Train a copy of the model on a few thousand samples and watch what happens."""
+def check_first_step(model: MLP, before: list, after: list, lr: float) -> list[Finding]:
+    """How far one optimizer step moved the weights (lists of ``[W0, b0, ...]``).
+
+    Codes: no-weight-change (error: nothing moved; warning: far too little),
+    update-too-large.
+    """
+    if max(float(np.abs(a - b).max()) for a, b in zip(after, before)) == 0.0:
+        return [Finding("no-weight-change", "error", f"no parameter changed after an optimizer step (lr {lr:g})",
+                        "apply the update (w -= lr * grad) and use a learning rate > 0")]
     out = []
+    for i in range(model.n_layers):
+        w0, w1 = before[2 * i], after[2 * i]
+        ratio = float(np.linalg.norm(w1 - w0) / (np.linalg.norm(w0) or 1.0))
+        evidence = (f"one step changes the weights of layer {i + 1} by {ratio:.2g} of their norm "
+                    "(healthy: about 1e-5 to 1e-1)")
+        if ratio < UPDATE_RATIO[0]:
+            out.append(Finding("no-weight-change", "warning", evidence, "raise the learning rate"))
+        elif ratio > UPDATE_RATIO[1]:
+            out.append(Finding("update-too-large", "warning", evidence,
+                               "lower the learning rate: steps this large make training diverge"))
+    return out
+
+
+def check_loss_level(model: MLP, loss: float, samples: int) -> list[Finding]:
+    """The trial run's loss at the no-information level. Code: loss-at-chance."""
+    chance = chance_loss(model)
+    if abs(loss - chance) >= CHANCE_TOLERANCE[model.loss] * chance:
+        return []
+    return [Finding(
+        "loss-at-chance", "warning",
+        f"after {samples} training samples the loss is {loss:.4g}, the no-information level "
+        f"({'ln' if model.loss == 'xent' else '(K-1)/K^2 for'} {model.sizes[-1]} = {chance:.4g})",
+        "the network is not learning: check the learning rate, the input scaling and the labels")]
+
+
+def trial_run(model: MLP, x, y, lr, optimizer, batch_size, samples, momentum=0.9) -> list[Finding]:
+    """Train a copy of the model on a few thousand samples and watch what happens.
+
+    Codes: non-finite, those of ``check_first_step``, ``check_loss_level``,
+    ``check_predictions`` and ``check_units``.
+    """
     trial = model.clone()
     opt = make_optimizer(optimizer, trial, lr, momentum)
     idx = np.random.default_rng(3).permutation(len(y))[:samples]
     xd, yd = trial.to_device(np.asarray(x)[idx], y[idx])
-    ops, steps, losses = trial.ops, -(-len(idx) // batch_size), []
-    before = [p.copy() for p in trial.get_params()]
+    ops, steps, losses, out = trial.ops, -(-len(idx) // batch_size), [], []
+    before = trial.get_params()
     for s in range(steps):
         sel = ops.xp.arange(s * batch_size, min((s + 1) * batch_size, len(idx)))
         ws = trial.workspace(sel.shape[0])
-        trial.load_batch(ws, xd, yd, sel)
         with np.errstate(all="ignore"):
-            trial.forward_backward(ws)
-            opt.step()
-        loss = float(ops.to_host(ws.loss)[0]) / sel.shape[0]
-        losses.append(loss)
-        params_ok = bool(ops.to_host(ops.xp.isfinite(trial.params).all()))
-        if not math.isfinite(loss) or not params_ok:
-            what = "the loss" if not math.isfinite(loss) else "the weights"
-            out.append(Finding(
+            train_step(trial, opt, xd, yd, ws, sel)
+        losses.append(float(ops.to_host(ws.loss)[0]) / sel.shape[0])
+        if not math.isfinite(losses[-1]) or not bool(ops.to_host(ops.xp.isfinite(trial.params).all())):
+            what = "the loss" if not math.isfinite(losses[-1]) else "the weights"
+            return out + [Finding(
                 "non-finite", "error",
                 f"{what} became NaN or infinite at step {s + 1} of a trial run (lr {lr:g}, {optimizer})",
-                "lower the learning rate (try 10x smaller) and check that the inputs are scaled to [0, 1]"))
-            return out
+                "lower the learning rate (try 10x smaller) and check that the inputs are scaled to [0, 1]")]
         if s == 0:
-            after = trial.get_params()
-            moved = [float(np.abs(a - b).max()) for a, b in zip(after, before)]
-            if max(moved) == 0.0:
-                out.append(Finding(
-                    "no-weight-change", "error",
-                    f"no parameter changed after an optimizer step (lr {lr:g})",
-                    "apply the update (w -= lr * grad) and use a learning rate > 0"))
+            out += check_first_step(model, before, trial.get_params(), lr)
+            if any(f.severity == "error" for f in out):
                 return out
-            for i in range(model.n_layers):
-                w0, w1 = before[2 * i], after[2 * i]
-                ratio = float(np.linalg.norm(w1 - w0) / (np.linalg.norm(w0) or 1.0))
-                if ratio < 1e-6 or ratio > 1.0:
-                    out.append(Finding(
-                        "no-weight-change", "warning",
-                        f"one step changes the weights of layer {i + 1} by {ratio:.2g} of their norm "
-                        "(healthy: about 1e-5 to 1e-1)",
-                        "raise the learning rate" if ratio < 1e-6 else
-                        "lower the learning rate: steps this large make training diverge"))
-    tail = float(np.mean(losses[-max(1, steps // 5):]))
-    chance = chance_loss(model)
-    if abs(tail - chance) < 0.05 * chance or (model.loss == "mse" and abs(tail - chance) < 0.1 * chance):
-        out.append(Finding(
-            "loss-at-chance", "warning",
-            f"after {len(idx)} training samples the loss is {tail:.4g}, the no-information level "
-            f"({'ln' if model.loss == 'xent' else '(K-1)/K^2 for'} {model.sizes[-1]} = {chance:.4g})",
-            "the network is not learning: check the learning rate, the input scaling and the labels"))
+    out += check_loss_level(model, float(np.mean(losses[-max(1, steps // 5):])), len(idx))
     out += check_predictions(trial, np.asarray(x)[idx[:2000]], y[idx[:2000]], "after the trial run")
     out += check_units(trial, np.asarray(x)[idx[:512]], "after the trial run")
     return out
 
 
-def check_predictions(model, x, y, when) -> list[Finding]:
+def check_predictions(model: MLP, x, y, when) -> list[Finding]:
+    """One class for nearly every input. Code: collapsed-predictions."""
     pred = model.predict(x)
     k = model.sizes[-1]
     counts = np.bincount(pred, minlength=k)
     c = int(counts.argmax())
     share = counts[c] / len(pred)
-    if share > 0.9:
+    if share > COLLAPSE_SHARE:
         base = float(np.mean(np.asarray(y) == c)) if y is not None else float("nan")
         return [Finding(
             "collapsed-predictions", "error",
@@ -300,7 +334,8 @@ def check_predictions(model, x, y, when) -> list[Finding]:
     return []
 
 
-def check_own_gradients(model, x, y, loss_fn=None, grad_fn=None, params=None) -> list[Finding]:
+def check_own_gradients(model: MLP, x, y, loss_fn=None, grad_fn=None, params=None) -> list[Finding]:
+    """fastnn's backward pass (or your grad_fn) against central differences. Code: gradient-mismatch."""
     if loss_fn is not None and grad_fn is not None:
         report = check_gradients(loss_fn, grad_fn, params if params is not None else model.get_params(),
                                  max_entries=30)
@@ -308,7 +343,7 @@ def check_own_gradients(model, x, y, loss_fn=None, grad_fn=None, params=None) ->
     else:
         report = gradcheck(model, np.asarray(x)[:8], np.asarray(y)[:8], max_entries=20)
         who = "fastnn's backward pass"
-    if report.max_rel_error > 1e-4:
+    if report.max_rel_error > GRAD_REL_ERROR:
         i = int(np.argmax(report.rel_errors))
         where, a, n = report.worst[i]
         return [Finding(
@@ -321,7 +356,7 @@ def check_own_gradients(model, x, y, loss_fn=None, grad_fn=None, params=None) ->
 
 
 # ---------------------------------------------------------------- entry points
-def diagnose(model, x_train, y_train, x_test=None, y_test=None, lr=0.1, optimizer="sgd",
+def diagnose(model: MLP, x_train, y_train, x_test=None, y_test=None, lr=0.1, optimizer="sgd",
              batch_size=128, trial_samples=4096, loss_fn=None, grad_fn=None, params=None) -> list[Finding]:
     """Run every check; returns the findings, errors first. The model is not changed.
 
@@ -348,9 +383,12 @@ def diagnose(model, x_train, y_train, x_test=None, y_test=None, lr=0.1, optimize
 
 
 class EpochMonitor:
-    """Cheap checks after each epoch of a real run: call it with fit's epoch record."""
+    """Cheap checks after each epoch of a real run: call it with fit's epoch record.
 
-    def __init__(self, model, x_val, y_val):
+    Codes: no-weight-change, loss-at-chance, collapsed-predictions; each reported once.
+    """
+
+    def __init__(self, model: MLP, x_val, y_val):
         self.model, self.x_val, self.y_val = model, x_val, y_val
         self.last = model.params.copy()
         self.reported = set()
@@ -363,7 +401,8 @@ class EpochMonitor:
         if moved == 0.0:
             out.append(Finding("no-weight-change", "error", f"epoch {rec['epoch']}: no parameter changed",
                                "use a learning rate > 0 and check that the update is applied"))
-        if rec.get("val_loss") is not None and abs(rec["val_loss"] - chance_loss(m)) < 0.02 * chance_loss(m):
+        chance = chance_loss(m)
+        if rec.get("val_loss") is not None and abs(rec["val_loss"] - chance) < CHANCE_TOLERANCE_EPOCH * chance:
             out.append(Finding("loss-at-chance", "warning",
                                f"epoch {rec['epoch']}: test loss {rec['val_loss']:.4g} is the no-information level",
                                "the network is not learning: check learning rate, input scaling and labels"))

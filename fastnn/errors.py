@@ -15,3 +15,11 @@ class DataError(FastnnError, ValueError):
 
 class DeviceError(FastnnError, RuntimeError):
     """The requested device cannot be used (CuPy missing, no CUDA device)."""
+
+
+class DivergedError(FastnnError, ArithmeticError):
+    """Training produced a non-finite loss. ``.history`` holds the epochs before it."""
+
+    def __init__(self, message, history):
+        super().__init__(message)
+        self.history = history

@@ -27,9 +27,6 @@ class GradReport:
     def max_rel_error(self) -> float:
         return max(self.rel_errors) if self.rel_errors else 0.0
 
-    def ok(self, tol: float = 1e-6) -> bool:
-        return self.max_rel_error < tol
-
     def __str__(self) -> str:
         lines = [f"max relative error {self.max_rel_error:.3e}"]
         for i, (err, (idx, a, n), k) in enumerate(zip(self.rel_errors, self.worst, self.checked)):

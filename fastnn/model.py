@@ -17,37 +17,33 @@ outer product). Buffers for a batch size live in a ``Workspace``, built once.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-import zipfile
-
 import numpy as np
 
-from .backend import ACTIVATIONS, get_ops, resolve_dtype
+from . import npzfile
+from .backends import ACTIVATIONS, Ops, get_ops, resolve_dtype
 from .errors import ConfigError, DataError
+from .preprocessing import Preprocessing
 
 LOSSES = ("xent", "mse")
 INITS = ("xavier", "glorot", "he", "normal")
-FORMAT_VERSION = 1
 
 
 class Workspace:
     """Preallocated buffers for one batch size B.
 
     x: (B, D) float input batch; y: (B,) int32 labels; acts[l]: (B, n_{l+1})
-    activations; deltas[l]: (B, n_{l+1}) dL/dz; loss/correct: 1-element sums.
+    activations a[l+1]; deltas[l]: (B, n_{l+1}) dL/dz of layer l; loss (1,) float:
+    the sum of the batch's per-sample losses; hits (1,) int32: its correct argmaxes.
     """
 
-    def __init__(self, ops, sizes, batch: int, dtype):
+    def __init__(self, ops: Ops, sizes, batch: int, dtype):
         xp = ops.xp
-        self.batch = batch
         self.x = xp.empty((batch, sizes[0]), dtype)
         self.y = xp.empty(batch, np.int32)
         self.acts = [xp.empty((batch, n), dtype) for n in sizes[1:]]
         self.deltas = [xp.empty((batch, n), dtype) for n in sizes[1:]]
         self.loss = xp.zeros(1, dtype)
-        self.correct = xp.zeros(1, np.int32)
+        self.hits = xp.zeros(1, np.int32)
 
 
 class MLP:
@@ -59,8 +55,13 @@ class MLP:
     against one-hot targets); init: xavier/glorot, he or normal (default: he for
     relu, xavier otherwise); device: cpu, gpu or auto; dtype: float32 or float64.
 
-    ``input_scale`` and ``input_shift`` describe the preprocessing applied to raw
-    uint8 inputs (``x * scale + shift``); float inputs are used as given.
+    ``preprocessing`` (a ``Preprocessing``: scale, shift, pixel range) maps raw
+    uint8 inputs to network inputs; float inputs are used as given. Set it to the
+    data set's (``model.preprocessing = ds.preprocessing``); it is saved with the model.
+
+    Parameters live in one flat arena ``params`` (P,) and gradients in ``grads`` (P,);
+    ``W[l]`` (sizes[l], sizes[l+1]) and ``b[l]`` (sizes[l+1],) are views into
+    ``params``, ``gW[l]`` and ``gb[l]`` the same views into ``grads``.
     """
 
     def __init__(self, sizes, activation="relu", loss="xent", init=None, device="cpu",
@@ -86,20 +87,19 @@ class MLP:
         self.dtype = resolve_dtype(dtype)
         self.ops = get_ops(device)
         self.device = self.ops.name
-        self.input_scale = 1.0 / 255.0
-        self.input_shift = 0.0
-        self.pixel_max = 255.0  # raw pixel range that input_scale/shift apply to (255, or 1)
+        self.preprocessing = Preprocessing()
         self.classes = None  # optional class names, saved with the model
-        self.acts = [activation] * (len(sizes) - 2) + ["linear" if loss == "xent" else "sigmoid"]
-        self.shapes = []
+        # the activation of each layer's output: hidden layers, then the output layer
+        self.layer_activations = [activation] * (len(sizes) - 2) + ["linear" if loss == "xent" else "sigmoid"]
+        self.shapes = []  # [W0, b0, W1, b1, ...] shapes, in arena order
         for fi, fo in zip(sizes[:-1], sizes[1:]):
             self.shapes += [(fi, fo), (fo,)]
         self.size = sum(int(np.prod(s)) for s in self.shapes)
         xp = self.ops.xp
-        self.params = xp.zeros(self.size, self.dtype)
-        self.grads = xp.zeros(self.size, self.dtype)
-        self.param_views = self._views(self.params)
-        self.grad_views = self._views(self.grads)
+        self.params = xp.zeros(self.size, self.dtype)  # (P,) the parameter arena
+        self.grads = xp.zeros(self.size, self.dtype)  # (P,) the gradient arena, same layout
+        self.W, self.b = self._views(self.params)  # W[l]: (n_l, n_{l+1}); b[l]: (n_{l+1},)
+        self.gW, self.gb = self._views(self.grads)  # dL/dW[l], dL/db[l]
         self._workspaces: dict[int, Workspace] = {}
         self.set_params(self._init_params(np.random.default_rng(seed)))
 
@@ -108,13 +108,19 @@ class MLP:
     def n_layers(self) -> int:
         return len(self.sizes) - 1
 
-    def _views(self, arena):
+    def _views(self, arena) -> tuple[list, list]:
+        """Per-layer views ``(W, b)`` into a 1-D arena laid out as ``W0, b0, W1, b1, ...``."""
         views, off = [], 0
         for shape in self.shapes:
             n = int(np.prod(shape))
             views.append(arena[off:off + n].reshape(shape))
             off += n
-        return views
+        return views[0::2], views[1::2]
+
+    def param_list(self, arena_views=None) -> list:
+        """``[W0, b0, W1, b1, ...]``: the parameter views (or ``(gW, gb)``'s), interleaved."""
+        ws, bs = arena_views or (self.W, self.b)
+        return [t for pair in zip(ws, bs) for t in pair]
 
     def _init_params(self, rng):
         out = []
@@ -130,14 +136,14 @@ class MLP:
 
     def get_params(self) -> list[np.ndarray]:
         """``[W1, b1, W2, b2, ...]`` as NumPy copies; W (fan_in, fan_out), b (fan_out,)."""
-        return [self.ops.to_host(v).copy() for v in self.param_views]
+        return [self.ops.to_host(v).copy() for v in self.param_list()]
 
     def set_params(self, params) -> None:
         """Copy ``[W1, b1, ...]`` (NumPy or device arrays) into the arena."""
         params = list(params)
         if len(params) != len(self.shapes):
             raise ConfigError(f"expected {len(self.shapes)} arrays, got {len(params)}")
-        for i, (view, p) in enumerate(zip(self.param_views, params)):
+        for i, (view, p) in enumerate(zip(self.param_list(), params)):
             if tuple(p.shape) != view.shape:
                 raise ConfigError(f"parameter {i} has shape {tuple(p.shape)}, expected {view.shape}")
             view[...] = self.ops.asarray(p, self.dtype)
@@ -189,74 +195,69 @@ class MLP:
         return xd, yd
 
     def load_batch(self, ws: Workspace, x_dev, y_dev, idx) -> None:
-        """Gather rows ``idx`` of device data into ``ws.x``/``ws.y`` (scaling uint8)."""
-        if x_dev.dtype == np.uint8:
-            self.ops.gather_rows(x_dev, idx, ws.x, self.input_scale, self.input_shift)
-        else:
-            self.ops.gather_rows(x_dev, idx, ws.x, 1.0, 0.0)
+        """Gather rows ``idx`` (B,) int64 of device data into ``ws.x``/``ws.y``.
+
+        uint8 pixels are converted and preprocessed on the way; float inputs are copied.
+        """
+        scale, shift = self.preprocessing.uint8_affine() if x_dev.dtype == np.uint8 else (1.0, 0.0)
+        self.ops.gather_rows(x_dev, idx, ws.x, scale, shift)
         if y_dev is not None:
             self.ops.gather_labels(y_dev, idx, ws.y)
 
     def preprocess(self, images) -> np.ndarray:
-        """Raw images (N, D) -> network inputs, the way the training images were preprocessed.
-
-        uint8 pixels are 0..255; float images are taken as 0..1 when none exceeds 1,
-        else as 0..255. Returns float inputs of the model dtype (NumPy).
-        """
-        x = np.asarray(images)
-        in_max = 255.0 if x.dtype == np.uint8 or (x.size and x.max() > 1) else 1.0
-        x = x.astype(np.float64) * (self.pixel_max / in_max)
-        return (x * self.input_scale + self.input_shift).astype(self.dtype)
+        """Raw images (N, D) in any form -> network inputs (NumPy, model dtype); see
+        ``Preprocessing.from_raw``."""
+        return self.preprocessing.from_raw(images, self.dtype)
 
     # --------------------------------------------------------- forward/back
     def forward(self, ws: Workspace):
         """ws.x (B, D) -> ws.acts[-1] (B, K): logits for xent, sigmoid outputs for mse."""
         ops, a = self.ops, ws.x
         for l in range(self.n_layers):
-            h = ws.acts[l]
-            ops.matmul(a, self.param_views[2 * l], out=h)
-            ops.bias_act(h, self.param_views[2 * l + 1], self.acts[l])
+            h = ws.acts[l]  # (B, n_{l+1})
+            ops.matmul(a, self.W[l], out=h)
+            ops.bias_act(h, self.b[l], self.layer_activations[l])
             a = h
         return a
 
-    def loss_and_delta(self, ws: Workspace, loss_out=None, correct_out=None, want_grad=True) -> None:
+    def loss_and_delta(self, ws: Workspace, loss_out=None, hits_out=None, want_grad=True) -> None:
         """Loss of the batch in ws.acts[-1] against ws.y, and dL/dz into ws.deltas[-1].
 
-        loss_out / correct_out: 1-element device arrays (default ws.loss/ws.correct)
-        that receive the sum of per-sample losses and the number of correct argmaxes.
+        loss_out / hits_out: 1-element device arrays (default ws.loss/ws.hits) that
+        receive the sum of per-sample losses and the number of correct argmaxes.
         """
         kernel = self.ops.xent if self.loss == "xent" else self.ops.mse
         kernel(ws.acts[-1], ws.y, ws.deltas[-1] if want_grad else None,
                ws.loss if loss_out is None else loss_out,
-               ws.correct if correct_out is None else correct_out)
+               ws.hits if hits_out is None else hits_out)
 
     def backward(self, ws: Workspace) -> None:
         """From ws.deltas[-1], write the gradient of the batch-mean loss into the arena."""
         ops = self.ops
         for l in reversed(range(self.n_layers)):
             a_prev = ws.x if l == 0 else ws.acts[l - 1]
-            d = ws.deltas[l]
-            ops.weight_grad(a_prev, d, out=self.grad_views[2 * l])
-            ops.sum_rows(d, out=self.grad_views[2 * l + 1])
+            d = ws.deltas[l]  # (B, n_{l+1})
+            ops.weight_grad(a_prev, d, out=self.gW[l])
+            ops.sum_rows(d, out=self.gb[l])
             if l > 0:
-                ops.matmul(d, self.param_views[2 * l].T, out=ws.deltas[l - 1])
-                ops.act_backward(ws.deltas[l - 1], a_prev, self.acts[l - 1])
+                ops.matmul(d, self.W[l].T, out=ws.deltas[l - 1])
+                ops.act_backward(ws.deltas[l - 1], a_prev, self.layer_activations[l - 1])
 
-    def forward_backward(self, ws: Workspace, loss_out=None, correct_out=None) -> None:
+    def forward_backward(self, ws: Workspace, loss_out=None, hits_out=None) -> None:
         """The step before the update: forward, loss, backward of the batch in ``ws``.
 
         The gradient of the batch-mean loss lands in the gradient arena; loss_out /
-        correct_out as in ``loss_and_delta``.
+        hits_out as in ``loss_and_delta``.
         """
         self.forward(ws)
-        self.loss_and_delta(ws, loss_out, correct_out)
+        self.loss_and_delta(ws, loss_out, hits_out)
         self.backward(ws)
 
     def clone(self, device=None, dtype=None) -> MLP:
         """A new model with this one's configuration, preprocessing and weights."""
         c = MLP(self.sizes, self.activation, self.loss, self.init, device=device or self.device,
                 dtype=dtype or self.dtype.name, seed=self.seed)
-        c.input_scale, c.input_shift, c.pixel_max = self.input_scale, self.input_shift, self.pixel_max
+        c.preprocessing = self.preprocessing
         c.classes = self.classes
         c.set_params(self.get_params())
         return c
@@ -270,7 +271,7 @@ class MLP:
         self.load_batch(ws, xd, yd, self.ops.xp.arange(n))
         self.forward_backward(ws)
         loss = float(self.ops.to_host(ws.loss)[0]) / n
-        return loss, [self.ops.to_host(g).copy() for g in self.grad_views]
+        return loss, [self.ops.to_host(g).copy() for g in self.param_list((self.gW, self.gb))]
 
     def _batches(self, x, y, batch_size):
         return self._batches_device(*self.to_device(x, y), batch_size)
@@ -312,66 +313,29 @@ class MLP:
             self.forward(ws)
             self.loss_and_delta(ws, losses[i:i + 1], hits[i:i + 1], want_grad=False)
         total = float(self.ops.to_host(losses.astype(np.float64).sum()))
-        correct = int(self.ops.to_host(hits.sum()))
-        return {"loss": total / n, "accuracy": correct / n}
+        n_hits = int(self.ops.to_host(hits.sum()))
+        return {"loss": total / n, "accuracy": n_hits / n}
 
     # --------------------------------------------------------------- saving
     def config(self) -> dict:
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed,
-                "input_scale": self.input_scale, "input_shift": self.input_shift,
-                "pixel_max": self.pixel_max, "classes": self.classes}
+                **self.preprocessing.to_config(), "classes": self.classes}
 
     def save(self, path) -> None:
         """Write weights and configuration to an ``.npz`` file, atomically."""
-        arrays = {f"p{i}": p for i, p in enumerate(self.get_params())}
-        meta = dict(self.config(), format="fastnn-mlp", version=FORMAT_VERSION)
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        atomic_savez(path, arrays)
+        npzfile.save(path, "fastnn-mlp", self.config(), {f"p{i}": p for i, p in enumerate(self.get_params())})
 
     @classmethod
     def load(cls, path, device="cpu") -> MLP:
         """Load a model saved by ``save`` onto ``device``; raises DataError for a bad file."""
-        arrays = read_npz(path)
+        meta, arrays = npzfile.load(path, "fastnn-mlp", "fastnn model file")
         try:
-            meta = json.loads(arrays.pop("meta").tobytes().decode())
-            if meta.get("format") != "fastnn-mlp":
-                raise ValueError("not a fastnn model")
             model = cls(meta["sizes"], meta["activation"], meta["loss"], meta["init"],
                         device=device, dtype=meta["dtype"], seed=meta.get("seed", 0))
-            model.input_scale = float(meta["input_scale"])
-            model.input_shift = float(meta["input_shift"])
+            model.preprocessing = Preprocessing.from_config(meta)
             model.classes = meta.get("classes")
-            model.pixel_max = float(meta.get("pixel_max", 255.0))
             model.set_params([arrays[f"p{i}"] for i in range(len(model.shapes))])
         except (KeyError, ValueError, TypeError, ConfigError) as exc:
             raise DataError(f"{path}: not a valid fastnn model file ({exc})") from None
         return model
-
-
-def atomic_savez(path, arrays: dict) -> None:
-    """Write an ``.npz`` through a temporary file, fsync it, then rename it into place."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_npz(path) -> dict:
-    """All arrays of an ``.npz`` file (no pickles); DataError if missing or unreadable."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None

@@ -7,20 +7,29 @@ single kernel, with their state (velocity, moments) in arrays of that layout too
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # for annotations only: the model module does not import this one
+    from .model import MLP
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
 
 class Optimizer:
-    """Base class: ``lr`` and ``weight_decay`` may be changed between steps."""
+    """Base class: ``lr`` and ``weight_decay`` may be changed between steps.
+
+    ``state`` holds the device arrays of the optimizer's state, in the arena's layout.
+    """
 
     name = "base"
     state_names: tuple[str, ...] = ()
+    hyperparameter_names: tuple[str, ...] = ("lr", "weight_decay")
 
-    def __init__(self, model, lr: float, weight_decay: float = 0.0):
+    def __init__(self, model: MLP, lr: float, weight_decay: float = 0.0):
         if not lr >= 0:
             raise ConfigError(f"learning rate must be >= 0, got {lr}")
         if not weight_decay >= 0:
@@ -31,6 +40,10 @@ class Optimizer:
         self.weight_decay = float(weight_decay)
         self.steps = 0
         self.state = {k: model.ops.xp.zeros_like(model.params) for k in self.state_names}
+
+    def hyperparameters(self) -> tuple:
+        """The values the update kernel takes as constants (a captured step holds them)."""
+        return tuple(getattr(self, k) for k in self.hyperparameter_names)
 
     def step(self) -> None:
         """Update ``model.params`` from ``model.grads`` (which it may overwrite)."""
@@ -66,8 +79,10 @@ class Momentum(Optimizer):
 
     name = "momentum"
     state_names = ("velocity",)
+    hyperparameter_names = Optimizer.hyperparameter_names + ("momentum", "nesterov")
 
-    def __init__(self, model, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
+    def __init__(self, model: MLP, lr: float, momentum: float = 0.9, nesterov: bool = False,
+                 weight_decay: float = 0.0):
         super().__init__(model, lr, weight_decay)
         if not 0 <= momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
@@ -84,8 +99,10 @@ class Adam(Optimizer):
 
     name = "adam"
     state_names = ("m", "v")
+    hyperparameter_names = Optimizer.hyperparameter_names + ("b1", "b2", "eps")
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, model: MLP, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
         super().__init__(model, lr, weight_decay)
         self.b1, self.b2 = (float(b) for b in betas)
         self.eps = float(eps)
@@ -96,7 +113,7 @@ class Adam(Optimizer):
                       self.b2, self.eps, self.weight_decay)
 
 
-def make_optimizer(name: str, model, lr: float, momentum: float = 0.9,
+def make_optimizer(name: str, model: MLP, lr: float, momentum: float = 0.9,
                    weight_decay: float = 0.0) -> Optimizer:
     """``"sgd"``, ``"momentum"``, ``"nesterov"`` or ``"adam"`` -> an optimizer for ``model``."""
     if name == "sgd":

@@ -1,72 +1,87 @@
-"""Training loops: batched and per-sample, through the same forward/backward.
+"""Training: one step, one epoch loop, and ``fit``; batched and per-sample alike.
 
 ``fit`` uploads the data to the device once, then for each epoch draws one
 permutation (on the host, from a seeded NumPy generator, so CPU and GPU runs
-see the same batch order) and uploads it; every batch is gathered from the
-device-resident data by index. Per-batch loss sums and hit counts are written
-into device arrays and read once at the end of the epoch: nothing inside an
-epoch waits for the device.
+see the same batch order) and runs ``train_epoch``: per batch, ``train_step``
+gathers the rows by index, runs forward, loss and backward into the gradient
+arena and updates the parameter arena in one optimizer call. Per-batch loss sums
+and hit counts are written into device arrays and read once at the end of the
+epoch: nothing inside an epoch waits for the device. Per-sample training is the
+same code at batch size 1. On the GPU the same step can be captured as a CUDA
+graph (``backends/cuda_graph.py``), which the loop then replays per full batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 import warnings
 
 import numpy as np
 
-from .errors import ConfigError, FastnnError
+from .errors import ConfigError, DivergedError
+from .model import MLP, Workspace
 from .optim import Optimizer, make_optimizer
 
-
-class DivergedError(FastnnError):
-    """Training produced a non-finite loss. ``.history`` holds the epochs before it."""
-
-    def __init__(self, message, history):
-        super().__init__(message)
-        self.history = history
+LR_SCHEDULES = ("constant", "cosine")
 
 
-def train_epoch(model, opt: Optimizer, x_dev, y_dev, batch_size: int, rng, progress=None, graph=None) -> dict:
+def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, loss_out=None, hits_out=None) -> None:
+    """One optimizer step on rows ``idx`` (B,) int64 of device data x_dev (N, D), y_dev (N,) int32.
+
+    ws: the workspace for batch size B; loss_out / hits_out: 1-element device
+    arrays for the batch's loss sum and hit count (default ``ws.loss``/``ws.hits``).
+    """
+    model.load_batch(ws, x_dev, y_dev, idx)
+    model.forward_backward(ws, loss_out, hits_out)
+    opt.step()
+
+
+def train_epoch(model: MLP, opt: Optimizer, x_dev, y_dev, batch_size: int, rng: np.random.Generator,
+                progress=None, graph=None) -> dict:
     """One epoch over device data x_dev (N, D), y_dev (N,) int32 in shuffled batches.
 
     With ``batch_size=1`` this is per-sample SGD: one update after every sample.
     progress: optional callable(n) told after each batch how many samples it held
     (it counts launched work; it never waits for the device).
-    graph: a ``fastnn.graph.GraphEpoch`` to replay instead of launching each kernel.
+    graph: a ``CapturedStep`` (``fit(cuda_graph=True)``) replayed for every full
+    batch instead of launching its kernels; the ragged last batch runs uncaptured.
     Returns ``{"train_loss", "train_accuracy", "seconds"}`` (one synchronisation).
     """
     ops, xp = model.ops, model.ops.xp
     n = x_dev.shape[0]
     t0 = time.perf_counter()
     order = rng.permutation(n)
-    if graph is not None:
-        loss, hits = graph(order, progress)
-        return {"train_loss": loss / n, "train_accuracy": hits / n, "seconds": time.perf_counter() - t0}
     steps = -(-n // batch_size)
-    perm = ops.asarray(order)
-    losses = xp.zeros(steps, model.dtype)
-    hits = xp.zeros(steps, np.int32)
-    for s in range(steps):
-        idx = perm[s * batch_size:(s + 1) * batch_size]
-        ws = model.workspace(idx.shape[0])
-        model.load_batch(ws, x_dev, y_dev, idx)
-        model.forward_backward(ws, losses[s:s + 1], hits[s:s + 1])
-        opt.step()
-        if progress is not None:
-            progress(idx.shape[0])
-    loss = float(ops.to_host(losses.astype(np.float64).sum())) / n
-    acc = int(ops.to_host(hits.sum())) / n
+    if graph is not None:
+        buffers = graph.epoch(order)  # the graph's fixed perm, losses and hits, on its stream
+    else:
+        buffers = contextlib.nullcontext((ops.asarray(order), xp.zeros(steps, model.dtype), xp.zeros(steps, np.int32)))
+    with buffers as (perm, losses, hits):
+        for s in range(steps):
+            b = min(batch_size, n - s * batch_size)
+            if graph is not None and b == batch_size:
+                graph.replay()
+            else:
+                train_step(model, opt, x_dev, y_dev, model.workspace(b), perm[s * batch_size:s * batch_size + b],
+                           losses[s:s + 1], hits[s:s + 1])
+            if progress is not None:
+                progress(b)
+        loss = float(ops.to_host(losses.astype(np.float64).sum())) / n
+        acc = int(ops.to_host(hits.sum())) / n
     return {"train_loss": loss, "train_accuracy": acc, "seconds": time.perf_counter() - t0}
 
 
-def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9,
-        weight_decay=0.0, per_sample=False, x_val=None, y_val=None, seed=0, lr_schedule="constant",
+def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=None,
+        weight_decay=None, per_sample=False, x_val=None, y_val=None, seed=0, lr_schedule="constant",
         patience=None, on_epoch=None, progress=None, rng=None, start_epoch=1, cuda_graph=False) -> list[dict]:
     """Train ``model`` on x (N, D) float or uint8, y (N,) integer labels.
 
-    optimizer: "sgd", "momentum", "nesterov", "adam", or an ``Optimizer`` instance.
+    optimizer: "sgd", "momentum", "nesterov", "adam" with ``lr`` (default 0.1),
+    ``momentum`` (0.9) and ``weight_decay`` (0); or an ``Optimizer`` instance, which
+    carries its own (giving them here too is a ConfigError).
     per_sample: batch size 1, an update after every sample (the textbook loop).
     lr_schedule: "constant" or "cosine" (from lr down to 0 over ``epochs``).
     patience: stop when the validation loss has not improved for this many
@@ -76,42 +91,30 @@ def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentu
     rng / start_epoch: continue a run (a NumPy Generator in the state it had
     after epoch ``start_epoch - 1``); by default a new one from ``seed``.
     cuda_graph: on the GPU, replay a captured training step per batch
-    (``fastnn.graph``); if capturing fails, a warning says why and training
-    goes on uncaptured.
+    (``backends/cuda_graph.py``); if capturing fails, a warning says why and
+    training goes on uncaptured.
     Returns the history, one dict per epoch with ``epoch, lr, train_loss,
     train_accuracy, val_loss, val_accuracy, seconds, samples_per_s``.
     Raises DivergedError when the loss becomes NaN or infinite.
     """
-    if per_sample:
-        batch_size = 1
-    if int(batch_size) < 1 or int(epochs) < 0:
-        raise ConfigError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
-    if lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"unknown lr_schedule {lr_schedule!r}: choose constant or cosine")
-    if (x_val is None) != (y_val is None):
-        raise ConfigError("give both x_val and y_val, or neither")
-    if patience is not None and x_val is None:
-        raise ConfigError("early stopping (patience) needs validation data")
+    batch_size = 1 if per_sample else int(batch_size)
+    _check_fit_args(batch_size, epochs, lr_schedule, x_val, y_val, patience)
     x_dev, y_dev = model.to_device(x, y)
     val_dev = None if x_val is None else model.to_device(x_val, y_val, name="x_val")  # once, not per epoch
-    opt = optimizer if isinstance(optimizer, Optimizer) else make_optimizer(
-        optimizer, model, lr, momentum, weight_decay)
+    opt = _optimizer(optimizer, model, lr, momentum, weight_decay)
     base_lr = opt.lr
     rng = np.random.default_rng(seed) if rng is None else rng
-    graph = _graph_or_none(model, opt, x_dev, y_dev, int(batch_size)) if cuda_graph else None
+    graph = _graph_or_none(model, opt, x_dev, y_dev, batch_size) if cuda_graph else None
     history, best, best_params = [], math.inf, None
     for epoch in range(int(start_epoch), int(epochs) + 1):
         if lr_schedule == "cosine":
             opt.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
         rec = {"epoch": epoch, "lr": opt.lr}
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
-            rec.update(train_epoch(model, opt, x_dev, y_dev, int(batch_size), rng, progress, graph))
+            rec.update(train_epoch(model, opt, x_dev, y_dev, batch_size, rng, progress, graph))
         rec["samples_per_s"] = x_dev.shape[0] / rec["seconds"]
-        if x_val is not None:
-            val = model.evaluate_device(*val_dev)
-            rec["val_loss"], rec["val_accuracy"] = val["loss"], val["accuracy"]
-        else:
-            rec["val_loss"] = rec["val_accuracy"] = None
+        val = model.evaluate_device(*val_dev) if val_dev is not None else {"loss": None, "accuracy": None}
+        rec["val_loss"], rec["val_accuracy"] = val["loss"], val["accuracy"]
         history.append(rec)
         if not math.isfinite(rec["train_loss"]):
             raise DivergedError(
@@ -133,11 +136,39 @@ def fit(model, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentu
     return history
 
 
-def _graph_or_none(model, opt, x_dev, y_dev, batch):
-    """A captured-step runner, or None (with a warning) when capture fails on this GPU."""
-    from .graph import GraphEpoch
+def _check_fit_args(batch_size, epochs, lr_schedule, x_val, y_val, patience) -> None:
+    if batch_size < 1 or int(epochs) < 0:
+        raise ConfigError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown lr_schedule {lr_schedule!r}: choose constant or cosine")
+    if (x_val is None) != (y_val is None):
+        raise ConfigError("give both x_val and y_val, or neither")
+    if patience is not None and x_val is None:
+        raise ConfigError("early stopping (patience) needs validation data")
 
-    graph = GraphEpoch(model, opt, x_dev, y_dev, batch)  # ConfigError on the CPU
+
+def _optimizer(optimizer, model: MLP, lr, momentum, weight_decay) -> Optimizer:
+    """The optimizer ``fit`` trains with: the instance given, or one made by name."""
+    if isinstance(optimizer, Optimizer):
+        given = [k for k, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)) if v is not None]
+        if given:
+            raise ConfigError(f"fit got an Optimizer instance and {', '.join(given)}: set "
+                              f"{'them' if len(given) > 1 else 'it'} on the optimizer instead")
+        return optimizer
+    return make_optimizer(optimizer, model, 0.1 if lr is None else lr, 0.9 if momentum is None else momentum,
+                          0.0 if weight_decay is None else weight_decay)
+
+
+def _graph_or_none(model: MLP, opt: Optimizer, x_dev, y_dev, batch: int):
+    """A ``CapturedStep`` for this run, or None: no full batch to capture, or (with a
+    warning) the capture failed on this GPU."""
+    if model.ops.name != "gpu":
+        raise ConfigError("CUDA graphs need the GPU backend (device='gpu')")
+    if x_dev.shape[0] < batch:
+        return None  # every batch is the ragged one: nothing to replay
+    from .backends.cuda_graph import CapturedStep
+
+    graph = CapturedStep(functools.partial(train_step, model, opt, x_dev, y_dev), model, opt, x_dev.shape[0], batch)
     try:
         graph.capture()
     except Exception as exc:  # the driver or CuPy refused the capture

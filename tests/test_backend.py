@@ -6,9 +6,10 @@ fused CuPy kernels when a GPU is present (``test_cupy_*``, skipped otherwise).
 
 import numpy as np
 import pytest
+from conftest import gpu_ops
 
 import fastnn
-from fastnn.backend import Ops
+from fastnn.backends import Ops
 
 ACTS = ["relu", "sigmoid", "tanh", "linear"]
 
@@ -163,3 +164,127 @@ def test_optimizers_match_pytorch(name, wd, torch):
         tp.grad = torch.tensor(g)
         topt.step()
     np.testing.assert_allclose(arena.params, tp.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------ one test per kernel, every backend
+# Each kernel against a float64 expectation written out here from its formula, on the
+# generic oracle, on NumpyOps and (with a GPU) on CupyOps.
+@pytest.fixture(params=["generic", "numpy", "cupy"])
+def ops(request):
+    if request.param == "generic":
+        return Ops(np)
+    if request.param == "numpy":
+        return fastnn.NumpyOps()
+    return gpu_ops()
+
+
+def host(ops, a):
+    return ops.to_host(a).astype(np.float64)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_bias_act(ops, act):
+    t = arrays(ops.xp, np.float64)
+    z = host(ops, t["h"]) + host(ops, t["bias"])
+    want = {"relu": np.maximum(z, 0), "sigmoid": 1 / (1 + np.exp(-z)), "tanh": np.tanh(z), "linear": z}[act]
+    ops.bias_act(t["h"], t["bias"], act)
+    np.testing.assert_allclose(host(ops, t["h"]), want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_act_backward(ops, act):
+    t = arrays(ops.xp, np.float64)
+    a, d = host(ops, t["a"]), host(ops, t["d"])
+    want = d * {"relu": a > 0, "sigmoid": a * (1 - a), "tanh": 1 - a * a}[act]
+    ops.act_backward(t["d"], t["a"], act)
+    np.testing.assert_allclose(host(ops, t["d"]), want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("b", [1, 9])
+def test_xent(ops, b):
+    t = arrays(ops.xp, np.float64)
+    z, y = host(ops, t["h"])[:b], ops.to_host(t["y"])[:b]
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    onehot = np.eye(z.shape[1])[y]
+    grad, loss, hits = ops.xp.zeros((b, z.shape[1])), ops.xp.zeros(1), ops.xp.zeros(1, np.int32)
+    ops.xent(t["h"][:b], t["y"][:b], grad, loss, hits)
+    np.testing.assert_allclose(host(ops, grad), (p - onehot) / b, rtol=1e-12, atol=1e-15)
+    assert host(ops, loss)[0] == pytest.approx(-np.log(p[np.arange(b), y]).sum(), rel=1e-12)
+    assert host(ops, hits)[0] == np.sum(z.argmax(axis=1) == y)
+
+
+def test_mse(ops):
+    t = arrays(ops.xp, np.float64)
+    out, y = host(ops, t["a"]), ops.to_host(t["y"])
+    (b, k), diff = out.shape, out - np.eye(out.shape[1])[y]
+    grad, loss, hits = ops.xp.zeros((b, k)), ops.xp.zeros(1), ops.xp.zeros(1, np.int32)
+    ops.mse(t["a"], t["y"], grad, loss, hits)
+    np.testing.assert_allclose(host(ops, grad), 2 * diff * out * (1 - out) / (b * k), rtol=1e-12, atol=1e-15)
+    assert host(ops, loss)[0] == pytest.approx((diff ** 2).sum() / k, rel=1e-12)
+    assert host(ops, hits)[0] == np.sum(out.argmax(axis=1) == y)
+
+
+def test_gather_rows_and_labels(ops):
+    t = arrays(ops.xp, np.float64)
+    u8, idx = ops.to_host(t["u8"]), ops.to_host(t["idx"])
+    rows = ops.xp.zeros((9, 7))
+    ops.gather_rows(t["u8"], t["idx"], rows, 1 / 255, 0.25)
+    np.testing.assert_allclose(host(ops, rows), u8[idx] / 255 + 0.25, rtol=1e-15)
+    labels = ops.xp.zeros(9, np.int32)
+    ops.gather_labels(t["y"], t["idx"] % 9, labels)
+    np.testing.assert_array_equal(ops.to_host(labels), ops.to_host(t["y"])[idx % 9])
+
+
+def test_matmul_weight_grad_sum_rows(ops):
+    t = arrays(ops.xp, np.float64)
+    a, d = host(ops, t["a"]), host(ops, t["d"])
+    out = ops.xp.zeros((7, 7))
+    ops.weight_grad(t["a"], t["d"], out)
+    np.testing.assert_allclose(host(ops, out), a.T @ d, rtol=1e-13)
+    mm = ops.xp.zeros((9, 9))
+    ops.matmul(t["d"], t["a"].T, mm)
+    np.testing.assert_allclose(host(ops, mm), d @ a.T, rtol=1e-13)
+    s = ops.xp.zeros(7)
+    ops.sum_rows(t["d"], s)
+    np.testing.assert_allclose(host(ops, s), d.sum(axis=0), rtol=1e-13)
+
+
+def arena(ops, *values):
+    return [ops.xp.asarray(np.array(v, np.float64)) for v in values]
+
+
+@pytest.mark.parametrize("wd,want", [(0.0, [0.95, -2.025]), (0.1, [0.94, -2.005])])
+def test_sgd_by_hand(ops, wd, want):
+    # p - lr (g + wd p) with p = (1, -2), g = (0.5, 0.25), lr 0.1
+    p, g = arena(ops, [1.0, -2.0], [0.5, 0.25])
+    ops.sgd(p, g, 0.1, wd)
+    np.testing.assert_allclose(host(ops, p), want, rtol=1e-15)
+
+
+@pytest.mark.parametrize("nesterov,want", [(False, [0.855, -2.0725]), (True, [0.7695, -2.11525])])
+def test_momentum_by_hand(ops, nesterov, want):
+    # two steps of g = (0.5, 0.25), lr 0.1, mu 0.9 from p = (1, -2):
+    # heavy ball: v1 = g, p1 = p - 0.1 g; v2 = 0.9 g + g = 1.9 g, p2 = p1 - 0.19 g  -> p - 0.29 g
+    # Nesterov:   p1 = p - 0.1 (g + 0.9 g) = p - 0.19 g; p2 = p1 - 0.1 (g + 0.9 * 1.9 g) = p - 0.461 g
+    p, v = arena(ops, [1.0, -2.0], [0.0, 0.0])
+    for _ in range(2):
+        ops.momentum(p, arena(ops, [0.5, 0.25])[0], v, 0.1, 0.9, 0.0, nesterov)
+    np.testing.assert_allclose(host(ops, p), want, rtol=1e-14)
+    np.testing.assert_allclose(host(ops, v), [0.95, 0.475], rtol=1e-14)
+
+
+def test_adam_by_hand(ops):
+    # AdamW, lr 0.1, b1 0.9, b2 0.999, eps 1e-8, wd 0.01, p = (1, -2), g = (0.5, -0.25) twice.
+    # With a constant g, m_hat = g and v_hat = g^2 at every step, so each step moves p by
+    # lr (g / (|g| + eps) + wd p): about lr sign(g), plus the decoupled decay.
+    p, m, v = arena(ops, [1.0, -2.0], [0.0, 0.0], [0.0, 0.0])
+    t = ops.xp.zeros(1, np.int32)
+    want = np.array([1.0, -2.0])
+    g = np.array([0.5, -0.25])
+    for _ in range(2):
+        ops.adam(p, arena(ops, g)[0], m, v, t, 0.1, 0.9, 0.999, 1e-8, 0.01)
+        want -= 0.1 * (g / (np.abs(g) + 1e-8) + 0.01 * want)
+    np.testing.assert_allclose(host(ops, p), want, rtol=1e-12)
+    np.testing.assert_allclose(host(ops, m), (1 - 0.9 ** 2) * g, rtol=1e-14)
+    np.testing.assert_allclose(host(ops, v), (1 - 0.999 ** 2) * g * g, rtol=1e-12)
+    assert int(ops.to_host(t)[0]) == 2

@@ -48,7 +48,7 @@ def test_idx_folder_roundtrip(tmp_path, gz):
     np.testing.assert_array_equal(ds.train_images, arrays["train_images"].reshape(12, 16))
     np.testing.assert_array_equal(ds.test_labels, arrays["test_labels"])
     assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int64
-    assert ds.scale == pytest.approx(1 / 255) and ds.shift == 0
+    assert ds.preprocessing.scale == pytest.approx(1 / 255) and ds.preprocessing.shift == 0
     x = ds.x_train
     assert x.dtype == np.float32 and x.shape == (12, 16) and 0 <= x.min() and x.max() <= 1
     np.testing.assert_allclose(x, arrays["train_images"].reshape(12, 16) / 255, rtol=1e-6)
@@ -231,7 +231,7 @@ def test_one_preprocessing_for_both_splits(tmp_path):
         load(p)
     np.savez(p, x_train=tr, y_train=np.zeros(20, int), x_test=tr[:3], y_test=np.zeros(3, int))
     ds = load(p)
-    assert ds.scale == 1.0  # never rescaled twice
+    assert ds.preprocessing.scale == 1.0  # never rescaled twice
     np.testing.assert_allclose(ds.x_test, tr[:3])
 
 
@@ -254,10 +254,8 @@ def test_unknown_name(tmp_path):
 
 
 # ---------------------------------------------------------- the real data
-def test_real_fashion_mnist_and_mnist_test_set():
-    from conftest import data_root
-
-    root = data_root()
+def test_real_fashion_mnist_and_mnist_test_set(real_data_root):
+    root = real_data_root  # read before isolated_cache hides FASTNN_DATA
     if not (root / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real data not found in {root}")
     t0 = time.perf_counter()

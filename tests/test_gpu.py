@@ -1,7 +1,9 @@
 """GPU checks: CuPy training agrees with NumPy, a captured step equals an uncaptured one.
 
 They run where CuPy sees a CUDA device and skip cleanly elsewhere; the kernel-level
-GPU tests are in test_backend.py.
+GPU tests are in test_backend.py. Devices are compared tightly in float64 and
+loosely in float32, where two trajectories that differ in the last bit of a GEMM's
+summation order drift apart within a few dozen steps.
 """
 
 import warnings
@@ -13,8 +15,8 @@ from conftest import gpu_ops
 import fastnn
 
 
-def one_epoch(device, x, y, optimizer="momentum", lr=0.05, cuda_graph=False, batch=128):
-    m = fastnn.MLP([784, 128, 64, 10], device=device, seed=0)
+def one_epoch(device, x, y, optimizer="momentum", lr=0.05, cuda_graph=False, batch=128, dtype="float32"):
+    m = fastnn.MLP([784, 128, 64, 10], device=device, seed=0, dtype=dtype)
     hist = fastnn.fit(m, x, y, epochs=1, batch_size=batch, lr=lr, optimizer=optimizer, seed=1,
                       cuda_graph=cuda_graph)
     return m, hist[0]
@@ -22,40 +24,49 @@ def one_epoch(device, x, y, optimizer="momentum", lr=0.05, cuda_graph=False, bat
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("optimizer,lr", [("momentum", 0.05), ("adam", 1e-3)])
-def test_cpu_and_gpu_training_agree(fashion, optimizer, lr):
+def test_cpu_and_gpu_training_agree_in_float64(synthetic, optimizer, lr):
     gpu_ops()
-    x, y = fashion[0][:6000], fashion[1][:6000]
+    x, y = synthetic[0], synthetic[1]
+    cpu, hc = one_epoch("cpu", x, y, optimizer, lr, dtype="float64")
+    gpu, hg = one_epoch("gpu", x, y, optimizer, lr, dtype="float64")
+    for a, b in zip(cpu.get_params(), gpu.get_params()):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-11)
+    assert hg["train_loss"] == pytest.approx(hc["train_loss"], rel=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer,lr", [("momentum", 0.05), ("adam", 1e-3)])
+def test_cpu_and_gpu_training_agree_loosely_in_float32(synthetic, optimizer, lr):
+    gpu_ops()
+    x, y, xt = synthetic[0], synthetic[1], synthetic[2]
     cpu, hc = one_epoch("cpu", x, y, optimizer, lr)
     gpu, hg = one_epoch("gpu", x, y, optimizer, lr)
-    for a, b in zip(cpu.get_params(), gpu.get_params()):
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=2e-5)
-    assert hg["train_loss"] == pytest.approx(hc["train_loss"], rel=1e-4)
-    xt = fashion[2][:2000]
-    assert np.mean(cpu.predict(xt) == gpu.predict(xt)) > 0.995
+    assert hg["train_loss"] == pytest.approx(hc["train_loss"], rel=1e-2)
+    assert np.mean(cpu.predict(xt) == gpu.predict(xt)) > 0.97
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("nesterov", 0.05), ("adam", 1e-3)])
-def test_captured_step_equals_uncaptured(fashion, optimizer, lr):
+def test_captured_step_equals_uncaptured(synthetic, optimizer, lr):
     gpu_ops()
-    x, y = fashion[0][:6000 + 17], fashion[1][:6000 + 17]  # a ragged last batch too
+    x, y = synthetic[0][:5000 + 17], synthetic[1][:5000 + 17]  # a ragged last batch too
     eager, he = one_epoch("gpu", x, y, optimizer, lr)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail on it here
         graph, hg = one_epoch("gpu", x, y, optimizer, lr, cuda_graph=True)
     for a, b in zip(eager.get_params(), graph.get_params()):
-        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
-    assert hg["train_loss"] == pytest.approx(he["train_loss"], rel=1e-6)
+        np.testing.assert_array_equal(b, a)
+    assert hg["train_loss"] == he["train_loss"]
     assert hg["train_accuracy"] == he["train_accuracy"]
 
 
 @pytest.mark.gpu
-def test_gpu_model_saves_and_loads_on_the_cpu(fashion, tmp_path):
+def test_gpu_model_saves_and_loads_on_the_cpu(synthetic, tmp_path):
     gpu_ops()
-    m, _ = one_epoch("gpu", fashion[0][:3000], fashion[1][:3000])
+    m, _ = one_epoch("gpu", synthetic[0][:3000], synthetic[1][:3000])
     m.save(tmp_path / "m.npz")
     cpu = fastnn.MLP.load(tmp_path / "m.npz", device="cpu")
-    xt = fashion[2][:1000]
+    xt = synthetic[2]
     np.testing.assert_array_equal(cpu.predict(xt), m.predict(xt))
 
 

@@ -25,7 +25,9 @@ def test_params_layout_and_roundtrip():
         np.testing.assert_array_equal(a, b)
     # the views share the arena: a step over the arena moves every layer
     assert m.params.size == sum(a.size for a in p)
-    assert np.shares_memory(m.param_views[2], m.params)
+    assert np.shares_memory(m.W[1], m.params) and np.shares_memory(m.gb[0], m.grads)
+    assert [w.shape for w in m.W] == [(5, 4), (4, 3)] and [b.shape for b in m.b] == [(4,), (3,)]
+    np.testing.assert_array_equal(m.b[1], new[3])
 
 
 def test_float32_end_to_end_through_an_epoch():
@@ -129,12 +131,12 @@ def test_predict_and_evaluate_agree():
 def test_save_and_load_roundtrip(tmp_path):
     x, y = toy()
     m = fastnn.MLP([12, 7, 3], activation="tanh", loss="mse", dtype="float64", seed=9)
-    m.input_scale = 0.5
+    m.preprocessing = fastnn.Preprocessing(scale=0.5)
     path = tmp_path / "model.npz"
     m.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary file left
     m2 = fastnn.MLP.load(path)
-    assert (m2.sizes, m2.activation, m2.loss, m2.dtype, m2.input_scale) == (
+    assert (m2.sizes, m2.activation, m2.loss, m2.dtype, m2.preprocessing.scale) == (
         m.sizes, "tanh", "mse", np.dtype("float64"), 0.5)
     for a, b in zip(m.get_params(), m2.get_params()):
         np.testing.assert_array_equal(a, b)
@@ -248,15 +250,27 @@ def test_preprocess_maps_any_raw_form_to_the_training_inputs(tmp_path):
     rng = np.random.default_rng(0)
     u8 = rng.integers(0, 256, (5, 12), dtype=np.uint8)
     m = fastnn.MLP([12, 3])
-    m.input_scale, m.input_shift = 1 / (255 * 0.3), -0.4 / 0.3  # standardized pixels
+    m.preprocessing = fastnn.Preprocessing(1 / (255 * 0.3), -0.4 / 0.3)  # standardized pixels
     want = u8 / (255 * 0.3) - 0.4 / 0.3
     for raw in (u8, u8 / 255.0, u8.astype(np.float64)):
         np.testing.assert_allclose(m.preprocess(raw), want, rtol=1e-5, atol=1e-5)
-    m.pixel_max = 1.0  # trained on images already in [0, 1]
-    m.input_scale, m.input_shift = 2.0, -1.0
+    m.preprocessing = fastnn.Preprocessing(2.0, -1.0, pixel_max=1.0)  # trained on images already in [0, 1]
     np.testing.assert_allclose(m.preprocess(u8), u8 / 255 * 2 - 1, rtol=1e-5, atol=1e-5)
     m.save(tmp_path / "m.npz")
-    assert fastnn.MLP.load(tmp_path / "m.npz").pixel_max == 1.0
+    assert fastnn.MLP.load(tmp_path / "m.npz").preprocessing.pixel_max == 1.0
+
+
+@pytest.mark.parametrize("prep", [fastnn.Preprocessing(), fastnn.Preprocessing(2.0, -1.0, pixel_max=1.0),
+                                  fastnn.Preprocessing(1 / (255 * 0.3), -0.4 / 0.3)])
+def test_one_preprocessing_for_uint8_batches_raw_images_and_the_doctor(prep):
+    """The gather kernel, ``preprocess`` and the doctor's view of the inputs agree, whatever the pixel range."""
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (30, 10), dtype=np.uint8)
+    m = fastnn.MLP([10, 5, 3], dtype="float64")
+    m.preprocessing = prep
+    x = m.preprocess(u8)
+    np.testing.assert_allclose(m.outputs(u8), m.outputs(x), rtol=1e-12)
+    np.testing.assert_allclose(prep.network_inputs(u8, np.float64), x, rtol=1e-12)
 
 
 def test_workspaces_are_kept_for_a_few_batch_sizes_only():
@@ -266,3 +280,31 @@ def test_workspaces_are_kept_for_a_few_batch_sizes_only():
     assert len(m._workspaces) == 4
     ws = m.workspace(128)
     assert m.workspace(128) is ws
+
+
+def test_fit_refuses_hyperparameters_beside_an_optimizer_instance():
+    x, y = toy()
+    m = fastnn.MLP([12, 3])
+    opt = fastnn.make_optimizer("momentum", m, lr=0.1)
+    with pytest.raises(fastnn.ConfigError, match="fit got an Optimizer instance and lr, weight_decay"):
+        fastnn.fit(m, x, y, epochs=1, optimizer=opt, lr=0.5, weight_decay=0.1)
+    fastnn.fit(m, x, y, epochs=1, optimizer=opt)  # its own lr, 0.1
+    assert opt.lr == 0.1 and opt.steps == 1
+
+
+def test_a_file_of_a_newer_format_version_is_refused(tmp_path):
+    from fastnn import checkpoint, npzfile
+
+    m = fastnn.MLP([4, 2])
+    npzfile.save(tmp_path / "new.npz", "fastnn-mlp", dict(m.config(), future=True),
+                 {f"p{i}": p for i, p in enumerate(m.get_params())})
+    assert fastnn.MLP.load(tmp_path / "new.npz").sizes == (4, 2)
+    meta, arrays = npzfile.load(tmp_path / "new.npz", "fastnn-mlp", "model")
+    meta["version"] = npzfile.FORMAT_VERSION + 1
+    npzfile.atomic_savez(tmp_path / "newer.npz", dict(arrays, meta=np.frombuffer(
+        __import__("json").dumps(meta).encode(), np.uint8)))
+    with pytest.raises(fastnn.DataError, match="newer.npz: a fastnn model file of format version 2; this "
+                                               "fastnn reads up to version 1"):
+        fastnn.MLP.load(tmp_path / "newer.npz")
+    with pytest.raises(fastnn.DataError, match="not a valid checkpoint .format 'fastnn-mlp'"):
+        checkpoint.read_checkpoint(tmp_path / "new.npz")

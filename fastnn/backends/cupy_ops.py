@@ -1,6 +1,6 @@
 """CuPy backend: the generic kernels of ``Ops`` with the hot ones fused into CUDA kernels.
 
-This is the only module of fastnn that imports CuPy. Each fused kernel is named,
+This module and ``cuda_graph.py`` beside it are the only ones that import CuPy. Each fused kernel is named,
 built on first use and cached by CuPy (compiled once per dtype). Anything not
 overridden here runs the generic ``Ops`` code on CuPy arrays, which is also the
 reference the GPU tests compare these kernels against.
@@ -13,13 +13,13 @@ import functools
 import cupy as cp
 import numpy as np
 
-from .backend import Ops
-from .errors import ConfigError
+from ..errors import ConfigError
+from .ops import Ops
 
 _ACT_FORWARD = {
     "linear": "h = z;",
     "relu": "h = z > (T)0 ? z : (T)0;",
-    "sigmoid": "h = (T)1 / ((T)1 + exp(-z));",
+    "sigmoid": "h = (T)0.5 * tanh((T)0.5 * z) + (T)0.5;",  # the formula of Ops: no overflow
     "tanh": "h = tanh(z);",
 }
 _ACT_BACKWARD = {
@@ -113,8 +113,9 @@ def compile_module(code: str):
 
 
 @functools.cache
-def _row_loss_module():
-    return compile_module(_ROW_LOSS_SRC)
+def _row_loss_function(dtype_char: str):
+    """The row-loss kernel for float32 (``"f"``) or float64 (``"d"``), looked up once."""
+    return compile_module(_ROW_LOSS_SRC).get_function("row_loss_f32" if dtype_char == "f" else "row_loss_f64")
 
 
 @functools.cache
@@ -130,25 +131,26 @@ def _label_kernel():
                                 "fastnn_gather_labels")
 
 
+# One fused update over the whole arena per optimizer: (inputs, outputs, body).
+_OPTIM_KERNELS = {
+    "sgd": ("T g, T lr, T wd", "T p", "p -= lr * (g + wd * p);"),
+    "momentum": ("T g, T lr, T mu, T wd, int32 nesterov", "T p, T v",
+                 "T gg = g + wd * p; v = mu * v + gg; p -= lr * (nesterov ? gg + mu * v : v);"),
+    # Adam reads the step count from the device, so a captured step stays right on replay;
+    # the bias corrections c1, c2 are computed in double, as NumpyOps does, for every T.
+    "adam": ("T g, raw int32 t, T lr, T b1, T b2, T eps, T wd", "T p, T m, T v",
+             "double step = t[0] + 1; T c1 = (T)(1.0 - pow((double)b1, step));"
+             "T c2 = (T)(1.0 - pow((double)b2, step));"
+             "m = b1 * m + ((T)1 - b1) * g; v = b2 * v + ((T)1 - b2) * g * g;"
+             "p -= lr * ((m / c1) / (sqrt(v / c2) + eps) + wd * p);"),
+    "count": ("", "int32 t", "t += 1;"),
+}
+
+
 @functools.cache
 def _optim_kernel(kind: str):
-    if kind == "sgd":
-        return cp.ElementwiseKernel(
-            "T g, T lr, T wd", "T p", "p -= lr * (g + wd * p);", "fastnn_sgd")
-    if kind == "momentum":
-        return cp.ElementwiseKernel(
-            "T g, T lr, T mu, T wd, int32 nesterov", "T p, T v",
-            "T gg = g + wd * p; v = mu * v + gg; p -= lr * (nesterov ? gg + mu * v : v);",
-            "fastnn_momentum")
-    if kind == "count":
-        return cp.ElementwiseKernel("", "int32 t", "t += 1;", "fastnn_count_step")
-    # Adam reads the step count from the device, so a captured step stays right on replay.
-    return cp.ElementwiseKernel(
-        "T g, raw int32 t, T lr, T b1, T b2, T eps, T wd", "T p, T m, T v",
-        "T step = (T)(t[0] + 1); T c1 = (T)1 - pow(b1, step); T c2 = (T)1 - pow(b2, step);"
-        "m = b1 * m + ((T)1 - b1) * g; v = b2 * v + ((T)1 - b2) * g * g;"
-        "p -= lr * ((m / c1) / (sqrt(v / c2) + eps) + wd * p);",
-        "fastnn_adam")
+    inputs, outputs, body = _OPTIM_KERNELS[kind]  # KeyError: a kind with no kernel is a bug
+    return cp.ElementwiseKernel(inputs, outputs, body, f"fastnn_{kind}")
 
 
 class CupyOps(Ops):
@@ -182,18 +184,18 @@ class CupyOps(Ops):
     def sum_rows(self, d, out):
         cp.matmul(self.constant("ones", d.shape[0], d.dtype), d, out=out)  # one cuBLAS GEMV
 
-    def _row_loss(self, z, y, grad, loss_out, correct_out, mse: int):
+    def _row_loss(self, z, y, grad, loss_out, hits_out, mse: int):
         b, k = z.shape
-        fn = _row_loss_module().get_function("row_loss_f32" if z.dtype == np.float32 else "row_loss_f64")
+        fn = _row_loss_function(z.dtype.char)
         g = grad if grad is not None else z  # never written when want_grad == 0
-        fn((1,), (ROW_LOSS_THREADS,), (z, y, g, loss_out, correct_out, np.int32(b), np.int32(k),
+        fn((1,), (ROW_LOSS_THREADS,), (z, y, g, loss_out, hits_out, np.int32(b), np.int32(k),
                                        np.int32(grad is not None), np.int32(mse)))
 
-    def xent(self, logits, y, grad, loss_out, correct_out):
-        self._row_loss(logits, y, grad, loss_out, correct_out, 0)
+    def xent(self, logits, y, grad, loss_out, hits_out):
+        self._row_loss(logits, y, grad, loss_out, hits_out, 0)
 
-    def mse(self, out, y, grad, loss_out, correct_out):
-        self._row_loss(out, y, grad, loss_out, correct_out, 1)
+    def mse(self, out, y, grad, loss_out, hits_out):
+        self._row_loss(out, y, grad, loss_out, hits_out, 1)
 
     def sgd(self, p, g, lr, wd):
         t = p.dtype.type
@@ -221,3 +223,10 @@ def device_problem() -> str | None:
 @functools.cache
 def get_cupy_ops() -> CupyOps:
     return CupyOps()
+
+
+def set_compute_tf32(enabled: bool) -> None:
+    """Switch CuPy's float32 GEMMs to TF32 tensor cores, or back to plain float32, at run time."""
+    from cupy._core import _routines_linalg as linalg
+
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)

@@ -1,0 +1,211 @@
+"""The generic kernels: every kernel of the training step, written only against ``xp``.
+
+``Ops`` holds the array module (NumPy or CuPy) in ``self.xp``, so the same code
+runs on both backends and is the reference ("oracle") that the faster overrides
+in ``numpy_ops.NumpyOps`` and ``cupy_ops.CupyOps`` are tested against.
+
+Conventions for every kernel:
+
+* batches are row-major ``(B, D)``; weights are ``(fan_in, fan_out)``;
+* floating arrays share one dtype (float32 by default, float64 on request) and
+  scalars are passed as Python floats, which never promote an array's dtype;
+* results go into caller-given buffers (``out``), so a training step at a fixed
+  batch size allocates nothing and can be captured as a CUDA graph;
+* loss and hit counts are written into device arrays, never returned as Python
+  numbers, so a training epoch never waits on the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh")
+
+
+class Ops:
+    """Generic kernels, written only against ``self.xp``.
+
+    Subclasses set ``name`` (``"cpu"``/``"gpu"``) and may override any method with
+    a faster one; the generic versions here stay the reference for their tests.
+    """
+
+    name = "generic"
+
+    def __init__(self, xp):
+        self.xp = xp
+        self._consts: dict[tuple, object] = {}
+
+    def constant(self, kind: str, n: int, dtype):
+        """A cached read-only helper vector (n,): ``"ones"`` or ``"arange"``, of ``dtype``
+        (None: the array module's default, int64 for an arange)."""
+        key = (kind, n, dtype)
+        c = self._consts.get(key)
+        if c is None:
+            make = self.xp.ones if kind == "ones" else self.xp.arange
+            c = self._consts[key] = make(n, dtype=dtype)
+        return c
+
+    # ----------------------------------------------------------------- memory
+    def asarray(self, a, dtype=None):
+        """Host or device array -> array of this backend (copies only if needed)."""
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_host(self, a) -> np.ndarray:
+        """Device array -> NumPy array (a synchronising copy on the GPU)."""
+        return np.asarray(a)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on the CPU)."""
+
+    # ------------------------------------------------------------ data access
+    def upload_images(self, x, dtype):
+        """Host images (N, D) -> device array for ``gather_rows``.
+
+        uint8 pixels stay uint8 (a quarter of the memory and transfer; they are
+        scaled as each batch is gathered); float inputs become ``dtype`` as given.
+        """
+        return self.asarray(x, None if x.dtype == np.uint8 else dtype)
+
+    def gather_rows(self, src, idx, out, scale: float, shift: float) -> None:
+        """``out[i] = src[idx[i]] * scale + shift`` as ``out.dtype``.
+
+        src: (N, D) uint8 or float; idx: (B,) int64; out: (B, D) float.
+        """
+        out[...] = self.xp.take(src, idx, axis=0).astype(out.dtype)
+        out *= scale
+        if shift:
+            out += shift
+
+    def gather_labels(self, src, idx, out) -> None:
+        """``out[i] = src[idx[i]]``; src: (N,) int32, idx: (B,) int64, out: (B,) int32."""
+        self.xp.take(src, idx, out=out)
+
+    # ------------------------------------------------------------ dense layer
+    def matmul(self, a, b, out) -> None:
+        """``out = a @ b`` (one GEMM). a: (M, K), b: (K, N), out: (M, N)."""
+        self.xp.matmul(a, b, out=out)
+
+    def weight_grad(self, a, d, out) -> None:
+        """``out = a.T @ d``: the weight gradient. a: (B, M), d: (B, N), out: (M, N)."""
+        self.xp.matmul(a.T, d, out=out)
+
+    def bias_act(self, h, b, act: str) -> None:
+        """In place: ``h = act(h + b)``. h: (B, N), b: (N,); act in ACTIVATIONS or ``"linear"``."""
+        xp = self.xp
+        h += b
+        if act == "relu":
+            xp.maximum(h, 0, out=h)
+        elif act == "sigmoid":
+            self._sigmoid_inplace(h)
+        elif act == "tanh":
+            xp.tanh(h, out=h)
+        elif act != "linear":
+            raise ConfigError(f"unknown activation {act!r}")
+
+    def _sigmoid_inplace(self, h) -> None:
+        # 1/(1+e^-x) = (1 + tanh(x/2)) / 2: no overflow for any x, no warnings.
+        h *= 0.5
+        self.xp.tanh(h, out=h)
+        h *= 0.5
+        h += 0.5
+
+    def act_backward(self, d, a, act: str) -> None:
+        """In place: ``d *= act'(z)``, written in terms of the activation ``a = act(z)``.
+
+        d: (B, N) upstream gradient dL/da; a: (B, N) the activation from the forward pass.
+        """
+        if act == "relu":
+            d *= a > 0
+        elif act == "sigmoid":
+            d *= a * (1.0 - a)
+        elif act == "tanh":
+            d *= 1.0 - a * a
+        elif act != "linear":
+            raise ConfigError(f"unknown activation {act!r}")
+
+    def sum_rows(self, d, out) -> None:
+        """``out = d.sum(axis=0)``: the bias gradient. d: (B, N), out: (N,)."""
+        self.xp.sum(d, axis=0, out=out)
+
+    # ----------------------------------------------------------------- losses
+    def xent(self, logits, y, grad, loss_out, hits_out) -> None:
+        """Softmax cross-entropy from logits, by log-sum-exp.
+
+        logits: (B, K); y: (B,) int32 labels; grad: (B, K) receives
+        ``(softmax(logits) - onehot(y)) / B`` (or None to skip it); loss_out and
+        hits_out: 0-d or 1-element arrays that receive the *sum* over the batch
+        of the per-sample losses and the number of argmax hits.
+        """
+        xp = self.xp
+        rows = xp.arange(logits.shape[0])
+        m = logits.max(axis=1, keepdims=True)
+        z = logits - m
+        e = xp.exp(z)
+        s = e.sum(axis=1, keepdims=True)
+        loss_out[...] = (xp.log(s)[:, 0] - z[rows, y]).sum()
+        hits_out[...] = (logits.argmax(axis=1) == y).sum()
+        if grad is not None:
+            xp.divide(e, s, out=grad)
+            grad[rows, y] -= 1.0
+            grad *= 1.0 / logits.shape[0]
+
+    def mse(self, out, y, grad, loss_out, hits_out) -> None:
+        """Mean squared error of sigmoid outputs against one-hot targets.
+
+        out: (B, K) sigmoid activations; y: (B,) int32. The per-sample loss is
+        ``mean_k (out_k - onehot_k)^2``; grad (B, K) receives dL/dz of the batch
+        mean, through the sigmoid: ``2 (out - t) out (1 - out) / (B K)``.
+        loss_out/hits_out as in ``xent``.
+        """
+        xp = self.xp
+        b, k = out.shape
+        rows = xp.arange(b)
+        diff = out.copy()
+        diff[rows, y] -= 1.0
+        loss_out[...] = (diff * diff).sum() / k
+        hits_out[...] = (out.argmax(axis=1) == y).sum()
+        if grad is not None:
+            xp.multiply(diff, out * (1.0 - out), out=grad)
+            grad *= 2.0 / (b * k)
+
+    # ------------------------------------------------------------- optimizers
+    # Each takes the whole flat parameter arena p and gradient arena g (1-D) and
+    # updates p (and its state arrays) in place. g may be overwritten (consumed).
+    def sgd(self, p, g, lr: float, wd: float) -> None:
+        """``p -= lr * (g + wd * p)``."""
+        p -= lr * (g + wd * p) if wd else lr * g
+
+    def momentum(self, p, g, v, lr: float, mu: float, wd: float, nesterov: bool) -> None:
+        """Heavy-ball or Nesterov momentum, PyTorch's convention.
+
+        ``v = mu v + (g + wd p)``; ``p -= lr v`` or, with Nesterov,
+        ``p -= lr ((g + wd p) + mu v)``.
+        """
+        gg = g + wd * p if wd else g
+        v *= mu
+        v += gg
+        p -= lr * (gg + mu * v) if nesterov else lr * v
+
+    def adam(self, p, g, m, v, t, lr: float, b1: float, b2: float, eps: float, wd: float) -> None:
+        """Adam with bias correction and decoupled weight decay (AdamW).
+
+        t: 1-element int32 array, the number of steps taken so far; this step is
+        ``t + 1`` and t is incremented (a device counter, so a captured step stays right).
+        ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g^2``;
+        ``p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)``.
+        """
+        xp = self.xp
+        t += 1
+        step = t.astype(p.dtype)
+        c1 = 1.0 - b1 ** step
+        c2 = 1.0 - b2 ** step
+        m *= b1
+        m += (1.0 - b1) * g
+        v *= b2
+        v += (1.0 - b2) * (g * g)
+        upd = (m / c1) / (xp.sqrt(v / c2) + eps)
+        if wd:
+            upd += wd * p
+        p -= lr * upd

@@ -1,0 +1,76 @@
+"""The one file format of models and checkpoints: an ``.npz`` of arrays plus JSON metadata.
+
+The metadata is stored as the uint8 array ``meta`` and names its ``format``
+(``fastnn-mlp``, ``fastnn-checkpoint``) and ``version``. Files are written through
+a temporary file, fsynced and renamed into place, so a crash never leaves half a
+file under the real name; they are read without pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .errors import DataError
+
+FORMAT_VERSION = 1
+
+
+def atomic_savez(path, arrays: dict) -> None:
+    """Write an ``.npz`` through a temporary file, fsync it, then rename it into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_npz(path) -> dict:
+    """All arrays of an ``.npz`` file (no pickles); DataError if missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def save(path, fmt: str, meta: dict, arrays: dict) -> None:
+    """Write ``arrays`` and ``meta`` (JSON-able; format and version are added), atomically."""
+    meta = dict(meta, format=fmt, version=FORMAT_VERSION)
+    blob = np.frombuffer(json.dumps(meta, default=float).encode(), np.uint8)
+    atomic_savez(path, dict(arrays, meta=blob))
+
+
+def load(path, fmt: str, what: str) -> tuple[dict, dict]:
+    """``(meta, arrays)`` of a file written by ``save`` with this ``fmt``.
+
+    DataError naming the file when it is unreadable, of another format, or of a
+    newer version than this fastnn reads. ``what`` names the kind in messages.
+    """
+    arrays = read_npz(path)
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        raise DataError(f"{path}: not a valid {what} (no readable metadata)") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != fmt:
+        raise DataError(f"{path}: not a valid {what} (format {found!r}, expected {fmt!r})")
+    version = meta.get("version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DataError(f"{path}: a {what} of format version {version!r}; this fastnn reads up to "
+                        f"version {FORMAT_VERSION} (upgrade fastnn)")
+    return meta, arrays

@@ -95,6 +95,46 @@ class TorchEpoch:
         total.item()  # one synchronisation, as fastnn does
 
 
+class TorchGraphEpoch(TorchEpoch):
+    """PyTorch's own captured step (``torch.cuda.CUDAGraph``): gather, forward, loss, backward
+    and SGD of one full batch replayed per batch; the ragged last batch runs eagerly."""
+
+    def __init__(self, torch, images, labels, batch):
+        super().__init__(torch, "cuda", images, labels, batch)
+        self.idx = torch.zeros(batch, dtype=torch.long, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up, as PyTorch's CUDA-graph recipe asks
+                self._step(self.idx)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.loss = self._step(self.idx, zero_grad=False)
+
+    def _step(self, idx, zero_grad=True):
+        xb = self.x[idx].float().mul_(1 / 255)
+        loss = self.torch.nn.functional.cross_entropy(self.net(xb), self.y[idx])
+        if zero_grad:
+            self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def __call__(self):
+        torch, n, b = self.torch, self.x.shape[0], self.batch
+        perm = torch.randperm(n, generator=self.gen).to(self.device)
+        total = torch.zeros((), device=self.device)
+        for s in range(0, n - b + 1, b):
+            self.idx.copy_(perm[s:s + b])
+            self.graph.replay()
+            total += self.loss
+        if n % b:
+            total += self._step(perm[n - n % b:])
+        total.item()
+
+
 def gpu_sync(fn):
     import cupy
 
@@ -256,6 +296,17 @@ def test_torch_gpu(benchmark, epoch_data, torch_mod):
     ep = TorchEpoch(torch_mod, "cuda", x, y, 128)
     pedantic(benchmark, lambda: (ep(), torch_mod.cuda.synchronize()), rounds=5)
     record(benchmark, N_EPOCH, data=what, impl=f"PyTorch {torch_mod.__version__} eager batch 128 on the GPU")
+
+
+@pytest.mark.benchmark(group="epoch-gpu")
+def test_torch_cuda_graph_gpu(benchmark, epoch_data, torch_mod):
+    require_gpu()
+    if not torch_mod.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA here")
+    x, y, what = epoch_data
+    ep = TorchGraphEpoch(torch_mod, x, y, 128)
+    pedantic(benchmark, lambda: (ep(), torch_mod.cuda.synchronize()), rounds=5)
+    record(benchmark, N_EPOCH, data=what, impl=f"PyTorch {torch_mod.__version__} batch 128 on the GPU, CUDA graph")
 
 
 # ------------------------------------------------------- width sweep vs GEMM peak

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Everything that needs a GPU, in one command: environment, GPU tests, sanitizers, benchmarks.
+
+    python scripts/gpu_check.py --out DIR [--parts env,tests,sanitize,bench] [--data DIR]
+
+Writes into DIR: ``env.txt`` (nvidia-smi, Python, NumPy, CuPy, CUDA and PyTorch versions),
+``pytest-gpu.log`` (``pytest -m gpu``), ``sanitizer-memcheck.log`` and
+``sanitizer-racecheck.log`` (compute-sanitizer over every fused kernel at batch sizes
+1, 255, 256, 257 and 10000, float32 and float64, cross-entropy and MSE, every optimizer),
+``bench-gpu.json``, ``bench-gpu.md`` and ``bench-gpu.png`` (the GPU cases of ``benchmarks/``: fastnn eager and
+captured, PyTorch eager and captured, per-sample, batch sizes 32-2048, the width sweep, the
+GEMM peak), and ``summary.md`` with each part's exit status and duration. ``--data`` names
+the folder holding ``fashion-mnist/`` (default: ``$FASTNN_DATA`` or ``../shared/data``).
+``--kernels`` is the sanitizers' workload, run under compute-sanitizer by the ``sanitize`` part.
+Within a 10-minute limit per command, run ``--parts env,tests,bench`` and ``--parts sanitize``
+as two commands.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PARTS = ("env", "tests", "sanitize", "bench")
+BATCHES = (1, 255, 256, 257, 10000)
+
+
+def run_kernels() -> None:
+    """Every fused kernel at the edge batch sizes (the sanitizers' workload)."""
+    import fastnn
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (10000, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, 10000)
+    for dtype in ("float32", "float64"):
+        for loss in ("xent", "mse"):
+            for opt in ("sgd", "nesterov", "adam"):
+                m = fastnn.MLP([784, 33, 10], activation="tanh" if loss == "mse" else "relu", loss=loss,
+                               device="gpu", dtype=dtype)
+                for b in BATCHES:
+                    fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3, optimizer=opt)
+                    m.evaluate(x[:b], y[:b], batch_size=b)
+                if opt == "sgd":  # the captured step, where the capture works
+                    fastnn.fit(m, x[:1000], y[:1000], epochs=1, batch_size=256, lr=1e-3, cuda_graph=True)
+    m.ops.synchronize()
+    print("kernels ran:", len(BATCHES), "batch sizes x 2 dtypes x 2 losses x 3 optimizers")
+
+
+def sh(cmd, log: Path, env=None, timeout=480) -> int:
+    """Run ``cmd``, its output into ``log``; the exit status (124 on time-out)."""
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(map(str, cmd)) + "\n")
+        f.flush()
+        try:
+            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\ntimed out after {timeout} s\n")
+            return 124
+        except FileNotFoundError as exc:
+            f.write(f"\n{exc}\n")
+            return 127
+
+
+def environment(out: Path) -> int:
+    lines = [f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", f"python: {sys.version.split()[0]}",
+             f"numpy: {np.__version__}"]
+    try:
+        import cupy
+
+        rt = cupy.cuda.runtime
+        lines += [f"cupy: {cupy.__version__}", f"cuda runtime: {rt.runtimeGetVersion()}",
+                  f"cuda driver: {rt.driverGetVersion()}",
+                  f"device: {rt.getDeviceProperties(0)['name'].decode()}"]
+    except Exception as exc:  # report, do not stop: the other parts say more
+        lines.append(f"cupy: unusable ({type(exc).__name__}: {exc})")
+    try:
+        import torch
+
+        lines.append(f"torch: {torch.__version__} (cuda {torch.version.cuda}, available {torch.cuda.is_available()})")
+    except ImportError:
+        lines.append("torch: not installed")
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        lines.append(subprocess.run([smi], capture_output=True, text=True).stdout)
+    (out / "env.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="folder for the results")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument("--data", help="folder holding fashion-mnist/ (for the benchmarks)")
+    p.add_argument("--kernels", action="store_true", help="run the sanitizers' workload and exit")
+    a = p.parse_args()
+    if a.kernels:
+        run_kernels()
+        return 0
+    if a.out is None:
+        p.error("--out is required")
+    parts = [s for s in a.parts.split(",") if s]
+    if set(parts) - set(PARTS):
+        p.error(f"unknown part(s) {', '.join(sorted(set(parts) - set(PARTS)))}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    if a.data:
+        env["FASTNN_DATA"] = str(Path(a.data).resolve())
+    py, results = sys.executable, []
+    for part in parts:
+        t0 = time.perf_counter()
+        if part == "env":
+            codes = {"env.txt": environment(a.out)}
+        elif part == "tests":
+            codes = {"pytest-gpu.log": sh([py, "-m", "pytest", "-m", "gpu", "tests/", "-q", "-rs", "-p",
+                                           "no:cacheprovider"], a.out / "pytest-gpu.log", env)}
+        elif part == "sanitize":
+            codes = {f"sanitizer-{tool}.log": sh(["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
+                                                  py, __file__, "--kernels"], a.out / f"sanitizer-{tool}.log", env)
+                     for tool in ("memcheck", "racecheck")}
+        else:
+            js = a.out / "bench-gpu.json"
+            codes = {"bench-gpu.json": sh([py, "-m", "pytest", "benchmarks/", "--benchmark-only", "-k", "gpu",
+                                           "-p", "no:cacheprovider", f"--benchmark-json={js}"],
+                                          a.out / "bench-gpu.log", env)}
+            if js.exists():
+                codes["bench-gpu.md"] = sh([py, "scripts/bench_report.py", str(js), "--out", str(a.out / "bench-gpu.md"),
+                                            "--png", str(a.out / "bench-gpu.png")], a.out / "bench-report.log", env)
+        for name, code in codes.items():
+            results.append(f"| {part} | {name} | {code} | {time.perf_counter() - t0:.0f} s |")
+            print(results[-1], flush=True)
+    summary = ["| part | file | exit status | seconds |", "| --- | --- | ---: | ---: |", *results]
+    (a.out / "summary.md").write_text("\n".join(summary) + "\n")
+    return max(int(r.split("|")[3]) for r in results) if results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

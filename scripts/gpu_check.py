@@ -132,8 +132,9 @@ def main() -> int:
                                            "-p", "no:cacheprovider", f"--benchmark-json={js}"],
                                           a.out / "bench-gpu.log", env)}
             if js.exists():
-                codes["bench-gpu.md"] = sh([py, "scripts/bench_report.py", str(js), "--out", str(a.out / "bench-gpu.md"),
-                                            "--png", str(a.out / "bench-gpu.png")], a.out / "bench-report.log", env)
+                report = [py, "scripts/bench_report.py", str(js), "--out", str(a.out / "bench-gpu.md"),
+                          "--png", str(a.out / "bench-gpu.png")]
+                codes["bench-gpu.md"] = sh(report, a.out / "bench-report.log", env)
         for name, code in codes.items():
             results.append(f"| {part} | {name} | {code} | {time.perf_counter() - t0:.0f} s |")
             print(results[-1], flush=True)

@@ -288,25 +288,16 @@ def test_fastnn_cuda_graph_gpu(benchmark, epoch_data, batch):
 
 
 @pytest.mark.benchmark(group="epoch-gpu")
-def test_torch_gpu(benchmark, epoch_data, torch_mod):
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "cuda-graph"])
+def test_torch_gpu(benchmark, epoch_data, torch_mod, captured):
     require_gpu()
     if not torch_mod.cuda.is_available():
         pytest.skip("PyTorch has no CUDA here")
     x, y, what = epoch_data
-    ep = TorchEpoch(torch_mod, "cuda", x, y, 128)
+    ep = TorchGraphEpoch(torch_mod, x, y, 128) if captured else TorchEpoch(torch_mod, "cuda", x, y, 128)
     pedantic(benchmark, lambda: (ep(), torch_mod.cuda.synchronize()), rounds=5)
-    record(benchmark, N_EPOCH, data=what, impl=f"PyTorch {torch_mod.__version__} eager batch 128 on the GPU")
-
-
-@pytest.mark.benchmark(group="epoch-gpu")
-def test_torch_cuda_graph_gpu(benchmark, epoch_data, torch_mod):
-    require_gpu()
-    if not torch_mod.cuda.is_available():
-        pytest.skip("PyTorch has no CUDA here")
-    x, y, what = epoch_data
-    ep = TorchGraphEpoch(torch_mod, x, y, 128)
-    pedantic(benchmark, lambda: (ep(), torch_mod.cuda.synchronize()), rounds=5)
-    record(benchmark, N_EPOCH, data=what, impl=f"PyTorch {torch_mod.__version__} batch 128 on the GPU, CUDA graph")
+    how = "CUDA graph" if captured else "eager"
+    record(benchmark, N_EPOCH, data=what, impl=f"PyTorch {torch_mod.__version__} batch 128 on the GPU, {how}")
 
 
 # ------------------------------------------------------- width sweep vs GEMM peak

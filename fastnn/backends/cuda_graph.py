@@ -142,11 +142,13 @@ class CapturedStep:
             self.capture()
         outer = cp.cuda.get_current_stream()
         self.stream.wait_event(outer.record())
-        with self.stream:
-            self.perm.set(np.ascontiguousarray(order, np.int64), stream=self.stream)
-            self.counter.fill(0)
-            yield self.perm, self.losses, self.hits
-        outer.wait_event(self.stream.record())
+        try:
+            with self.stream:
+                self.perm.set(np.ascontiguousarray(order, np.int64), stream=self.stream)
+                self.counter.fill(0)
+                yield self.perm, self.losses, self.hits
+        finally:  # also after an error or Ctrl-C: later work on the caller's stream waits for the graph's
+            outer.wait_event(self.stream.record())
 
     def replay(self) -> None:
         """One captured step: the next full batch of the epoch."""

@@ -127,3 +127,14 @@ def test_a_broken_kernel_fails_to_compile():
     broken = cp.ElementwiseKernel("T b", "T h", "h = b + undefined_name;", "fastnn_broken")
     with pytest.raises(pytest.fail.Exception, match="undefined_name"):
         compile_ptx(elementwise_source(broken, (F32, F32)), "compute_90", cupy_options())
+
+
+def test_set_tf32_switches_cupys_compute_type_after_import(monkeypatch):
+    from cupy._core import _routines_linalg as linalg
+
+    import fastnn
+
+    monkeypatch.setenv("CUPY_TF32", "1")
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TBD)  # undecided: CuPy would read CUPY_TF32 next
+    fastnn.set_tf32(False)  # CuPy is imported: the switch must not wait for the environment variable
+    assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT

@@ -129,12 +129,13 @@ def test_a_broken_kernel_fails_to_compile():
         compile_ptx(elementwise_source(broken, (F32, F32)), "compute_90", cupy_options())
 
 
-def test_set_tf32_switches_cupys_compute_type_after_import(monkeypatch):
+def test_set_tf32_switches_cupys_compute_type_after_import():
     from cupy._core import _routines_linalg as linalg
 
     import fastnn
 
-    monkeypatch.setenv("CUPY_TF32", "1")
-    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TBD)  # undecided: CuPy would read CUPY_TF32 next
-    fastnn.set_tf32(False)  # CuPy is imported: the switch must not wait for the environment variable
+    # decided already (as after a first GEMM; TF32 itself needs a device to be set): the
+    # environment variable alone would change nothing now
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_FP32)
+    fastnn.set_tf32(False)
     assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT

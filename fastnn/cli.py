@@ -185,9 +185,10 @@ def load_data(cfg):
     return ds.limit(cfg["limit"]) if cfg["limit"] else ds
 
 
-def _inputs(ds, images):
-    """uint8 pixels go to the device as they are (the model scales them); floats are preprocessed."""
-    return images if images.dtype == np.uint8 else ds.preprocess(images)
+def model_inputs(ds) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) model inputs: uint8 pixels as they are (the model scales them on the
+    device), float images preprocessed."""
+    return tuple(x if x.dtype == np.uint8 else ds.preprocess(x) for x in (ds.train_images, ds.test_images))
 
 
 class Output:
@@ -247,9 +248,9 @@ def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Opt
     return model, opt, rng
 
 
-def run_doctor(cfg, ds, model, out) -> list:
-    """Print and file the doctor's findings before training."""
-    xtr, xte = _inputs(ds, ds.train_images), _inputs(ds, ds.test_images)
+def run_doctor(cfg, ds, inputs, model, out) -> list:
+    """Print and file the doctor's findings before training. inputs: ``model_inputs(ds)``."""
+    xtr, xte = inputs
     findings = diagnose(model, xtr, ds.train_labels, xte, ds.test_labels, lr=cfg["lr"],
                         optimizer=cfg["optimizer"], batch_size=cfg["batch_size"])
     print(f"doctor: {len(findings)} finding(s)" if findings else "doctor: no problems found")
@@ -269,9 +270,9 @@ def announce(cfg, ds, model, out, resumed_after) -> None:
             + (f", resuming after epoch {resumed_after}" if resumed_after is not None else ""))
 
 
-def train(args, cfg, ds, model, opt, rng, out, history, start) -> int | None:
+def train(args, cfg, ds, inputs, model, opt, rng, out, history, start) -> int | None:
     """Train, printing, checkpointing and watching each epoch. An exit status if it stopped early."""
-    xtr, xte = _inputs(ds, ds.train_images), _inputs(ds, ds.test_images)
+    xtr, xte = inputs
     monitor = EpochMonitor(model, xte, ds.test_labels) if args.doctor else None
 
     def on_epoch(rec):
@@ -312,9 +313,9 @@ def train(args, cfg, ds, model, opt, rng, out, history, start) -> int | None:
     return None
 
 
-def report(args, ds, model, out, history, seconds) -> None:
+def report(args, ds, inputs, model, out, history, seconds) -> None:
     """Test accuracy (the test set is predicted once, here), per-class report, model, plots."""
-    pred = model.predict(_inputs(ds, ds.test_images))
+    pred = model.predict(inputs[1])
     cm = confusion_matrix(ds.test_labels, pred, len(ds.classes))
     acc = float(np.trace(cm)) / cm.sum()
     out.record({"type": "result", "test_accuracy": acc, "train_seconds": seconds, "confusion_matrix": cm.tolist()})
@@ -345,20 +346,21 @@ def run_train(argv=None, doctor_only=False) -> int:
     set_tf32(cfg["tf32"])
     ds = load_data(cfg)
     model, opt, rng = build(cfg, ds, state)
+    inputs = model_inputs(ds)  # once: float images are preprocessed here, uint8 pixels on the device
     out = Output(args.quiet, args.metrics, append=bool(state))
     try:
         if doctor_only or args.doctor:
-            findings = run_doctor(cfg, ds, model, out)
+            findings = run_doctor(cfg, ds, inputs, model, out)
             if doctor_only:
                 return 1 if any(f.severity == "error" for f in findings) else 0
         history = state["meta"]["history"] if state else []
         start = state["meta"]["epoch"] + 1 if state else 1
         announce(cfg, ds, model, out, start - 1 if state else None)
         t0 = time.perf_counter()
-        stopped = train(args, cfg, ds, model, opt, rng, out, history, start)
+        stopped = train(args, cfg, ds, inputs, model, opt, rng, out, history, start)
         if stopped is not None:
             return stopped
-        report(args, ds, model, out, history, time.perf_counter() - t0)
+        report(args, ds, inputs, model, out, history, time.perf_counter() - t0)
         return 0
     finally:
         out.close()

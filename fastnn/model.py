@@ -11,6 +11,9 @@ One training step on a batch ``x`` (B, D), labels ``y`` (B,) int32::
     backward:  gW[l] = a[l].T @ delta[l];  gb[l] = sum_rows(delta[l])
                delta[l-1] = (delta[l] @ W[l].T) * act'(a[l])    two GEMMs per layer
 
+Each layer is three backend calls, ``linear_act``, ``param_grads`` and
+``input_grad``: a GEMM with what follows it, fused into one kernel on the GPU.
+
 Per-sample training is the same code with B = 1 (``a.T @ delta`` is then the
 outer product). Buffers for a batch size live in a ``Workspace``, built once.
 """
@@ -214,10 +217,8 @@ class MLP:
         """ws.x (B, D) -> ws.acts[-1] (B, K): logits for xent, sigmoid outputs for mse."""
         ops, a = self.ops, ws.x
         for l in range(self.n_layers):
-            h = ws.acts[l]  # (B, n_{l+1})
-            ops.matmul(a, self.W[l], out=h)
-            ops.bias_act(h, self.b[l], self.layer_activations[l])
-            a = h
+            ops.linear_act(a, self.W[l], self.b[l], ws.acts[l], self.layer_activations[l])
+            a = ws.acts[l]  # (B, n_{l+1})
         return a
 
     def loss_and_delta(self, ws: Workspace, loss_out=None, hits_out=None, want_grad=True) -> None:
@@ -237,11 +238,9 @@ class MLP:
         for l in reversed(range(self.n_layers)):
             a_prev = ws.x if l == 0 else ws.acts[l - 1]
             d = ws.deltas[l]  # (B, n_{l+1})
-            ops.weight_grad(a_prev, d, out=self.gW[l])
-            ops.sum_rows(d, out=self.gb[l])
+            ops.param_grads(a_prev, d, self.gW[l], self.gb[l])
             if l > 0:
-                ops.matmul(d, self.W[l].T, out=ws.deltas[l - 1])
-                ops.act_backward(ws.deltas[l - 1], a_prev, self.layer_activations[l - 1])
+                ops.input_grad(d, self.W[l], a_prev, ws.deltas[l - 1], self.layer_activations[l - 1])
 
     def forward_backward(self, ws: Workspace, loss_out=None, hits_out=None) -> None:
         """The step before the update: forward, loss, backward of the batch in ``ws``.

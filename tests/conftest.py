@@ -6,6 +6,8 @@ Tests run on ``synthetic`` data that they make themselves; the real Fashion-MNIS
 
 import gzip
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,46 @@ def gpu_ops():
 @pytest.fixture
 def cupy_ops():
     return gpu_ops()
+
+
+_MISSING = object()
+_EMULATED_MODULES = ("cupy", "fastnn.backends.cupy_ops", "fastnn.backends.cuda_graph")
+
+
+@pytest.fixture
+def emulated_gpu():
+    """The GPU backend with CuPy replaced by ``cuda_emulator.fake_cupy()``: ``CupyOps``, the
+    CUDA-graph code and every kernel of ``kernels.cu`` run on the CPU, as device ``"gpu"``.
+
+    Yields the fake ``cupy`` module; ``fastnn.get_ops("gpu")`` is the emulated ``CupyOps``
+    for the test's duration, and the real modules (if any) are put back afterwards.
+    """
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler (c++) to build the CUDA emulator")
+    import cuda_emulator
+
+    import fastnn.backends as backends
+
+    saved_modules = {n: sys.modules.get(n, _MISSING) for n in _EMULATED_MODULES}
+    saved_attrs = {n: getattr(backends, n, _MISSING) for n in ("cupy_ops", "cuda_graph")}
+    fake = cuda_emulator.fake_cupy()
+    try:
+        sys.modules["cupy"] = fake
+        for n in _EMULATED_MODULES[1:]:
+            sys.modules.pop(n, None)
+        for n in saved_attrs:
+            if hasattr(backends, n):
+                delattr(backends, n)
+        yield fake
+    finally:
+        for n, m in saved_modules.items():
+            if m is _MISSING:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+        for n, a in saved_attrs.items():
+            if a is _MISSING:
+                if hasattr(backends, n):
+                    delattr(backends, n)
+            else:
+                setattr(backends, n, a)

@@ -75,6 +75,19 @@ def run_kernels(ops, dtype):
     sb = xp.empty(7, dtype)
     ops.sum_rows(t["d"], sb)
     out["sum_rows"] = sb
+    for b, m, n in ((9, 7, 7), (1, 20, 3), (37, 45, 21)):  # the fused layer calls, over several GEMM tiles
+        rng = np.random.default_rng(b)
+        a, w, bias = (xp.asarray(rng.standard_normal(s), dtype) for s in ((b, m), (m, n), (n,)))
+        for act in ACTS:
+            h = xp.empty((b, n), dtype)
+            ops.linear_act(a, w, bias, h, act)
+            out[f"linear_{act}_{b}"] = h
+            d = xp.empty((b, m), dtype)
+            ops.input_grad(h, w, xp.asarray(rng.random((b, m)), dtype), d, act)
+            out[f"input_grad_{act}_{b}"] = d
+        gw, gb = xp.empty((m, n), dtype), xp.empty(n, dtype)
+        ops.param_grads(a, h, gw, gb)
+        out[f"param_grads_{b}"], out[f"param_grads_bias_{b}"] = gw, gb
     for wd in (0.0, 0.01):
         t = arrays(xp, dtype)
         ops.sgd(t["p"], t["g"].copy(), 0.1, wd)
@@ -111,6 +124,15 @@ def test_numpy_overrides_equal_generic_kernels(dtype):
 def test_cupy_fused_kernels_equal_generic_kernels(cupy_ops, dtype):
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     assert_same(run_kernels(cupy_ops, dtype), run_kernels(Ops(cupy_ops.xp), dtype), rtol)
+
+
+@pytest.mark.parametrize("gemm", ["fastnn", "cublas"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_cuda_kernels_equal_generic_kernels(emulated_gpu, dtype, gemm):
+    from fastnn.backends.cupy_ops import CupyOps
+
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    assert_same(run_kernels(CupyOps(gemm), dtype), run_kernels(Ops(np), dtype), rtol)
 
 
 @pytest.mark.gpu
@@ -169,12 +191,15 @@ def test_optimizers_match_pytorch(name, wd, torch):
 # ------------------------------------------------ one test per kernel, every backend
 # Each kernel against a float64 expectation written out here from its formula, on the
 # generic oracle, on NumpyOps and (with a GPU) on CupyOps.
-@pytest.fixture(params=["generic", "numpy", "cupy"])
+@pytest.fixture(params=["generic", "numpy", "emulated-cupy", "cupy"])
 def ops(request):
     if request.param == "generic":
         return Ops(np)
     if request.param == "numpy":
         return fastnn.NumpyOps()
+    if request.param == "emulated-cupy":
+        request.getfixturevalue("emulated_gpu")
+        return fastnn.get_ops("gpu")
     return gpu_ops()
 
 

@@ -1,12 +1,14 @@
 """Every CUDA kernel fastnn builds compiles for sm_80 and sm_90, checked without a GPU.
 
-Each ElementwiseKernel is generated exactly as CuPy generates it at its first call
-(CuPy's own code generator and type resolution, for every dtype fastnn calls it
-with), each RawModule source as it is; all are compiled with NVRTC through
-``cupy.cuda.nvrtc`` directly, since CuPy's own compile entry points ask for a
-device first. Needs ``cupy-cuda12x`` and ``nvidia-cuda-nvrtc-cu12`` (``import
+All of them are in ``fastnn/backends/kernels.cu``, compiled here with NVRTC through
+``cupy.cuda.nvrtc`` directly (CuPy's own compile entry points ask for a device
+first), with CuPy's compiler options. The kernels are also executed on the CPU
+by the CUDA emulator (``test_graph_emulation.py``). Needs ``cupy-cuda12x`` and ``nvidia-cuda-nvrtc-cu12`` (``import
 cupy`` works without a driver); skips with the reason where they are absent.
 """
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,66 +20,18 @@ try:
     nvrtc.getVersion()
 except Exception as exc:  # the NVRTC library is a separate wheel
     pytest.skip(f"NVRTC is not usable ({exc}); pip install nvidia-cuda-nvrtc-cu12", allow_module_level=True)
-from cupy._core import _carray, _kernel, _scalar, core  # noqa: E402
+from cupy._core import core  # noqa: E402
 
-from fastnn.backends import cuda_graph, cupy_ops  # noqa: E402
+from fastnn.backends import cupy_ops  # noqa: E402
 
 ARCHS = ("compute_80", "compute_90")
-F32, F64, I32, I64, U8 = (np.dtype(t) for t in ("f4", "f8", "i4", "i8", "u1"))
-
-
-class Scalar:
-    """A scalar argument of this dtype (CuPy passes it by value, not as an array)."""
-
-    def __init__(self, dtype):
-        self.dtype = np.dtype(dtype)
-
-
-def elementwise_calls():
-    """(factory name, kernel, argument dtypes) for every way fastnn calls each ElementwiseKernel."""
-    calls = []
-    for t in (F32, F64):
-        s = Scalar(t)
-        calls += [("_bias_act_kernel", cupy_ops._bias_act_kernel(act), (t, t)) for act in cupy_ops._ACT_FORWARD]
-        calls += [("_act_backward_kernel", cupy_ops._act_backward_kernel(act), (t, t))
-                  for act in cupy_ops._ACT_BACKWARD]
-        calls += [("_gather_kernel", cupy_ops._gather_kernel(), (u, I64, Scalar(I64), s, s, t)) for u in (U8, t)]
-        calls += [
-            ("_optim_kernel", cupy_ops._optim_kernel("sgd"), (t, s, s, t)),
-            ("_optim_kernel", cupy_ops._optim_kernel("momentum"), (t, s, s, s, Scalar(I32), t, t)),
-            ("_optim_kernel", cupy_ops._optim_kernel("adam"), (t, I32, s, s, s, s, s, t, t, t)),
-        ]
-    calls += [("_label_kernel", cupy_ops._label_kernel(), (I32, I64, I32)),
-              ("_optim_kernel", cupy_ops._optim_kernel("count"), (I32,))]
-    return calls
-
-
-def raw_sources():
-    """(name, CUDA source, options) of every RawModule fastnn compiles."""
-    opts = ("-std=c++14",)
-    return [("cupy_ops._ROW_LOSS_SRC", cupy_ops._ROW_LOSS_SRC, opts), ("cuda_graph._SRC", cuda_graph._SRC, opts)]
-
-
-def elementwise_source(kernel, dtypes) -> str:
-    """The CUDA source CuPy generates for ``kernel`` called with arrays and scalars of these dtypes."""
-    n_in = len(kernel.in_params)
-    in_arrays = tuple(None if isinstance(d, Scalar) else d for d in dtypes[:n_in])
-    in_types, out_types, type_map = _kernel._decide_params_type(
-        kernel.in_params, kernel.out_params, in_arrays, tuple(dtypes[n_in:]))
-    infos = []
-    for i, d in enumerate(dtypes):
-        if isinstance(d, Scalar):
-            infos.append(_kernel._ArgInfo(3, _scalar.CScalar, np.dtype(in_types[i]), 0, True, True))
-        else:
-            infos.append(_kernel._ArgInfo(1, cp.ndarray, d, 1, True, True))
-    infos.append(_kernel._ArgInfo(2, _carray.Indexer, None, 1, True, True))
-    code = _kernel._get_elementwise_kernel_code(tuple(infos), type_map, kernel.params, kernel.operation,
-                                                kernel.name, kernel.preamble)
-    return "".join(f"#include <{h}>\n" for h in core._cupy_header_list) + code
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = cupy_ops.KERNELS_CU.read_text()
+OPTIONS = ("-std=c++14",)  # as cupy_ops.module() compiles it
 
 
 def compile_ptx(source: str, arch: str, options) -> str:
-    prog = nvrtc.createProgram(source, "fastnn_kernel.cu", [], [])
+    prog = nvrtc.createProgram(source, "kernels.cu", [], [])
     try:
         try:
             nvrtc.compileProgram(prog, [*options, f"--gpu-architecture={arch}"])
@@ -89,44 +43,39 @@ def compile_ptx(source: str, arch: str, options) -> str:
         nvrtc.destroyProgram(prog)
 
 
-def call_id(call) -> str:
-    chars = "".join((d.dtype if isinstance(d, Scalar) else d).char for d in call[2])
-    return f"{call[1].name}-{chars}"
-
-
 def cupy_options():
     # CuPy's own options, less the include folder of a local CUDA toolkit: NVRTC brings its headers
     return [o for o in core.assemble_cupy_compiler_options(()) if not o.startswith("-I/usr/local/cuda")]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("call", elementwise_calls(), ids=lambda c: call_id(c))
-def test_elementwise_kernel_compiles(call, arch):
-    _, kernel, dtypes = call
-    ptx = compile_ptx(elementwise_source(kernel, dtypes), arch, cupy_options())
-    assert f".entry {kernel.name}(" in ptx
+def launched_kernels() -> set[str]:
+    """The kernel names the Python code looks up: ``kernel("x"...)`` and ``_typed("x"...)`` (both dtypes)."""
+    names = set()
+    for path in (REPO / "fastnn" / "backends").glob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r'\bkernel\("(\w+)"', text))
+        names |= {f"{n}_{s}" for n in re.findall(r'_typed\("(\w+)"', text) for s in ("f32", "f64")}
+    return names
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name,source,options", raw_sources(), ids=[n for n, _, _ in raw_sources()])
-def test_raw_module_compiles(name, source, options, arch):
-    ptx = compile_ptx(source, arch, options)
-    for fn in ("row_loss_f32", "row_loss_f64") if "ROW_LOSS" in name else ("stage", "record_f32", "record_f64"):
-        assert f".entry {fn}(" in ptx
+def test_kernels_cu_compiles_with_cupys_options(arch):
+    ptx = compile_ptx(SOURCE, arch, [*cupy_options(), *OPTIONS])
+    for name in re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)', SOURCE):
+        assert f".entry {name}(" in ptx
 
 
-def test_every_kernel_factory_is_covered():
-    factories = {name for name in vars(cupy_ops) if name.startswith("_") and name.endswith("_kernel")}
-    assert factories == {name for name, _, _ in elementwise_calls()}
-    sources = {f"{m.__name__.split('.')[-1]}.{n}" for m in (cupy_ops, cuda_graph)
-               for n in vars(m) if n.endswith("_SRC")}
-    assert sources == {name for name, _, _ in raw_sources()}
+def test_every_kernel_the_code_launches_is_in_kernels_cu():
+    defined = set(re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)', SOURCE))
+    launched = launched_kernels()
+    assert {"linear_act_f32", "weight_grad_f64", "stage", "record_f32", "step_count"} <= launched
+    assert launched <= defined, launched - defined
 
 
 def test_a_broken_kernel_fails_to_compile():
-    broken = cp.ElementwiseKernel("T b", "T h", "h = b + undefined_name;", "fastnn_broken")
+    broken = 'extern "C" __global__ void broken(float* h) { h[0] = undefined_name; }'
     with pytest.raises(pytest.fail.Exception, match="undefined_name"):
-        compile_ptx(elementwise_source(broken, (F32, F32)), "compute_90", cupy_options())
+        compile_ptx(broken, "compute_90", OPTIONS)
 
 
 def test_set_tf32_switches_cupys_compute_type_after_import():

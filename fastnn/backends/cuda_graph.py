@@ -24,46 +24,21 @@ waits for the graph's afterwards.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import cupy as cp
 import numpy as np
 
-from .cupy_ops import compile_module
+from .cupy_ops import kernel
 
 if TYPE_CHECKING:
     from ..model import MLP, Workspace
     from ..optim import Optimizer
 
-_SRC = r"""
-extern "C" __global__ void stage(const long long* perm, const int* counter, int B, long long* idx) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < B) idx[i] = perm[(long long)counter[0] * B + i];
-}
-template <typename T>
-__device__ void record(const T* loss, const int* hit, int* counter, T* losses, int* hits) {
-    int c = counter[0];
-    losses[c] = loss[0];
-    hits[c] = hit[0];
-    counter[0] = c + 1;
-}
-extern "C" __global__ void record_f32(const float* l, const int* h, int* c, float* ls, int* hs) {
-    record<float>(l, h, c, ls, hs);
-}
-extern "C" __global__ void record_f64(const double* l, const int* h, int* c, double* ls, int* hs) {
-    record<double>(l, h, c, ls, hs);
-}
-"""
 
 # step(ws, idx): one training step on rows idx of the device data, batch buffers in ws
 StepFn = Callable[["Workspace", object], None]
-
-
-@functools.cache
-def _module():
-    return compile_module(_SRC)
 
 
 class CapturedStep:
@@ -84,9 +59,8 @@ class CapturedStep:
         self.ws = model.workspace(batch)  # held here: the graph writes into these buffers
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graph, self.key = None, None
-        mod = _module()
-        self._stage = mod.get_function("stage")
-        self._record = mod.get_function("record_f32" if model.dtype == np.float32 else "record_f64")
+        self._stage = kernel("stage")  # idx = perm[counter * batch:][:batch]
+        self._record = kernel("record_f32" if model.dtype == np.float32 else "record_f64")
 
     def _key(self) -> tuple:
         """What the captured kernels hold as constants; a change means a new capture."""

@@ -129,6 +129,27 @@ class Ops:
         """``out = d.sum(axis=0)``: the bias gradient. d: (B, N), out: (N,)."""
         self.xp.sum(d, axis=0, out=out)
 
+    # The three products of a layer with what follows them, the calls the model makes.
+    # Here they are composed of the kernels above; the CuPy backend fuses each one.
+    def linear_act(self, a, W, b, out, act: str) -> None:
+        """Forward: ``out = act(a @ W + b)``. a: (B, M), W: (M, N), b: (N,), out: (B, N)."""
+        self.matmul(a, W, out)
+        self.bias_act(out, b, act)
+
+    def input_grad(self, d, W, a, out, act: str) -> None:
+        """Backward to the layer's input: ``out = (d @ W.T) * act'(z)`` where ``a = act(z)``.
+
+        d: (B, N) dL/dz of this layer; W: (M, N); a, out: (B, M) the previous layer's
+        activation and its dL/dz.
+        """
+        self.matmul(d, W.T, out)
+        self.act_backward(out, a, act)
+
+    def param_grads(self, a, d, gW, gb) -> None:
+        """``gW = a.T @ d`` and ``gb = d.sum(axis=0)``. a: (B, M), d: (B, N), gW: (M, N), gb: (N,)."""
+        self.weight_grad(a, d, gW)
+        self.sum_rows(d, gb)
+
     # ----------------------------------------------------------------- losses
     def xent(self, logits, y, grad, loss_out, hits_out) -> None:
         """Softmax cross-entropy from logits, by log-sum-exp.

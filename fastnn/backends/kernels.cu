@@ -1,0 +1,324 @@
+// fastnn's CUDA kernels: every kernel the GPU training step launches, in one module.
+//
+// Loaded by cupy_ops.py as a CuPy RawModule (compiled by NVRTC on first use); the
+// tests also compile this file for sm_80/sm_90 with NVRTC, and run it on the CPU
+// through a small CUDA emulator (tests/cuda_emulator.py), so every kernel here is
+// executed in CI without a GPU.
+//
+// Conventions: arrays are row-major and contiguous; T is float or double, and each
+// kernel exists as NAME_f32 and NAME_f64 (the extern "C" lines at the end of each
+// part). Activation codes (ACT_CODES in cupy_ops.py): 0 linear, 1 relu, 2 sigmoid,
+// 3 tanh. Every sum is taken in a fixed order, so two runs of a kernel give the
+// same bits, and a captured CUDA graph gives the same bits as eager launches.
+//
+// A training step is: gather_rows + gather_labels, then per layer linear_act,
+// then row_loss, then per layer weight_grad (+ input_grad), then one optimizer
+// kernel over the whole parameter arena.
+
+#define TILE 16  // GEMM tiles are TILE x TILE; GEMM kernels run with TILE x TILE threads
+
+// ------------------------------------------------------------------ activations
+template <typename T>
+__device__ T activate(T z, int act) {
+    switch (act) {
+        case 1: return z > (T)0 ? z : (T)0;
+        case 2: return (T)0.5 * tanh((T)0.5 * z) + (T)0.5;  // sigmoid; no overflow for any z
+        case 3: return tanh(z);
+        default: return z;
+    }
+}
+
+// d * act'(z), written with the activation a = act(z)
+template <typename T>
+__device__ T act_grad(T d, T a, int act) {
+    switch (act) {
+        case 1: return a > (T)0 ? d : (T)0;
+        case 2: return d * a * ((T)1 - a);
+        case 3: return d * ((T)1 - a * a);
+        default: return d;
+    }
+}
+
+// ------------------------------------------------------------------------ GEMM
+// One thread's element of C = op(A) @ op(B), C (M, N), summed over P in tiles.
+// op(A)[i][p] is A[i * lda + p], or A[p * lda + i] when TA (A stored transposed);
+// rows i >= a_rows of op(A) read as 1 (weight_grad's extra row gives the bias
+// gradient). op(B)[p][j] is B[p * ldb + j], or B[j * ldb + p] when TB. Every
+// thread of the block must call it (it synchronises); the caller stores C[i][j]
+// for i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x.
+template <typename T, bool TA, bool TB>
+__device__ T tile_dot(const T* __restrict__ A, const T* __restrict__ B, int M, int N, int P, int a_rows,
+                      int lda, int ldb) {
+    __shared__ T As[TILE][TILE + 1];  // As[r][q] = op(A)[row0 + r][p0 + q]
+    __shared__ T Bs[TILE][TILE + 1];  // Bs[q][c] = op(B)[p0 + q][col0 + c]
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int row0 = blockIdx.y * TILE, col0 = blockIdx.x * TILE;
+    T acc = 0;
+    for (int p0 = 0; p0 < P; p0 += TILE) {
+        // loads: consecutive threadIdx.x read consecutive addresses in both layouts
+        if (TA) {
+            const int i = row0 + tx, p = p0 + ty;
+            As[tx][ty] = (p < P && i < M) ? (i < a_rows ? A[(long long)p * lda + i] : (T)1) : (T)0;
+        } else {
+            const int i = row0 + ty, p = p0 + tx;
+            As[ty][tx] = (p < P && i < M) ? (i < a_rows ? A[(long long)i * lda + p] : (T)1) : (T)0;
+        }
+        if (TB) {
+            const int j = col0 + ty, p = p0 + tx;
+            Bs[tx][ty] = (p < P && j < N) ? B[(long long)j * ldb + p] : (T)0;
+        } else {
+            const int p = p0 + ty, j = col0 + tx;
+            Bs[ty][tx] = (p < P && j < N) ? B[(long long)p * ldb + j] : (T)0;
+        }
+        __syncthreads();
+        for (int q = 0; q < TILE; ++q) acc += As[ty][q] * Bs[q][tx];
+        __syncthreads();
+    }
+    return acc;
+}
+
+// out (M, N) = act(x (M, K) @ W (K, N) + b (N,)): a layer's forward pass
+template <typename T>
+__device__ void linear_act(const T* x, const T* W, const T* b, T* out, int M, int N, int K, int act) {
+    const T acc = tile_dot<T, false, false>(x, W, M, N, K, M, K, N);
+    const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
+    if (i < M && j < N) out[(long long)i * N + j] = activate(acc + b[j], act);
+}
+
+// out (M, K) = (d (M, N) @ W (K, N)^T) * act'(a (M, K)): the gradient of the layer's input
+template <typename T>
+__device__ void input_grad(const T* d, const T* W, const T* a, T* out, int M, int N, int K, int act) {
+    const T acc = tile_dot<T, false, true>(d, W, M, K, N, M, N, N);
+    const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
+    if (i < M && j < K) {
+        const long long e = (long long)i * K + j;
+        out[e] = act_grad(acc, a[e], act);
+    }
+}
+
+// gW (K, N) = a (M, K)^T @ d (M, N) and gb (N,) = the column sums of d, as one
+// GEMM of K + 1 output rows (row K of op(A) is all ones): grid (ceil(N/TILE), ceil((K+1)/TILE))
+template <typename T>
+__device__ void weight_grad(const T* a, const T* d, T* gW, T* gb, int M, int K, int N) {
+    const T acc = tile_dot<T, true, false>(a, d, K + 1, N, M, K, K, N);
+    const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
+    if (j < N) {
+        if (i < K) gW[(long long)i * N + j] = acc;
+        else if (i == K) gb[j] = acc;
+    }
+}
+
+extern "C" __global__ void linear_act_f32(const float* x, const float* W, const float* b, float* out, int M, int N,
+                                          int K, int act) { linear_act<float>(x, W, b, out, M, N, K, act); }
+extern "C" __global__ void linear_act_f64(const double* x, const double* W, const double* b, double* out, int M,
+                                          int N, int K, int act) { linear_act<double>(x, W, b, out, M, N, K, act); }
+extern "C" __global__ void input_grad_f32(const float* d, const float* W, const float* a, float* out, int M, int N,
+                                          int K, int act) { input_grad<float>(d, W, a, out, M, N, K, act); }
+extern "C" __global__ void input_grad_f64(const double* d, const double* W, const double* a, double* out, int M,
+                                          int N, int K, int act) { input_grad<double>(d, W, a, out, M, N, K, act); }
+extern "C" __global__ void weight_grad_f32(const float* a, const float* d, float* gW, float* gb, int M, int K,
+                                           int N) { weight_grad<float>(a, d, gW, gb, M, K, N); }
+extern "C" __global__ void weight_grad_f64(const double* a, const double* d, double* gW, double* gb, int M, int K,
+                                           int N) { weight_grad<double>(a, d, gW, gb, M, K, N); }
+
+// ----------------------------------------------- epilogues for a cuBLAS GEMM
+// (CupyOps(gemm="cublas"): cuBLAS computes the products, these add the rest)
+
+// h (B, N) = act(h + b (N,)), in place
+template <typename T>
+__device__ void bias_act(T* h, const T* b, long long B, long long N, int act) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < B * N;
+         e += (long long)blockDim.x * gridDim.x)
+        h[e] = activate(h[e] + b[e % N], act);
+}
+
+// d (n,) *= act'(z), with a = act(z), in place
+template <typename T>
+__device__ void act_backward(T* d, const T* a, long long n, int act) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)blockDim.x * gridDim.x)
+        d[e] = act_grad(d[e], a[e], act);
+}
+
+extern "C" __global__ void bias_act_f32(float* h, const float* b, long long B, long long N, int act) {
+    bias_act<float>(h, b, B, N, act);
+}
+extern "C" __global__ void bias_act_f64(double* h, const double* b, long long B, long long N, int act) {
+    bias_act<double>(h, b, B, N, act);
+}
+extern "C" __global__ void act_backward_f32(float* d, const float* a, long long n, int act) {
+    act_backward<float>(d, a, n, act);
+}
+extern "C" __global__ void act_backward_f64(double* d, const double* a, long long n, int act) {
+    act_backward<double>(d, a, n, act);
+}
+
+// ------------------------------------------------------------------- the loss
+// One block of ROW_LOSS_THREADS = 256 threads walks the rows (K, the number of
+// classes, is small): each row's softmax (or sigmoid MSE), loss, argmax and
+// gradient in one pass, then a shared-memory reduction of the loss sum and the
+// hit count. z (B, K) logits or sigmoid outputs, y (B,) labels, g (B, K) dL/dz
+// of the batch-mean loss (written when want_grad), loss_out / hits_out (1,).
+template <typename T>
+__device__ void row_loss(const T* z, const int* y, T* g, T* loss_out, int* hits_out, int B, int K, int want_grad,
+                         int mse) {
+    __shared__ T s_loss[256];
+    __shared__ int s_hits[256];
+    T my_loss = 0;
+    int my_hits = 0;
+    for (int r = threadIdx.x; r < B; r += blockDim.x) {
+        const T* zr = z + (long long)r * K;
+        T* gr = g + (long long)r * K;
+        int t = y[r];
+        int best = 0;
+        T m = zr[0];
+        for (int k = 1; k < K; ++k)
+            if (zr[k] > m) { m = zr[k]; best = k; }
+        my_hits += best == t;
+        if (mse) {
+            T acc = 0;
+            for (int k = 0; k < K; ++k) {
+                T a = zr[k];
+                T d = a - (k == t ? (T)1 : (T)0);
+                acc += d * d;
+                if (want_grad) gr[k] = (T)2 * d * a * ((T)1 - a) / (T)(B * K);
+            }
+            my_loss += acc / (T)K;
+        } else {
+            T s = 0;
+            for (int k = 0; k < K; ++k) s += exp(zr[k] - m);
+            my_loss += log(s) + m - zr[t];
+            if (want_grad) {
+                T inv = (T)1 / (s * (T)B);
+                for (int k = 0; k < K; ++k) gr[k] = exp(zr[k] - m) * inv - (k == t ? (T)1 / (T)B : (T)0);
+            }
+        }
+    }
+    s_loss[threadIdx.x] = my_loss;
+    s_hits[threadIdx.x] = my_hits;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w) {
+            s_loss[threadIdx.x] += s_loss[threadIdx.x + w];
+            s_hits[threadIdx.x] += s_hits[threadIdx.x + w];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) { loss_out[0] = s_loss[0]; hits_out[0] = s_hits[0]; }
+}
+
+extern "C" __global__ void row_loss_f32(const float* z, const int* y, float* g, float* l, int* h, int B, int K,
+                                        int want_grad, int mse) { row_loss<float>(z, y, g, l, h, B, K, want_grad, mse); }
+extern "C" __global__ void row_loss_f64(const double* z, const int* y, double* g, double* l, int* h, int B, int K,
+                                        int want_grad, int mse) { row_loss<double>(z, y, g, l, h, B, K, want_grad, mse); }
+
+// --------------------------------------------------------------- data access
+// out (B, D) = src[idx] * scale + shift as T; src (N, D) uint8 pixels or T, idx (B,)
+template <typename U, typename T>
+__device__ void gather_rows(const U* src, const long long* idx, long long B, long long D, T scale, T shift, T* out) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < B * D;
+         e += (long long)blockDim.x * gridDim.x)
+        out[e] = (T)src[idx[e / D] * D + e % D] * scale + shift;
+}
+
+extern "C" __global__ void gather_rows_u8_f32(const unsigned char* src, const long long* idx, long long B,
+                                              long long D, float scale, float shift, float* out) {
+    gather_rows<unsigned char, float>(src, idx, B, D, scale, shift, out);
+}
+extern "C" __global__ void gather_rows_u8_f64(const unsigned char* src, const long long* idx, long long B,
+                                              long long D, double scale, double shift, double* out) {
+    gather_rows<unsigned char, double>(src, idx, B, D, scale, shift, out);
+}
+extern "C" __global__ void gather_rows_f32(const float* src, const long long* idx, long long B, long long D,
+                                           float scale, float shift, float* out) {
+    gather_rows<float, float>(src, idx, B, D, scale, shift, out);
+}
+extern "C" __global__ void gather_rows_f64(const double* src, const long long* idx, long long B, long long D,
+                                           double scale, double shift, double* out) {
+    gather_rows<double, double>(src, idx, B, D, scale, shift, out);
+}
+
+// out (B,) = src[idx]: the batch's labels
+extern "C" __global__ void gather_labels(const int* src, const long long* idx, long long B, int* out) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < B; e += (long long)blockDim.x * gridDim.x)
+        out[e] = src[idx[e]];
+}
+
+// ---------------------------------------------------------------- optimizers
+// One launch over the whole parameter arena p (n,), gradients g (n,), state arrays (n,).
+#define FOR_EACH(e, n) \
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < (n); e += (long long)blockDim.x * gridDim.x)
+
+template <typename T>
+__device__ void sgd(T* p, const T* g, long long n, T lr, T wd) {
+    FOR_EACH(e, n) p[e] -= lr * (g[e] + wd * p[e]);
+}
+
+template <typename T>
+__device__ void momentum(T* p, const T* g, T* v, long long n, T lr, T mu, T wd, int nesterov) {
+    FOR_EACH(e, n) {
+        const T gg = g[e] + wd * p[e];
+        const T ve = mu * v[e] + gg;
+        v[e] = ve;
+        p[e] -= lr * (nesterov ? gg + mu * ve : ve);
+    }
+}
+
+// Adam reads its step count t from the device (this step is t[0] + 1; step_count
+// advances it afterwards), so a captured step stays right on replay. The bias
+// corrections are computed in double, as NumpyOps does, for every T.
+template <typename T>
+__device__ void adam(T* p, const T* g, T* m, T* v, const int* t, long long n, T lr, T b1, T b2, T eps, T wd) {
+    const double step = t[0] + 1.0;
+    const T c1 = (T)(1.0 - pow((double)b1, step)), c2 = (T)(1.0 - pow((double)b2, step));
+    FOR_EACH(e, n) {
+        const T ge = g[e];
+        const T me = b1 * m[e] + ((T)1 - b1) * ge, ve = b2 * v[e] + ((T)1 - b2) * ge * ge;
+        m[e] = me;
+        v[e] = ve;
+        p[e] -= lr * ((me / c1) / (sqrt(ve / c2) + eps) + wd * p[e]);
+    }
+}
+
+extern "C" __global__ void sgd_f32(float* p, const float* g, long long n, float lr, float wd) { sgd<float>(p, g, n, lr, wd); }
+extern "C" __global__ void sgd_f64(double* p, const double* g, long long n, double lr, double wd) {
+    sgd<double>(p, g, n, lr, wd);
+}
+extern "C" __global__ void momentum_f32(float* p, const float* g, float* v, long long n, float lr, float mu, float wd,
+                                        int nesterov) { momentum<float>(p, g, v, n, lr, mu, wd, nesterov); }
+extern "C" __global__ void momentum_f64(double* p, const double* g, double* v, long long n, double lr, double mu,
+                                        double wd, int nesterov) { momentum<double>(p, g, v, n, lr, mu, wd, nesterov); }
+extern "C" __global__ void adam_f32(float* p, const float* g, float* m, float* v, const int* t, long long n, float lr,
+                                    float b1, float b2, float eps, float wd) {
+    adam<float>(p, g, m, v, t, n, lr, b1, b2, eps, wd);
+}
+extern "C" __global__ void adam_f64(double* p, const double* g, double* m, double* v, const int* t, long long n,
+                                    double lr, double b1, double b2, double eps, double wd) {
+    adam<double>(p, g, m, v, t, n, lr, b1, b2, eps, wd);
+}
+// t (1,) += 1, after the Adam kernel has read it (one thread)
+extern "C" __global__ void step_count(int* t) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) t[0] += 1;
+}
+
+// --------------------------------------------------------- CUDA-graph helpers
+// idx (B,) = perm[counter * B : counter * B + B]: the batch of step `counter` of the epoch
+extern "C" __global__ void stage(const long long* perm, const int* counter, int B, long long* idx) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < B) idx[i] = perm[(long long)counter[0] * B + i];
+}
+
+// losses[counter] = loss, hits[counter] = hit, counter += 1 (one thread)
+template <typename T>
+__device__ void record(const T* loss, const int* hit, int* counter, T* losses, int* hits) {
+    const int c = counter[0];
+    losses[c] = loss[0];
+    hits[c] = hit[0];
+    counter[0] = c + 1;
+}
+
+extern "C" __global__ void record_f32(const float* l, const int* h, int* c, float* ls, int* hs) {
+    record<float>(l, h, c, ls, hs);
+}
+extern "C" __global__ void record_f64(const double* l, const int* h, int* c, double* ls, int* hs) {
+    record<double>(l, h, c, ls, hs);
+}

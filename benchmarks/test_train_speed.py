@@ -269,13 +269,22 @@ def test_fastnn_per_sample_gpu(benchmark, epoch_data):
     record(benchmark, 2000, data=what, impl="fastnn batch 1 on the GPU")
 
 
-@pytest.mark.benchmark(group="epoch-gpu")
-@pytest.mark.parametrize("batch", [32, 128, 512, 2048])
-def test_fastnn_batched_gpu(benchmark, epoch_data, batch):
+def gpu_backend(gemm: str):
+    """The GPU backend with fastnn's fused GEMM kernels (``"fastnn"``) or cuBLAS products (``"cublas"``)."""
     require_gpu()
+    from fastnn.backends.cupy_ops import CupyOps
+
+    return CupyOps(gemm)
+
+
+@pytest.mark.benchmark(group="epoch-gpu")
+@pytest.mark.parametrize("gemm", ["fastnn", "cublas"])
+@pytest.mark.parametrize("batch", [32, 128, 512, 2048])
+def test_fastnn_batched_gpu(benchmark, epoch_data, batch, gemm):
+    ops = gpu_backend(gemm)
     x, y, what = epoch_data
-    pedantic(benchmark, gpu_sync(FastnnEpoch("gpu", x, y, batch)), rounds=5)
-    record(benchmark, N_EPOCH, data=what, impl=f"fastnn batch {batch} on the GPU")
+    pedantic(benchmark, gpu_sync(FastnnEpoch(ops, x, y, batch)), rounds=5)
+    record(benchmark, N_EPOCH, data=what, impl=f"fastnn batch {batch} on the GPU, {gemm} GEMMs")
 
 
 @pytest.mark.benchmark(group="epoch-gpu")
@@ -302,9 +311,8 @@ def test_torch_gpu(benchmark, epoch_data, torch_mod, captured):
 
 # ------------------------------------------------------- width sweep vs GEMM peak
 def _device_params():
-    out = [pytest.param("cpu", id="cpu")]
-    out.append(pytest.param("gpu", id="gpu", marks=pytest.mark.gpu))
-    return out
+    return [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu),
+            pytest.param("gpu-cublas", id="gpu-cublas", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.benchmark(group="gemm-peak")
@@ -312,8 +320,8 @@ def _device_params():
 def test_gemm_peak(benchmark, device):
     """float32 GEMM throughput of the device: the ceiling for the width sweep."""
     if device == "gpu":
-        require_gpu()
-    ops = fastnn.get_ops(device)
+        pytest.skip("the GEMM peak is cuBLAS's: measured once, as gpu-cublas")
+    ops = gpu_backend("cublas") if device == "gpu-cublas" else fastnn.get_ops(device)
     n = 2048 if device == "cpu" else 8192
     a = ops.asarray(np.random.default_rng(0).random((n, n), np.float32))
     c = ops.xp.empty_like(a)
@@ -333,12 +341,11 @@ def test_gemm_peak(benchmark, device):
 @pytest.mark.parametrize("width", [128, 1024, 4096])
 def test_width_sweep(benchmark, epoch_data, width, device):
     """784-W-W-10 at batch 128: the wider, the larger the share of time in GEMMs."""
-    if device == "gpu":
-        require_gpu()
     x, y, what = epoch_data
     sizes = [784, width, width, 10]
-    n = {128: N_EPOCH, 1024: 12800, 4096: 1280}[width] * (1 if device == "cpu" else 1)
-    ep = FastnnEpoch(device, x, y, 128, sizes=sizes, n=n)
-    fn = gpu_sync(ep) if device == "gpu" else ep
+    n = {128: N_EPOCH, 1024: 12800, 4096: 1280}[width]
+    backend = "cpu" if device == "cpu" else gpu_backend("cublas" if device == "gpu-cublas" else "fastnn")
+    ep = FastnnEpoch(backend, x, y, 128, sizes=sizes, n=n)
+    fn = ep if device == "cpu" else gpu_sync(ep)
     pedantic(benchmark, fn)
-    record(benchmark, n, sizes=sizes, data=what, impl=f"fastnn 784-{width}-{width}-10 batch 128")
+    record(benchmark, n, sizes=sizes, data=what, impl=f"fastnn 784-{width}-{width}-10 batch 128 on {device}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, checkpoint, datasets
-from .backends import ACTIVATIONS, DEVICES, set_tf32
+from .backends import ACTIVATIONS, DEVICES, GEMMS, get_ops, set_tf32
 from .diagnose import EpochMonitor, diagnose
 from .errors import ConfigError, DataError, DivergedError, FastnnError
 from .model import INITS, LOSSES, MLP
@@ -31,7 +31,7 @@ DEFAULTS = {
     "init": None, "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
     "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32",
     "device": "auto", "per_sample": False, "patience": None, "standardize": False,
-    "cuda_graph": False, "tf32": False,
+    "cuda_graph": False, "gpu_gemm": "fastnn", "tf32": False,
 }
 
 # The two networks of the questions in the README, done right.
@@ -107,6 +107,21 @@ def train_parser(prog="fastnn train", doctor=False) -> argparse.ArgumentParser:
             help = f"{help + ' ' if help else ''}(default: {DEFAULTS[key]})"
         group.add_argument(flag, help=help, **kw)
 
+    _data_and_network_flags(p, add, S)
+    _training_flags(p, add, S)
+    g = p.add_argument_group("output")
+    add(g, "--doctor", "check data, initialisation, gradients and a trial run first, and watch every epoch",
+        action="store_true")
+    add(g, "--quiet", "only the final result", action="store_true")
+    add(g, "--metrics", "write one JSON object per epoch (and per finding) to this .jsonl file")
+    add(g, "--save", "save the trained model (.npz) here")
+    add(g, "--checkpoint-dir", "write the full training state here after every epoch")
+    add(g, "--resume", "continue from the last complete checkpoint in DIR", metavar="DIR")
+    add(g, "--plots", "write curves, confusion matrix, misclassified images", metavar="DIR")
+    return p
+
+
+def _data_and_network_flags(p, add, S) -> None:
     g = p.add_argument_group("data")
     add(g, "--dataset", "mnist, fashion-mnist, kmnist, a folder, or an .npz", default=S)
     add(g, "--data-dir", "folder searched first for named data sets", default=S)
@@ -126,6 +141,9 @@ def train_parser(prog="fastnn train", doctor=False) -> argparse.ArgumentParser:
     add(g, "--loss", choices=LOSSES, default=S)
     add(g, "--init", "(default: he for relu, xavier otherwise)", choices=INITS, default=S)
     add(g, "--dtype", choices=["float32", "float64"], default=S)
+
+
+def _training_flags(p, add, S) -> None:
     g = p.add_argument_group("training")
     add(g, "--device", "auto: the GPU when one is usable", choices=DEVICES, default=S)
     add(g, "--optimizer", choices=OPTIMIZERS, default=S)
@@ -139,20 +157,13 @@ def train_parser(prog="fastnn train", doctor=False) -> argparse.ArgumentParser:
     add(g, "--patience", "early stopping: stop after N epochs without a better test loss, keep the best",
         type=_positive(int), default=S)
     add(g, "--seed", type=int, default=S)
-    add(g, "--cuda-graph", "GPU: capture one training step as a CUDA graph and replay it per batch",
+    g = p.add_argument_group("GPU")
+    add(g, "--cuda-graph", "capture one training step as a CUDA graph and replay it per batch",
         action="store_true", default=S)
-    add(g, "--tf32", "GPU: allow TF32 tensor cores for float32 GEMMs (faster, less exact)",
+    add(g, "--gpu-gemm", "fastnn's fused GEMM kernels (capturable), or cuBLAS (for wide layers)",
+        choices=GEMMS, default=S)
+    add(g, "--tf32", "with --gpu-gemm cublas: allow TF32 tensor cores (faster, less exact)",
         action="store_true", default=S)
-    g = p.add_argument_group("output")
-    add(g, "--doctor", "check data, initialisation, gradients and a trial run first, and watch every epoch",
-        action="store_true")
-    add(g, "--quiet", "only the final result", action="store_true")
-    add(g, "--metrics", "write one JSON object per epoch (and per finding) to this .jsonl file")
-    add(g, "--save", "save the trained model (.npz) here")
-    add(g, "--checkpoint-dir", "write the full training state here after every epoch")
-    add(g, "--resume", "continue from the last complete checkpoint in DIR", metavar="DIR")
-    add(g, "--plots", "write curves, confusion matrix, misclassified images", metavar="DIR")
-    return p
 
 
 def resolve_config(args, stored=None) -> dict:
@@ -173,6 +184,11 @@ def resolve_config(args, stored=None) -> dict:
         cfg["batch_size"] = 1  # resolved here, once: every later step reads batch_size
     if (cfg["train"] is None) != (cfg["test"] is None):
         raise ConfigError("--train and --test go together")
+    if cfg["gpu_gemm"] == "cublas" and cfg["cuda_graph"]:
+        raise ConfigError("--cuda-graph needs fastnn's GEMM kernels (CuPy cannot capture cuBLAS): "
+                          "drop --gpu-gemm cublas")
+    if cfg["tf32"] and cfg["gpu_gemm"] != "cublas":
+        raise ConfigError("--tf32 applies to cuBLAS GEMMs only: add --gpu-gemm cublas")
     return cfg
 
 
@@ -239,7 +255,7 @@ class Output:
 def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Optimizer, np.random.Generator]:
     """The network, its optimizer and the batch-order RNG for a run; a resumed run's state put back."""
     model = MLP([ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], cfg["activation"], cfg["loss"],
-                cfg["init"], device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"])
+                cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]), dtype=cfg["dtype"], seed=cfg["seed"])
     model.preprocessing, model.classes = ds.preprocessing, ds.classes
     opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     rng = np.random.default_rng(cfg["seed"])

@@ -36,6 +36,7 @@ BATCHES = (1, 255, 256, 257, 10000)
 def run_kernels() -> None:
     """Every fused kernel at the edge batch sizes (the sanitizers' workload)."""
     import fastnn
+    from fastnn.backends.cupy_ops import CupyOps
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (10000, 784), dtype=np.uint8)
@@ -48,10 +49,13 @@ def run_kernels() -> None:
                 for b in BATCHES:
                     fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3, optimizer=opt)
                     m.evaluate(x[:b], y[:b], batch_size=b)
-                if opt == "sgd":  # the captured step, where the capture works
+                if opt == "sgd":  # the captured step
                     fastnn.fit(m, x[:1000], y[:1000], epochs=1, batch_size=256, lr=1e-3, cuda_graph=True)
+        m = fastnn.MLP([784, 33, 10], device=CupyOps("cublas"), dtype=dtype)  # the cuBLAS epilogues
+        for b in BATCHES:
+            fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3)
     m.ops.synchronize()
-    print("kernels ran:", len(BATCHES), "batch sizes x 2 dtypes x 2 losses x 3 optimizers")
+    print("kernels ran:", len(BATCHES), "batch sizes x 2 dtypes x 2 losses x 3 optimizers, and cuBLAS GEMMs")
 
 
 def sh(cmd, log: Path, env=None, timeout=480) -> int:

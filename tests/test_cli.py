@@ -145,6 +145,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_args):
     (["--resume", "/no/such/dir"], "/no/such/dir: no checkpoint found"),
     (["--metrics", "/no/such/dir/m.jsonl"], "No such file or directory"),
     (["--save", "/no/such/dir/m.npz"], "/no/such/dir/m.npz: the folder to save the model in does not exist"),
+    (["--gpu-gemm", "cublas", "--cuda-graph"], "--cuda-graph needs fastnn's GEMM kernels"),
+    (["--tf32"], "--tf32 applies to cuBLAS GEMMs only: add --gpu-gemm cublas"),
 ])
 def test_bad_flags_are_one_line_errors(flags, match, data_args):
     r = run(TRAIN + data_args + SMALL + flags)

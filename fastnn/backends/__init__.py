@@ -18,9 +18,9 @@ import numpy as np
 
 from ..errors import ConfigError, DeviceError
 from .numpy_ops import NumpyOps
-from .ops import ACTIVATIONS, Ops
+from .ops import ACTIVATIONS, GEMMS, Ops
 
-__all__ = ["ACTIVATIONS", "DTYPES", "NumpyOps", "Ops", "cuda_status", "get_ops", "resolve_dtype", "set_tf32"]
+__all__ = ["ACTIVATIONS", "DTYPES", "GEMMS", "NumpyOps", "Ops", "cuda_status", "get_ops", "resolve_dtype", "set_tf32"]
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 DEVICES = ("auto", "cpu", "gpu")
@@ -36,8 +36,10 @@ def resolve_dtype(dtype) -> np.dtype:
 
 
 def set_tf32(enabled: bool) -> None:
-    """Allow TF32 tensor-core GEMMs for float32 on the GPU (off by default).
+    """Allow TF32 tensor-core GEMMs for float32 in cuBLAS (off by default).
 
+    It applies to the GPU backend with ``gemm="cublas"`` (``get_ops("gpu", gemm="cublas")``);
+    fastnn's own GEMM kernels, the default, compute in plain float32.
     TF32 keeps 10 mantissa bits in the products: faster on Ampere and Hopper GPUs,
     but results differ from float32 by about 1e-3 relative, enough to flip a
     near-tie argmax. Takes effect at once, before or after CuPy is first used.
@@ -58,9 +60,11 @@ def cuda_status() -> str | None:
     return cupy_ops.device_problem()
 
 
-def get_ops(device: str | Ops = "cpu") -> Ops:
+def get_ops(device: str | Ops = "cpu", gemm: str = "fastnn") -> Ops:
     """The backend for ``"cpu"``, ``"gpu"`` or ``"auto"`` (the GPU when one is usable).
 
+    gemm: on the GPU, ``"fastnn"`` (its own fused GEMM kernels, which a CUDA graph can
+    capture) or ``"cublas"`` (cuBLAS products; faster for wide layers, not capturable).
     Raises ConfigError for an unknown name and DeviceError when ``"gpu"`` is asked
     for and CuPy or a CUDA device is missing.
     """
@@ -69,12 +73,14 @@ def get_ops(device: str | Ops = "cpu") -> Ops:
         return device
     if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r}: choose cpu, gpu or auto")
+    if gemm not in GEMMS:
+        raise ConfigError(f"unknown gemm {gemm!r}: choose {' or '.join(GEMMS)}")
     if device in ("gpu", "auto"):
         problem = cuda_status()
         if problem is None:
             from .cupy_ops import get_cupy_ops
 
-            return get_cupy_ops()
+            return get_cupy_ops(gemm)
         if device == "gpu":
             raise DeviceError(f"device 'gpu' is not usable: {problem}")
     if _CPU is None:

@@ -21,14 +21,13 @@ import cupy as cp
 import numpy as np
 
 from ..errors import ConfigError
-from .ops import Ops
+from .ops import GEMMS, Ops
 
 KERNELS_CU = Path(__file__).with_name("kernels.cu")
 ACT_CODES = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}  # as in kernels.cu
 TILE = 16  # kernels.cu's GEMM tile: TILE x TILE threads per block
 THREADS = 256  # per block of the elementwise kernels and of row_loss (its shared arrays hold 256)
 MAX_BLOCKS = 4096  # the elementwise kernels loop over the rest (grid-stride)
-GEMMS = ("fastnn", "cublas")
 
 
 @functools.cache
@@ -175,8 +174,8 @@ def device_problem() -> str | None:
 
 
 @functools.cache
-def get_cupy_ops() -> CupyOps:
-    return CupyOps()
+def get_cupy_ops(gemm: str = "fastnn") -> CupyOps:
+    return CupyOps(gemm)
 
 
 def set_compute_tf32(enabled: bool) -> None:

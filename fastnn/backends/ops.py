@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import ConfigError
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
+GEMMS = ("fastnn", "cublas")  # the GPU backend's GEMMs: its own fused kernels, or cuBLAS
 
 
 class Ops:

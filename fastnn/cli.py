@@ -43,7 +43,7 @@ PRESETS = {
               "optimizer": "sgd", "lr": 20.0, "batch_size": 125, "epochs": 30,
               "lr_schedule": "constant", "weight_decay": 0.0},
 }
-RUN_KEYS = list(DEFAULTS) + ["data_dir", "train", "test", "allow_pickle", "limit", "download"]
+RUN_KEYS = list(DEFAULTS) + ["data_dir", "train", "test", "allow_pickle", "limit", "download", "classes"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -133,6 +133,8 @@ def _data_and_network_flags(p, add, S) -> None:
     add(g, "--standardize", "scale inputs to mean 0, std 1 (statistics of the training split)",
         action="store_true", default=S)
     add(g, "--limit", "use the first N training samples", type=_positive(int), default=S)
+    add(g, "--classes", "the number of classes, when the training labels do not show all of them "
+        "(by default labels must be exactly 0..K-1, every class present)", type=_positive(int), default=S)
     g = p.add_argument_group("network")
     add(g, "--preset", "seed1/seed2: the networks of the two questions in the README, done right",
         choices=sorted(PRESETS), default=S)
@@ -170,7 +172,7 @@ def resolve_config(args, stored=None) -> dict:
     """Defaults < preset < stored (resumed) configuration < flags given now."""
     given = {k: v for k, v in vars(args).items() if k in RUN_KEYS or k == "preset"}
     cfg = dict(DEFAULTS, data_dir=None, train=None, test=None, allow_pickle=False, limit=None,
-               download=True)
+               download=True, classes=None)
     preset = given.pop("preset", None) or (stored or {}).get("preset")
     if preset:
         cfg.update(PRESETS[preset])
@@ -194,10 +196,11 @@ def resolve_config(args, stored=None) -> dict:
 
 def load_data(cfg):
     if cfg["train"] is not None:
-        ds = datasets.load(None, train=cfg["train"], test=cfg["test"], standardize=cfg["standardize"])
+        ds = datasets.load(None, train=cfg["train"], test=cfg["test"], standardize=cfg["standardize"],
+                           classes=cfg["classes"])
     else:
         ds = datasets.load(cfg["dataset"], root=cfg["data_dir"], download=cfg["download"],
-                           allow_pickle=cfg["allow_pickle"], standardize=cfg["standardize"])
+                           allow_pickle=cfg["allow_pickle"], standardize=cfg["standardize"], classes=cfg["classes"])
     return ds.limit(cfg["limit"]) if cfg["limit"] else ds
 
 

@@ -167,15 +167,45 @@ def finish(name, train_images, train_labels, test_images, test_labels, classes, 
                         f"({tr}) have {train_images.shape[1]}")
     train_labels = check_labels(train_labels, train_images.shape[0], source.get("train_labels", tr))
     test_labels = check_labels(test_labels, test_images.shape[0], source.get("test_labels", te))
-    k = max(int(train_labels.max()), int(test_labels.max())) + 1
-    if classes is None:
-        classes = [str(i) for i in range(k)]
+    classes = class_names(classes, train_labels, source.get("train_labels", tr))
     for split, y in (("train_labels", train_labels), ("test_labels", test_labels)):
         if int(y.max()) >= len(classes):
-            raise DataError(f"{source.get(split, split)}: labels outside 0..{len(classes) - 1} "
-                            f"(found {int(y.max())})")
+            i = int(np.argmax(y >= len(classes)))
+            seen = "" if split == "train_labels" else ", the classes of the training labels"
+            raise DataError(f"{source.get(split, split)}: label {int(y[i])} (sample {i}) is outside "
+                            f"0..{len(classes) - 1}{seen}")
     prep = fit_preprocessing(train_images, test_images, standardize, tr, te)
     return Dataset(name, train_images, train_labels, test_images, test_labels, list(classes), prep, dict(source))
+
+
+def class_names(classes, train_labels, where) -> list[str]:
+    """The class names of a data set: the one place the number of classes K is decided.
+
+    classes: the names a named data set declares, or K (``--classes K``), or None:
+    then the training labels must be exactly 0..K-1 with every class present. A
+    gap in the label range is the signature of a corrupt label, and is refused
+    naming the label, its sample and the file (a model with 43 outputs for 10
+    classes would train without a word).
+    """
+    if isinstance(classes, (int, np.integer)) and not isinstance(classes, bool):
+        if classes < 2:
+            raise DataError(f"a classifier needs at least 2 classes, not {classes}")
+        return [str(i) for i in range(int(classes))]
+    if classes is not None:
+        return list(classes)
+    present = np.unique(train_labels)  # sorted; no allocation sized by the largest label
+    if present[-1] != len(present) - 1:
+        gap = int(np.argmax(present != np.arange(len(present))))  # the first class with no sample
+        label = int(present[gap])
+        i = int(np.argmax(train_labels == label))
+        raise DataError(f"{where}: label {label} (sample {i}) leaves class{'es' if label - gap > 1 else ''} "
+                        f"{gap}{'..' + str(label - 1) if label - gap > 1 else ''} without a training sample; "
+                        f"labels must be 0..K-1 with every class present, and a gap is the mark of a corrupt "
+                        f"label. If there really are {int(present[-1]) + 1} classes, pass --classes "
+                        f"{int(present[-1]) + 1} (classes= in fastnn.datasets.load)")
+    if len(present) < 2:
+        raise DataError(f"{where}: every training label is {int(present[0])}; a classifier needs at least 2 classes")
+    return [str(i) for i in range(len(present))]
 
 
 def flatten_images(images, where) -> np.ndarray:
@@ -529,7 +559,7 @@ def _progress_bar(total, label, progress):
 
 # ------------------------------------------------------------------- load
 def load(name_or_path, root=None, download=True, allow_pickle=False, standardize=False,
-         train=None, test=None, mirrors=None, timeout=30.0, progress=None) -> Dataset:
+         train=None, test=None, mirrors=None, timeout=30.0, progress=None, classes=None) -> Dataset:
     """Load a data set by name (mnist, fashion-mnist, kmnist) or path.
 
     name_or_path: a registered name; a folder holding the four IDX files, a
@@ -540,24 +570,28 @@ def load(name_or_path, root=None, download=True, allow_pickle=False, standardize
     root: a folder searched first for named data sets (then $FASTNN_DATA, the
     user cache, /usr/share/datasets); missing files are downloaded into the
     cache when ``download`` is true.
+    classes: the number of classes K, for data whose labels do not show every
+    class (see ``class_names``); a named data set declares its own.
     """
     if train is not None or test is not None:
         if train is None or test is None:
             raise DataError("give both a training file and a test file")
-        return _load_pair(Path(train), Path(test), standardize)
+        return _load_pair(Path(train), Path(test), standardize, classes)
     key = str(name_or_path).lower()
     key = ALIASES.get(key, key)
     if key in REGISTRY:
+        if classes is not None and classes != len(REGISTRY[key]["classes"]):
+            raise DataError(f"{key} has {len(REGISTRY[key]['classes'])} classes, not {classes}")
         return _load_named(key, root, download, standardize, mirrors, timeout, progress)
     path = Path(name_or_path)
     if path.is_dir():
-        return _load_dir(path, allow_pickle, standardize)
+        return _load_dir(path, allow_pickle, standardize, classes)
     if path.is_file():
         if path.suffix.lower() == ".npz":
             xtr, ytr, xte, yte = read_npz(path)
             src = {"train_images": f"{path}:x_train", "train_labels": f"{path}:y_train",
                    "test_images": f"{path}:x_test", "test_labels": f"{path}:y_test"}
-            return finish(path.stem, xtr, ytr, xte, yte, None, src, standardize)
+            return finish(path.stem, xtr, ytr, xte, yte, classes, src, standardize)
         raise DataError(f"{path}: a single file must be an .npz with x_train, y_train, x_test, y_test; "
                         "for a CSV pair pass the folder or --train/--test")
     raise DataError(f"{name_or_path}: neither a known data set ({', '.join(REGISTRY)}) nor an "
@@ -592,26 +626,26 @@ def _from_idx(name, files, classes, standardize):
                   arrays["test_labels"], classes, {k: str(p) for k, p in files.items()}, standardize)
 
 
-def _load_dir(path, allow_pickle, standardize):
+def _load_dir(path, allow_pickle, standardize, classes=None):
     files = {k: find_file(stem, [path]) for k, stem in IDX_FILES.items()}
     if all(files.values()):
         entry = REGISTRY.get(ALIASES.get(path.name.lower(), path.name.lower()), {})
-        return _from_idx(path.name, files, entry.get("classes"), standardize)
+        return _from_idx(path.name, files, entry.get("classes", classes), standardize)
     for tr, te in CSV_PAIRS:
         if (path / tr).is_file() and (path / te).is_file():
-            return _load_pair(path / tr, path / te, standardize)
+            return _load_pair(path / tr, path / te, standardize, classes)
     pk = [path / f for f in PICKLE_FILES]
     if all(p.is_file() for p in pk):
         imgs, labels, timgs, tlabels = (read_pickle(p, allow_pickle) for p in pk)
         src = dict(zip(IDX_FILES, map(str, pk)))
-        return finish(path.name, imgs, labels, timgs, tlabels, None, src, standardize)
+        return finish(path.name, imgs, labels, timgs, tlabels, classes, src, standardize)
     raise DataError(f"{path}: no data set found; expected the four IDX files "
                     f"({', '.join(IDX_FILES.values())}, .gz or raw), a CSV pair "
                     f"({' / '.join(a + ' + ' + b for a, b in CSV_PAIRS)}), or the pickles "
                     f"{', '.join(PICKLE_FILES)}")
 
 
-def _load_pair(train: Path, test: Path, standardize):
+def _load_pair(train: Path, test: Path, standardize, classes=None):
     def one(p: Path):
         if p.suffix.lower() == ".csv" or p.name.lower().endswith(".csv.gz"):
             return read_csv(p)
@@ -626,4 +660,4 @@ def _load_pair(train: Path, test: Path, standardize):
     xte, yte = one(test)
     src = {"train_images": str(train), "train_labels": str(train),
            "test_images": str(test), "test_labels": str(test)}
-    return finish(train.stem, xtr, ytr, xte, yte, None, src, standardize)
+    return finish(train.stem, xtr, ytr, xte, yte, classes, src, standardize)

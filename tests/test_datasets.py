@@ -20,7 +20,7 @@ def write_idx_set(folder, n_train=12, n_test=5, gz=True, seed=0, side=4):
     rng = np.random.default_rng(seed)
     arrays = {
         "train_images": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
-        "train_labels": rng.integers(0, 10, n_train).astype(np.uint8),
+        "train_labels": rng.permutation(np.arange(n_train) % 10).astype(np.uint8),  # every class present
         "test_images": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
         "test_labels": rng.integers(0, 10, n_test).astype(np.uint8),
     }
@@ -120,7 +120,7 @@ def test_labels_out_of_range_for_a_named_set(tmp_path):
     write_idx_set(tmp_path / "mnist")
     (tmp_path / "mnist" / "train-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(idx_bytes(np.full(12, 10, np.uint8))))
-    with pytest.raises(DataError, match=r"labels outside 0..9"):
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: label 10 \(sample 0\) is outside 0..9"):
         load("mnist", root=tmp_path, download=False)
 
 
@@ -145,12 +145,12 @@ def csv_text(images, labels, header=True):
 def test_csv_pair(tmp_path, header):
     rng = np.random.default_rng(0)
     tr, te = rng.integers(0, 256, (6, 9)), rng.integers(0, 256, (3, 9))
-    (tmp_path / "mnist_train.csv").write_text(csv_text(tr, [1, 2, 3, 4, 5, 6], header))
-    (tmp_path / "mnist_test.csv").write_text(csv_text(te, [7, 8, 9], header))
+    (tmp_path / "mnist_train.csv").write_text(csv_text(tr, [0, 1, 2, 3, 4, 5], header))
+    (tmp_path / "mnist_test.csv").write_text(csv_text(te, [3, 4, 5], header))
     ds = load(tmp_path)
     np.testing.assert_array_equal(ds.train_images, tr)
     assert ds.train_images.dtype == np.uint8
-    np.testing.assert_array_equal(ds.test_labels, [7, 8, 9])
+    np.testing.assert_array_equal(ds.test_labels, [3, 4, 5])
     ds2 = load(None, train=tmp_path / "mnist_train.csv", test=tmp_path / "mnist_test.csv")
     np.testing.assert_array_equal(ds2.test_images, te)
 
@@ -226,10 +226,10 @@ def test_one_preprocessing_for_both_splits(tmp_path):
     p = tmp_path / "d.npz"
     rng = np.random.default_rng(0)
     tr = rng.random((20, 6)).astype(np.float32)  # already in [0, 1]
-    np.savez(p, x_train=tr, y_train=np.zeros(20, int), x_test=tr[:3] * 255, y_test=np.zeros(3, int))
+    np.savez(p, x_train=tr, y_train=np.arange(20) % 2, x_test=tr[:3] * 255, y_test=np.zeros(3, int))
     with pytest.raises(DataError, match="pixels range over 0..255 but the training pixels"):
         load(p)
-    np.savez(p, x_train=tr, y_train=np.zeros(20, int), x_test=tr[:3], y_test=np.zeros(3, int))
+    np.savez(p, x_train=tr, y_train=np.arange(20) % 2, x_test=tr[:3], y_test=np.zeros(3, int))
     ds = load(p)
     assert ds.preprocessing.scale == 1.0  # never rescaled twice
     np.testing.assert_allclose(ds.x_test, tr[:3])
@@ -273,3 +273,43 @@ def test_real_fashion_mnist_and_mnist_test_set(real_data_root):
     raw = gzip.decompress((root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes())
     assert hashlib.md5(raw).hexdigest() == "2646ac647ad5339dbf082846283269ea"
     np.testing.assert_array_equal(np.frombuffer(raw, np.uint8, offset=16).reshape(10000, 28, 28), images)
+
+
+# ---------------------------------------------------------- the class count
+def npz_set(path, y_train, y_test, d=4):
+    np.savez(path, x_train=np.zeros((len(y_train), d), np.uint8), y_train=np.asarray(y_train),
+             x_test=np.zeros((len(y_test), d), np.uint8), y_test=np.asarray(y_test))
+    return path
+
+
+def test_one_corrupt_label_is_named_not_trained_as_a_43_class_model(tmp_path):
+    y = np.arange(100) % 10
+    y[57] = 42
+    with pytest.raises(DataError, match=r"d.npz:y_train: label 42 \(sample 57\) leaves classes 10..41 without "
+                                         r"a training sample.*pass --classes 43"):
+        load(npz_set(tmp_path / "d.npz", y, [0, 1]))
+
+
+def test_a_huge_corrupt_label_allocates_nothing_by_its_size(tmp_path):
+    y = np.arange(100) % 10
+    y[3] = 2 ** 40
+    with pytest.raises(DataError, match=r"label 1099511627776 \(sample 3\)"):
+        load(npz_set(tmp_path / "d.npz", y, [0, 1]))
+
+
+def test_a_test_label_never_seen_in_training_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"d.npz:y_test: label 3 \(sample 1\) is outside 0..2, the classes of"):
+        load(npz_set(tmp_path / "d.npz", np.arange(30) % 3, [0, 3]))
+
+
+def test_classes_declares_k_when_the_labels_do_not_show_every_class(tmp_path):
+    path = npz_set(tmp_path / "d.npz", [0, 1, 3, 3], [4, 0])
+    ds = load(path, classes=5)
+    assert ds.classes == ["0", "1", "2", "3", "4"]
+    with pytest.raises(DataError, match="label 4 .* outside 0..3"):
+        load(path, classes=4)
+
+
+def test_one_class_only_is_refused(tmp_path):
+    with pytest.raises(DataError, match="every training label is 0; a classifier needs at least 2 classes"):
+        load(npz_set(tmp_path / "d.npz", [0, 0, 0], [0]))

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import pickle
 import sys
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,51 +300,94 @@ def read_idx(path) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def read_csv(path) -> tuple[np.ndarray, np.ndarray]:
-    """A CSV of labelled images -> (images (N, D), labels (N,)).
+def read_csv(path, labels: str = "required") -> tuple[np.ndarray, np.ndarray | None]:
+    """A CSV of images -> (images (N, D), labels (N,) or None): the one CSV reader.
 
-    Layouts: a header row with a ``label`` column (the others are pixels), or no
-    header with the label first. Ragged rows, non-numeric or NaN cells raise a
-    DataError naming the line.
+    Layouts: a header row (a ``label`` column, if any, holds the labels; the other
+    columns are pixels), or no header: then a row of 1 + side*side values is a label
+    followed by a square image (785 = 1 + 28*28), and a row of side*side values is an
+    image with no label. labels: ``"required"`` (training: a file without labels is
+    a DataError) or ``"optional"`` (prediction). A UTF-8 byte-order mark is skipped.
+    Ragged rows, non-numeric or NaN cells raise a DataError naming the line.
     """
-    text = _read_bytes(path).decode("utf-8", errors="replace")
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
-        raise DataError(f"{path}: empty file")
-    first = [c.strip().strip('"') for c in lines[0].split(",")]
-    has_header = not _is_number(first[0]) or not all(_is_number(c) for c in first)
-    label_col, start = 0, 0
-    if has_header:
-        names = [c.lower() for c in first]
-        if "label" not in names:
-            raise DataError(f"{path}: the header row has no 'label' column")
-        label_col, start = names.index("label"), 1
+    raw = _read_bytes(path)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    end = raw.find(b"\n")
+    first_line = raw[:end if end >= 0 else len(raw)].decode("utf-8", errors="replace").strip()
+    if not first_line:
+        raise DataError(f"{path}: empty file" if not raw.strip() else f"{path}: the first line is empty")
+    first = [c.strip().strip('"') for c in first_line.split(",")]
     width = len(first)
-    body = lines[start:]
-    while body and not body[-1].strip():
-        body.pop()
-    if not body:
-        raise DataError(f"{path}: no data rows")
-    try:
-        table = np.loadtxt(body, delimiter=",", dtype=np.float64, ndmin=2)
-    except ValueError:
-        table = None
-    if table is None or table.shape[1] != width:
-        for i, line in enumerate(body):
-            cells = line.split(",")
-            if len(cells) != width:
-                raise DataError(f"{path}: line {i + start + 1} has {len(cells)} fields, expected {width}")
-            for c in cells:
-                if not _is_number(c.strip().strip('"')):
-                    raise DataError(f"{path}: line {i + start + 1}: non-numeric value {c.strip()!r}")
-        raise DataError(f"{path}: cannot parse as CSV")
-    bad = ~np.isfinite(table)
-    if bad.any():
-        i = int(np.argwhere(bad)[0][0])
-        raise DataError(f"{path}: line {i + start + 1}: NaN or infinite value")
-    labels = table[:, label_col]
+    if not all(_is_number(c) for c in first):  # a header row
+        names = [c.lower() for c in first]
+        label_col = names.index("label") if "label" in names else None
+        if label_col is None and labels == "required":
+            raise DataError(f"{path}: the header row has no 'label' column (training needs labels)")
+        body, first_row = io.BytesIO(raw), 2
+        body.seek(end + 1 if end >= 0 else len(raw))  # no copy of the data rows
+    else:
+        label_col = _headerless_label_column(width, path, labels)
+        body, first_row = io.BytesIO(raw), 1
+    del raw
+    table = _parse_rows(body, width, path, first_row)
+    del body
+    if label_col is None:
+        return flatten_images(table, path), None
+    y = table[:, label_col]
     images = np.delete(table, label_col, axis=1)
-    return flatten_images(images, path), check_labels(labels, len(labels), path)
+    return flatten_images(images, path), check_labels(y, len(y), path)
+
+
+def _headerless_label_column(width: int, path, labels: str) -> int | None:
+    """0 when a headerless row is a label and a square image, None when it is a square image alone."""
+    if _is_square(width - 1):
+        return 0
+    if _is_square(width):
+        if labels == "required":
+            raise DataError(f"{path}: rows of {width} values and no header: a {int(round(width ** 0.5))}x"
+                            f"{int(round(width ** 0.5))} image with no label column (training needs labels: put "
+                            f"the label first, or add a header row naming the 'label' column)")
+        return None
+    raise DataError(f"{path}: rows of {width} values and no header: neither a square image nor a label and a "
+                    f"square image; add a header row naming the 'label' column and the pixel columns")
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and int(round(n ** 0.5)) ** 2 == n
+
+
+def _parse_rows(body: io.BytesIO, width: int, path, first_row: int) -> np.ndarray:
+    """CSV rows of ``width`` numbers from the current position of ``body`` -> (N, width):
+    uint8 when every value is, else float32."""
+    start = body.tell()
+    for dtype in (np.uint8, np.float32):  # uint8 first: 4x less memory for the common case
+        body.seek(start)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "input contained no data": said below
+                table = np.loadtxt(body, delimiter=",", dtype=dtype, ndmin=2, quotechar='"')
+        except ValueError:
+            continue
+        if table.shape[0] == 0:
+            raise DataError(f"{path}: no data rows")
+        if table.shape[1] != width:
+            break
+        bad = ~np.isfinite(table) if dtype != np.uint8 else None
+        if bad is not None and bad.any():
+            raise DataError(f"{path}: line {int(np.argwhere(bad)[0][0]) + first_row}: NaN or infinite value")
+        return table
+    lines = body.getvalue()[start:].decode("utf-8", errors="replace").split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        cells = line.split(",")
+        if len(cells) != width:
+            raise DataError(f"{path}: line {i + first_row} has {len(cells)} fields, expected {width}")
+        for c in cells:
+            if not _is_number(c.strip().strip('"')):
+                raise DataError(f"{path}: line {i + first_row}: non-numeric value {c.strip()!r}")
+    raise DataError(f"{path}: cannot parse as CSV")
 
 
 def _is_number(s: str) -> bool:
@@ -453,14 +498,7 @@ def read_images(path):
     if name.endswith((".png",)):
         return read_png(p)[None], None
     if name.endswith((".csv", ".csv.gz")):
-        text = _read_bytes(p).decode("utf-8", errors="replace")
-        head = text.split("\n", 1)[0].lower().split(",")
-        if "label" in [h.strip().strip('"') for h in head]:
-            return read_csv(p)
-        table = np.loadtxt(text.splitlines(), delimiter=",", ndmin=2) if text.strip() else None
-        if table is None:
-            raise DataError(f"{p}: empty file")
-        return flatten_images(table, p), None
+        return read_csv(p, labels="optional")
     images = read_idx(p)
     labels_path = p.with_name(p.name.replace("images-idx3", "labels-idx1"))
     labels = read_idx(labels_path) if "images-idx3" in p.name and labels_path.is_file() else None

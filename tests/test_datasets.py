@@ -313,3 +313,54 @@ def test_classes_declares_k_when_the_labels_do_not_show_every_class(tmp_path):
 def test_one_class_only_is_refused(tmp_path):
     with pytest.raises(DataError, match="every training label is 0; a classifier needs at least 2 classes"):
         load(npz_set(tmp_path / "d.npz", [0, 0, 0], [0]))
+
+
+# ------------------------------------------------------- one CSV reader for all
+def test_a_headerless_csv_without_a_label_column_is_not_read_label_first(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (4, 16))
+    p = tmp_path / "x.csv"
+    p.write_text("\n".join(",".join(map(str, r)) for r in images) + "\n")  # 16 = 4x4 pixels, no label
+    with pytest.raises(DataError, match=r"x.csv: rows of 16 values and no header: a 4x4 image with no label column"):
+        read_csv(p)
+    x, y = read_csv(p, labels="optional")  # what predict reads
+    np.testing.assert_array_equal(x, images)
+    assert y is None
+
+
+def test_a_csv_row_width_that_fits_no_layout_asks_for_a_header(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(DataError, match="neither a square image nor a label and a square image; add a header"):
+        read_csv(p)
+
+
+@pytest.mark.parametrize("prefix", ["", "\ufeff"], ids=["plain", "utf8-bom"])
+def test_headers_with_and_without_labels_and_a_byte_order_mark(tmp_path, prefix):
+    images = np.random.default_rng(1).integers(0, 256, (3, 4))
+    labelled = tmp_path / "l.csv"
+    labelled.write_text(prefix + csv_text(images, [2, 0, 1]), encoding="utf-8")
+    x, y = read_csv(labelled)
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, [2, 0, 1])
+    kaggle = tmp_path / "k.csv"  # Kaggle's test.csv: pixel0..pixelN, no label
+    rows = ["pixel0,pixel1,pixel2,pixel3"] + [",".join(map(str, r)) for r in images]
+    kaggle.write_text(prefix + "\n".join(rows) + "\n", encoding="utf-8")
+    x, y = read_csv(kaggle, labels="optional")
+    np.testing.assert_array_equal(x, images)
+    assert y is None
+    with pytest.raises(DataError, match="k.csv: the header row has no 'label' column"):
+        read_csv(kaggle)
+
+
+def test_predict_and_training_read_csv_alike(tmp_path):
+    from fastnn.datasets import read_images
+
+    images = np.random.default_rng(2).integers(0, 256, (3, 9))
+    p = tmp_path / "t.csv"
+    p.write_text(csv_text(images, [4, 5, 6], header=False))  # headerless, label first: trains fine
+    for x, y in (read_csv(p), read_images(p)):
+        np.testing.assert_array_equal(x, images)
+        np.testing.assert_array_equal(y, [4, 5, 6])
+    (tmp_path / "r.csv").write_text("label,a,b,c,d\n1,2,3,4,5\n1,2,3\n")
+    with pytest.raises(DataError, match="r.csv: line 3 has 3 fields, expected 5"):
+        read_images(tmp_path / "r.csv")

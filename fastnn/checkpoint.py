@@ -33,6 +33,14 @@ def checkpoint_files(folder) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def remove_orphans(folder) -> list[Path]:
+    """Delete the temporary files that runs killed while writing a checkpoint left in ``folder``."""
+    orphans = list(Path(folder).glob(".tmp-*.npz"))
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    return orphans
+
+
 def save_checkpoint(folder, model: MLP, opt: Optimizer, epoch: int, rng: np.random.Generator,
                     config: dict, history: list) -> Path:
     """Write the full state after ``epoch``; keep the newest ``KEEP`` checkpoints."""

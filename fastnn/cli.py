@@ -10,7 +10,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -51,6 +54,16 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
 
 
 def _hidden(text: str) -> list[int]:
@@ -158,7 +171,7 @@ def _training_flags(p, add, S) -> None:
     add(g, "--per-sample", "batch size 1: an update after every sample", action="store_true", default=S)
     add(g, "--patience", "early stopping: stop after N epochs without a better test loss, keep the best",
         type=_positive(int), default=S)
-    add(g, "--seed", type=int, default=S)
+    add(g, "--seed", type=_nonneg_int, default=S)
     g = p.add_argument_group("GPU")
     add(g, "--cuda-graph", "capture one training step as a CUDA graph and replay it per batch",
         action="store_true", default=S)
@@ -178,6 +191,11 @@ def resolve_config(args, stored=None) -> dict:
         cfg.update(PRESETS[preset])
     if stored:
         cfg.update({k: v for k, v in stored.items() if k in cfg})
+    for key in ("data_dir", "train", "test"):  # stored absolute: --resume works from any folder
+        if given.get(key) is not None:
+            given[key] = os.path.abspath(given[key])
+    if given.get("dataset") is not None and os.path.exists(given["dataset"]):
+        given["dataset"] = os.path.abspath(given["dataset"])
     cfg.update(given)
     cfg["preset"] = preset
     if isinstance(cfg["hidden"], str):
@@ -213,9 +231,14 @@ def model_inputs(ds) -> tuple[np.ndarray, np.ndarray]:
 class Output:
     """Progress bar, epoch lines and the metrics file."""
 
-    def __init__(self, quiet, metrics_path, append):
+    def __init__(self, quiet, metrics_path, resumed_after=None):
+        """resumed_after: the checkpoint's epoch when resuming: the metrics file is kept up to
+        that epoch (records a killed run wrote after it are dropped) and appended to."""
         self.quiet = quiet
-        self.metrics = open(metrics_path, "a" if append else "w") if metrics_path else None  # noqa: SIM115
+        if metrics_path and resumed_after is not None:
+            _truncate_metrics(metrics_path, resumed_after)
+        mode = "a" if resumed_after is not None else "w"
+        self.metrics = open(metrics_path, mode) if metrics_path else None  # noqa: SIM115
         self.bar = None
 
     def say(self, text=""):
@@ -253,6 +276,26 @@ class Output:
         self.close_bar()
         if self.metrics:
             self.metrics.close()
+
+
+def _truncate_metrics(path, last_epoch: int) -> None:
+    """Drop the records of epochs after ``last_epoch`` (and the result) from a metrics file, atomically."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if rec.get("type") == "result" or (rec.get("epoch") or 0) > last_epoch:
+            continue
+        keep.append(line + "\n")
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Optimizer, np.random.Generator]:
@@ -319,17 +362,74 @@ def train(args, cfg, ds, inputs, model, opt, rng, out, history, start) -> int | 
         where = f"; the last good checkpoint is in {args.checkpoint_dir}" if args.checkpoint_dir else ""
         print(f"training stopped: {exc}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        msg = "interrupted"
+    except KeyboardInterrupt as exc:
+        msg = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         if args.checkpoint_dir and checkpoint.checkpoint_files(args.checkpoint_dir):
             last = history[-1]["epoch"] if history else 0
             msg += f"; resume with --resume {args.checkpoint_dir} (last complete epoch: {last})"
         if args.save:
-            model.save(args.save)
+            save_model(model, args.save)
             msg += f"; current weights saved to {args.save}"
         print(msg, file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     return None
+
+
+def check_outputs(args, resuming: bool) -> None:
+    """Every output path of a run is usable before training starts; ConfigError naming it if not.
+
+    A --checkpoint-dir that holds another run's checkpoints is refused unless that run
+    is being resumed (its newer files would otherwise replace this run's as "latest").
+    """
+    if args.save:
+        save = Path(args.save)
+        if save.is_dir():
+            raise ConfigError(f"--save {save}: is a folder; give a file name such as {save / 'model.npz'}")
+        if not save.parent.resolve().is_dir():
+            raise ConfigError(f"--save {save}: the folder to save the model in does not exist")
+        _probe_folder(save.parent, "--save", save)
+    if args.metrics:
+        if Path(args.metrics).is_dir():
+            raise ConfigError(f"--metrics {args.metrics}: is a folder; give a file name such as metrics.jsonl")
+        _probe_folder(Path(args.metrics).parent, "--metrics", args.metrics)
+    for flag, folder in (("--checkpoint-dir", args.checkpoint_dir), ("--plots", args.plots)):
+        if folder:
+            _probe_folder(Path(folder), flag, folder, create=True)
+    if args.checkpoint_dir and not resuming:
+        found = checkpoint.checkpoint_files(args.checkpoint_dir)
+        if found:
+            raise ConfigError(f"--checkpoint-dir {args.checkpoint_dir}: holds the checkpoints of another run (up to "
+                              f"{found[0].name}); continue it with --resume {args.checkpoint_dir}, or use an "
+                              "empty folder")
+
+
+def _probe_folder(folder: Path, flag: str, given, create=False) -> None:
+    """Create ``folder`` if asked, then write and remove a file in it; ConfigError if that fails."""
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fastnn-probe-", dir=folder if str(folder) else ".")
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise ConfigError(f"{flag} {given}: {folder} is a file, not a folder") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {given}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def save_model(model: MLP, path) -> None:
+    """``model.save(path)``; if writing fails after training, the weights go to a file in the
+    temporary folder and the error names both paths (the run is not lost)."""
+    try:
+        model.save(path)
+    except OSError as exc:
+        rescue = Path(tempfile.gettempdir()) / f"fastnn-model-{os.getpid()}.npz"
+        try:
+            model.save(rescue)
+            kept = f"the trained model was saved to {rescue} instead"
+        except OSError as exc2:
+            kept = f"saving it to {rescue} failed too ({exc2.strerror or exc2})"
+        raise FastnnError(f"--save {path}: cannot write the model ({exc.strerror or exc}); {kept}") from None
 
 
 def report(args, ds, inputs, model, out, history, seconds) -> None:
@@ -342,7 +442,7 @@ def report(args, ds, inputs, model, out, history, seconds) -> None:
     out.say(format_report(cm, ds.classes))
     print(f"test accuracy {acc:.4f} after {len(history)} epochs ({seconds:.1f} s)")
     if args.save:
-        model.save(args.save)
+        save_model(model, args.save)
         out.say(f"model saved to {args.save}")
     if args.plots:
         files = write_plots(args.plots, history, cm, ds.classes, ds.test_images, ds.test_labels, pred,
@@ -355,18 +455,19 @@ def run_train(argv=None, doctor_only=False) -> int:
     args = train_parser("fastnn doctor" if doctor_only else "fastnn train", doctor=doctor_only).parse_args(argv)
     for key in ("doctor", "quiet", "save", "checkpoint_dir", "resume", "plots"):  # output flags the doctor lacks
         args.__dict__.setdefault(key, None)
-    if args.save and not Path(args.save).resolve().parent.is_dir():  # say so now, not after training
-        raise ConfigError(f"{args.save}: the folder to save the model in does not exist")
     state = None
     if args.resume:
         state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))
         args.checkpoint_dir = args.checkpoint_dir or args.resume
+    check_outputs(args, resuming=state is not None)  # now, not after training
     cfg = resolve_config(args, state["meta"]["config"] if state else None)
     set_tf32(cfg["tf32"])
     ds = load_data(cfg)
     model, opt, rng = build(cfg, ds, state)
     inputs = model_inputs(ds)  # once: float images are preprocessed here, uint8 pixels on the device
-    out = Output(args.quiet, args.metrics, append=bool(state))
+    out = Output(args.quiet, args.metrics, resumed_after=state["meta"]["epoch"] if state else None)
+    if args.checkpoint_dir:
+        checkpoint.remove_orphans(args.checkpoint_dir)
     try:
         if doctor_only or args.doctor:
             findings = run_doctor(cfg, ds, inputs, model, out)
@@ -430,8 +531,18 @@ def run_predict(argv=None) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, cluster schedulers), handled as Ctrl-C is: weights saved, resume hint."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading_main():
+        signal.signal(signal.SIGTERM, _terminate)
     if argv[:1] in (["-h"], ["--help"]):
         print(usage())
         return 0
@@ -451,9 +562,16 @@ def main(argv=None) -> int:
     except OSError as exc:  # e.g. --metrics or --save into a folder that does not exist
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+
+
+def threading_main() -> bool:
+    """Signal handlers can be set only from the main thread (``main`` may be called from others)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover

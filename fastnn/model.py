@@ -80,6 +80,8 @@ class MLP:
             init = "he" if activation == "relu" else "xavier"
         if init not in INITS:
             raise ConfigError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
         if loss == "xent" and sizes[-1] < 2:
             raise ConfigError("softmax cross-entropy needs at least 2 output classes")
         self.sizes = sizes

@@ -39,8 +39,8 @@ def real_data_args():
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
 
 
-def run(cmd, timeout=300):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+def run(cmd, timeout=300, cwd=None):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
 
 
 def test_train_writes_metrics_and_a_model_that_predicts_the_same(tmp_path, data_args, synthetic_dir):
@@ -110,8 +110,9 @@ def test_sigkill_while_checkpointing_never_leaves_an_unloadable_latest(tmp_path,
     args = TRAIN + data_args + ["--limit", "300", "--hidden", "512,512", "--epochs", "100000",
                                 "--quiet", "--device", "cpu", "--checkpoint-dir", str(ck)]
     rng = np.random.default_rng(0)
-    for _ in range(4):
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    for i in range(4):
+        cmd = args if i == 0 else TRAIN + ["--resume", str(ck), "--quiet"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         deadline = time.time() + 120
         while len(checkpoint.checkpoint_files(ck)) < 1 and time.time() < deadline:
             time.sleep(0.01)
@@ -122,6 +123,11 @@ def test_sigkill_while_checkpointing_never_leaves_an_unloadable_latest(tmp_path,
         state = checkpoint.load_latest(ck, warn=warnings.append)
         assert warnings == [] and state["meta"]["epoch"] >= 1
         assert len(checkpoint.checkpoint_files(ck)) <= checkpoint.KEEP
+    # a resumed run clears the temporary files the kills left, and ends
+    last = checkpoint.load_latest(ck)["meta"]["epoch"]
+    r = run(TRAIN + ["--resume", str(ck), "--quiet", "--epochs", str(last + 1)])
+    assert r.returncode == 0, r.stderr
+    assert list(ck.glob(".tmp-*")) == []
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_args):
@@ -145,6 +151,14 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_args):
     (["--resume", "/no/such/dir"], "/no/such/dir: no checkpoint found"),
     (["--metrics", "/no/such/dir/m.jsonl"], "No such file or directory"),
     (["--save", "/no/such/dir/m.npz"], "/no/such/dir/m.npz: the folder to save the model in does not exist"),
+    (["--save", "/tmp"], "--save /tmp: is a folder; give a file name"),
+    (["--save", "/proc/m.npz"], "--save /proc/m.npz: cannot write in /proc"),
+    (["--checkpoint-dir", "/etc/hostname/ck"], "--checkpoint-dir /etc/hostname/ck: cannot write in"),
+    (["--plots", "/etc/hostname/p"], "--plots /etc/hostname/p: cannot write in"),
+    (["--metrics", "/tmp"], "--metrics /tmp: is a folder"),
+    (["--seed", "-5"], "argument --seed: must be >= 0, got -5"),
+    (["--classes", "0"], "argument --classes: must be a positive number"),
+    (["--dataset", "mnist", "--classes", "7", "--no-download"], "mnist has 10 classes, not 7"),
     (["--gpu-gemm", "cublas", "--cuda-graph"], "--cuda-graph needs fastnn's GEMM kernels"),
     (["--tf32"], "--tf32 applies to cuBLAS GEMMs only: add --gpu-gemm cublas"),
 ])
@@ -185,7 +199,8 @@ def test_csv_training_from_the_first_seed_layout(tmp_path):
     assert acc > 0.9
 
 
-def test_ctrl_c_exits_cleanly_and_says_how_to_resume(tmp_path, data_args):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_exit_cleanly_and_say_how_to_resume(tmp_path, data_args, sig, code):
     ck, saved = tmp_path / "ck", tmp_path / "now.npz"
     args = TRAIN + data_args + ["--limit", "300", "--hidden", "64", "--epochs", "100000", "--device", "cpu",
                                 "--checkpoint-dir", str(ck), "--save", str(saved)]
@@ -193,9 +208,9 @@ def test_ctrl_c_exits_cleanly_and_says_how_to_resume(tmp_path, data_args):
     deadline = time.time() + 120
     while len(checkpoint.checkpoint_files(ck)) < 1 and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == code, err
     assert f"--resume {ck}" in err and "Traceback" not in err
     assert fastnn.MLP.load(saved).sizes == (784, 64, 10)
     checkpoint.load_latest(ck)
@@ -329,7 +344,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     pytest.importorskip("tqdm")
     from fastnn.cli import Output
 
-    out = Output(quiet=False, metrics_path=None, append=False)
+    out = Output(quiet=False, metrics_path=None)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     assert out.progress(1, 3, 1000) is None  # piped or redirected: no bar
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
@@ -338,7 +353,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     hook(500)
     assert out.bar.n == 500 and out.bar.total == 1000
     out.close()
-    assert Output(quiet=True, metrics_path=None, append=False).progress(1, 3, 1000) is None
+    assert Output(quiet=True, metrics_path=None).progress(1, 3, 1000) is None
 
 
 def test_help_lists_the_commands_defaults_and_version():
@@ -358,3 +373,60 @@ def test_doctor_refuses_flags_it_would_ignore(flag):
     r = run([sys.executable, "-m", "fastnn", "doctor", *flag])
     assert r.returncode == 2
     assert r.stderr.startswith("fastnn doctor: error: unrecognized arguments: " + flag[0])
+
+
+# ------------------------------------------------------------ nothing lost
+def test_a_checkpoint_dir_holding_another_run_is_refused(tmp_path, data_args):
+    ck = tmp_path / "ck"
+    assert run(TRAIN + data_args + SMALL + ["--checkpoint-dir", str(ck)]).returncode == 0
+    r = run(TRAIN + data_args + SMALL + ["--hidden", "16", "--checkpoint-dir", str(ck)])
+    assert r.returncode == 2
+    assert f"--checkpoint-dir {ck}: holds the checkpoints of another run (up to ckpt-epoch-0003.npz)" in r.stderr
+    assert f"--resume {ck}" in r.stderr
+    assert checkpoint.load_latest(ck)["meta"]["model"]["sizes"] == [784, 32, 10]  # untouched
+
+
+def test_resume_works_from_another_folder_and_keeps_one_record_per_epoch(tmp_path, synthetic_dir):
+    ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    rel = os.path.relpath(synthetic_dir, tmp_path)
+    r = run(TRAIN + ["--data-dir", rel] + SMALL + ["--checkpoint-dir", "ck", "--metrics", "m.jsonl"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    checkpoint.checkpoint_files(ck)[0].unlink()  # as if killed after epoch 3 was logged but before its checkpoint
+    r = run(TRAIN + ["--resume", str(ck), "--metrics", str(metrics), "--quiet"], cwd="/")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2, 3]
+    assert sum(r["type"] == "result" for r in records) == 1
+
+
+def test_a_failed_save_after_training_keeps_the_model_and_names_both_paths(tmp_path, monkeypatch):
+    from fastnn import cli
+
+    model = fastnn.MLP([4, 3])
+    real_save = fastnn.MLP.save
+
+    def full_disk(self, path):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(28, "No space left on device", str(path))
+        real_save(self, path)
+
+    monkeypatch.setattr(fastnn.MLP, "save", full_disk)
+    with pytest.raises(fastnn.FastnnError, match="No space left on device.*the trained model was saved to") as e:
+        cli.save_model(model, tmp_path / "m.npz")
+    rescued = str(e.value).split("was saved to ")[1].split(" instead")[0]
+    assert fastnn.MLP.load(rescued).sizes == (4, 3)
+    os.unlink(rescued)
+
+
+def test_saved_files_get_the_permissions_of_any_new_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fastnn.MLP([4, 3]).save(tmp_path / "m.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_negative_seed_is_a_config_error():
+    with pytest.raises(fastnn.ConfigError, match="seed must be a whole number >= 0, got -5"):
+        fastnn.MLP([4, 3], seed=-5)

@@ -522,6 +522,9 @@ def run_predict(argv=None) -> int:
                               f"{model.sizes[0]}")
         if args.invert:
             images = (255 - images) if images.dtype == np.uint8 or images.max() > 1 else 1.0 - images
+        elif str(path).lower().endswith(".png") and _light_background(images[0]):
+            print(f"{path}: a light background: MNIST-like models expect light ink on black; if this is dark "
+                  "ink on light paper, pass --invert", file=sys.stderr)
         pred = model.predict(model.preprocess(images))
         for i, p in enumerate(pred):
             name = f"{path}[{i}]" if len(pred) > 1 else str(path)
@@ -537,6 +540,16 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated()
+
+
+def _light_background(image: np.ndarray) -> bool:
+    """Whether the border of a square uint8 image (D,) is mostly light."""
+    side = int(round(math.sqrt(image.size)))
+    if side * side != image.size or side < 3:
+        return False
+    img = image.reshape(side, side).astype(np.float64)
+    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    return border.mean() > 127
 
 
 def main(argv=None) -> int:

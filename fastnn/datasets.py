@@ -277,6 +277,16 @@ def _read_bytes(path) -> bytes:
     return raw
 
 
+MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"\x93NUMPY": "a NumPy .npy file",
+         b"PK\x03\x04": "a zip archive (an .npz?)", b"GIF8": "a GIF image", b"BM": "a BMP image",
+         b"\x80": "a Python pickle"}
+
+
+def _known_format(raw: bytes) -> str | None:
+    """What a file is, by its first bytes, when it is a common format that is not IDX."""
+    return next((what for magic, what in MAGIC.items() if raw.startswith(magic)), None)
+
+
 def read_idx(path) -> np.ndarray:
     """An IDX file (``.gz`` or raw) -> array of its declared shape and type; strict."""
     raw = _read_bytes(path)
@@ -284,6 +294,8 @@ def read_idx(path) -> np.ndarray:
         raise DataError(f"{path}: {len(raw)} bytes, too short for an IDX header")
     if raw.lstrip()[:1] == b"<":
         raise DataError(f"{path}: an HTML/XML page, not IDX data (a failed download? delete it and retry)")
+    if _known_format(raw):
+        raise DataError(f"{path}: {_known_format(raw)}, not IDX data")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES or raw[3] == 0:
         raise DataError(f"{path}: bad IDX magic number {raw[:4].hex()} (expected 0000 08 0N)")
     ndim = raw[3]
@@ -295,6 +307,11 @@ def read_idx(path) -> np.ndarray:
     want = int(np.prod(dims)) * dtype.itemsize
     got = len(raw) - header
     if got != want:
+        fits = [f"0x{code:02x} ({np.dtype(t).name})" for code, t in IDX_DTYPES.items()
+                if int(np.prod(dims)) * np.dtype(t).itemsize == got]
+        if fits:
+            raise DataError(f"{path}: the header's type byte 0x{raw[2]:02x} ({dtype.name}) does not fit its "
+                            f"{got} bytes of data, which fit type {fits[0]}: a wrong type byte")
         raise DataError(f"{path}: {got} bytes of data, but the header {dims} needs {want} "
                         f"({'truncated' if got < want else 'trailing bytes'})")
     return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
@@ -482,8 +499,11 @@ def read_png(path) -> np.ndarray:
                     raise DataError(f"{path}: corrupt PNG (filter type {f})")
                 cur[x] = (line[x] + pred) & 255
         img[y], prev = cur, cur
-    px = img.reshape(h, w, channels)
+    px = img.reshape(h, w, channels).astype(np.float64)
     gray = px[..., :3].mean(axis=2) if channels >= 3 else px[..., 0]
+    if channels in (2, 4):  # composited on white paper: ink drawn in the alpha channel stays visible
+        alpha = px[..., -1] / 255.0
+        gray = gray * alpha + 255.0 * (1.0 - alpha)
     return np.round(gray).astype(np.uint8)
 
 
@@ -499,6 +519,8 @@ def read_images(path):
         return read_png(p)[None], None
     if name.endswith((".csv", ".csv.gz")):
         return read_csv(p, labels="optional")
+    if name.endswith((".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")):
+        raise DataError(f"{p}: fastnn predict reads PNG images (and IDX or CSV files); convert it to PNG")
     images = read_idx(p)
     labels_path = p.with_name(p.name.replace("images-idx3", "labels-idx1"))
     labels = read_idx(labels_path) if "images-idx3" in p.name and labels_path.is_file() else None
@@ -531,8 +553,9 @@ def search_dirs(name: str, root=None) -> list[Path]:
 
 def find_file(stem: str, dirs) -> Path | None:
     """``<dir>/<stem>.gz`` or ``<dir>/<stem>`` in the first folder that has one."""
+    dotted = stem.replace("-idx", ".idx")  # train-images.idx3-ubyte, as some archives name them
     for d in dirs:
-        for cand in (d / (stem + ".gz"), d / stem):
+        for cand in (d / (stem + ".gz"), d / stem, d / (dotted + ".gz"), d / dotted):
             if cand.is_file():
                 return cand
     return None
@@ -630,6 +653,9 @@ def load(name_or_path, root=None, download=True, allow_pickle=False, standardize
             src = {"train_images": f"{path}:x_train", "train_labels": f"{path}:y_train",
                    "test_images": f"{path}:x_test", "test_labels": f"{path}:y_test"}
             return finish(path.stem, xtr, ytr, xte, yte, classes, src, standardize)
+        if path.suffix.lower() in (".pkl", ".pickle"):
+            raise DataError(f"{path}: pickles are read only from a folder holding {', '.join(PICKLE_FILES)}, "
+                            "and only with --allow-pickle (allow_pickle=True): unpickling can run arbitrary code")
         raise DataError(f"{path}: a single file must be an .npz with x_train, y_train, x_test, y_test; "
                         "for a CSV pair pass the folder or --train/--test")
     raise DataError(f"{name_or_path}: neither a known data set ({', '.join(REGISTRY)}) nor an "
@@ -637,6 +663,8 @@ def load(name_or_path, root=None, download=True, allow_pickle=False, standardize
 
 
 def _load_named(name, root, allow_download, standardize, mirrors, timeout, progress):
+    if root is not None and not Path(root).is_dir():
+        raise DataError(f"{root}: the data folder {'is a file' if Path(root).exists() else 'does not exist'}")
     entry = REGISTRY[name]
     dirs = search_dirs(name, root)
     files = {}
@@ -666,6 +694,10 @@ def _from_idx(name, files, classes, standardize):
 
 def _load_dir(path, allow_pickle, standardize, classes=None):
     files = {k: find_file(stem, [path]) for k, stem in IDX_FILES.items()}
+    if any(files.values()) and not all(files.values()):
+        missing = [IDX_FILES[k] for k, f in files.items() if f is None]
+        raise DataError(f"{path}: holds {sum(map(bool, files.values()))} of the four IDX files; missing "
+                        f"{', '.join(missing)} (.gz or raw)")
     if all(files.values()):
         entry = REGISTRY.get(ALIASES.get(path.name.lower(), path.name.lower()), {})
         return _from_idx(path.name, files, entry.get("classes", classes), standardize)

@@ -52,11 +52,24 @@ def _umask() -> int:
 def read_npz(path) -> dict:
     """All arrays of an ``.npz`` file (no pickles); DataError if missing or unreadable."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        with open(path, "rb") as f:
+            magic = f.read(4)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if magic != b"PK\x03\x04":
+        kind = f"it starts with {magic!r}" if magic else "it is empty"
+        raise DataError(f"{path}: not an .npz file ({kind}; an .npz is a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: holds object arrays (pickled Python objects); fastnn reads only "
+                            "numeric arrays from .npz files") from None
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
 
 

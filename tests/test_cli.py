@@ -225,15 +225,16 @@ def test_plots(tmp_path, data_args):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def png_bytes(img: np.ndarray, channels: int, seed=0) -> bytes:
-    """A PNG encoder for the test: every row gets a random filter type (0-4)."""
+def png_bytes(img: np.ndarray, channels: int, seed=0, alpha=None) -> bytes:
+    """A PNG encoder for the test: every row gets a random filter type (0-4). With ``alpha``
+    (2 or 4 channels), the color is ``img`` and the alpha channel ``alpha``."""
     import struct
     import zlib
 
     h, w = img.shape
     px = np.repeat(img[:, :, None], channels, axis=2).astype(np.int32)
     if channels in (2, 4):
-        px[:, :, -1] = 255
+        px[:, :, -1] = 255 if alpha is None else alpha
     rows = px.reshape(h, w * channels)
     rng = np.random.default_rng(seed)
     out, prev = b"", np.zeros(w * channels, np.int32)
@@ -430,3 +431,19 @@ def test_saved_files_get_the_permissions_of_any_new_file(tmp_path):
 def test_a_negative_seed_is_a_config_error():
     with pytest.raises(fastnn.ConfigError, match="seed must be a whole number >= 0, got -5"):
         fastnn.MLP([4, 3], seed=-5)
+
+
+def test_an_rgba_png_with_its_ink_in_the_alpha_channel(tmp_path, data_args, synthetic):
+    from fastnn.datasets import read_png
+
+    digit = synthetic[2][0].reshape(28, 28)
+    png = tmp_path / "ink.png"
+    png.write_bytes(png_bytes(np.zeros((28, 28), np.uint8), 4, alpha=digit))  # black ink, drawn in alpha
+    np.testing.assert_array_equal(read_png(png), 255 - digit)  # composited on white paper
+    model = tmp_path / "m.npz"
+    assert run(TRAIN + data_args + SMALL + ["--save", str(model)]).returncode == 0
+    plain = run(PREDICT + [str(model), str(png)])
+    assert plain.returncode == 0 and "a light background" in plain.stderr and "--invert" in plain.stderr
+    inverted = run(PREDICT + [str(model), str(png), "--invert"])
+    want = fastnn.MLP.load(model).predict(digit.reshape(1, -1))[0]
+    assert inverted.stdout.split("\t")[1] == str(want)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import sys
@@ -426,21 +427,50 @@ def read_npz(path):
 
 
 def read_pickle(path, allow_pickle=False):
-    """A pickled list/array (of images or labels). Refused unless allow_pickle."""
+    """A pickled list/array (of images or labels). Refused unless allow_pickle; even then only
+    lists, numbers and NumPy arrays are unpickled (``_ArrayUnpickler``)."""
     if not allow_pickle:
         raise DataError(f"{path}: refusing to load a pickle: unpickling can run arbitrary code. "
                         "If you trust this file, pass allow_pickle=True (--allow-pickle)")
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        obj = _ArrayUnpickler(io.BytesIO(raw)).load()
     except Exception as exc:
         raise DataError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc})") from None
     try:
         return np.asarray([np.asarray(o).reshape(-1) if np.ndim(o) > 1 else o for o in obj])
     except (TypeError, ValueError) as exc:
         raise DataError(f"{path}: not a list of equally sized images or labels ({exc})") from None
+
+
+class _CheckedArray(np.ndarray):
+    """An ndarray whose pickled state is checked before NumPy allocates it (shape against data)."""
+
+    def __setstate__(self, state):
+        shape, dtype, data = state[1], state[2], state[-1]
+        if isinstance(data, (bytes, bytearray)):
+            if any(int(n) < 0 for n in shape) or math.prod(int(n) for n in shape) * dtype.itemsize != len(data):
+                raise pickle.UnpicklingError(f"array of shape {tuple(shape)} does not match its {len(data)} bytes")
+        super().__setstate__(state)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles lists, numbers and NumPy arrays, and nothing else: no other class or function is
+    looked up, so the file cannot run code, and no array is allocated by a size its data lacks."""
+
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed (only lists, numbers and NumPy arrays)")
+        return _CheckedArray if name == "ndarray" else super().find_class(module, name)
 
 
 def read_png(path) -> np.ndarray:

@@ -19,6 +19,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import sys
 import urllib.request
 import warnings
@@ -439,6 +440,8 @@ def read_pickle(path, allow_pickle=False):
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
+        for _ in pickletools.genops(raw):  # every length field checked against the data first: the
+            pass  # unpickler would allocate what a corrupt one claims before finding it missing
         obj = _ArrayUnpickler(io.BytesIO(raw)).load()
     except Exception as exc:
         raise DataError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc})") from None

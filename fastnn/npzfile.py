@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 
 import numpy as np
 
@@ -69,8 +68,8 @@ def read_npz(path) -> dict:
             raise DataError(f"{path}: holds object arrays (pickled Python objects); fastnn reads only "
                             "numeric arrays from .npz files") from None
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    except Exception as exc:  # zipfile and NumPy raise many kinds (BadZipFile, EOFError, RuntimeError, ...)
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
 def save(path, fmt: str, meta: dict, arrays: dict) -> None:

@@ -24,7 +24,7 @@ import fastnn  # noqa: E402
 from fastnn import checkpoint, datasets  # noqa: E402
 
 settings.register_profile("fuzz-long", max_examples=20000, deadline=None)
-EXAMPLES = 120  # per reader, unless a profile says otherwise
+EXAMPLES = 500  # per reader, unless a profile says otherwise
 MEMORY_LIMIT = 64 << 20  # bytes; the valid files are a few kB
 FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=10),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

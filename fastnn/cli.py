@@ -27,12 +27,12 @@ from .errors import ConfigError, DataError, DivergedError, FastnnError
 from .model import INITS, LOSSES, MLP
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
 from .report import confusion_matrix, format_report, write_plots
-from .train import LR_SCHEDULES, fit
+from .train import LR_SCHEDULES, fit, stratified_split
 
 DEFAULTS = {
     "dataset": "fashion-mnist", "hidden": "256,128", "activation": "relu", "loss": "xent",
     "init": None, "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
-    "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32",
+    "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32", "val_split": 0.1,
     "device": "auto", "per_sample": False, "patience": None, "standardize": False,
     "cuda_graph": False, "gpu_gemm": "fastnn", "tf32": False,
 }
@@ -54,6 +54,13 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _fraction(text: str) -> float:
+    v = _nonneg_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return v
 
 
 def _nonneg_int(text: str) -> int:
@@ -169,7 +176,10 @@ def _training_flags(p, add, S) -> None:
     add(g, "--batch-size", type=_positive(int), default=S)
     add(g, "--epochs", type=_positive(int), default=S)
     add(g, "--per-sample", "batch size 1: an update after every sample", action="store_true", default=S)
-    add(g, "--patience", "early stopping: stop after N epochs without a better test loss, keep the best",
+    add(g, "--val-split", "hold out this fraction of the training data (stratified, seeded) for validation: it "
+        "drives early stopping and the per-epoch figures; the test set is evaluated once, at the end",
+        type=_fraction, default=S)
+    add(g, "--patience", "early stopping: stop after N epochs without a better validation loss, keep the best",
         type=_positive(int), default=S)
     add(g, "--seed", type=_nonneg_int, default=S)
     g = p.add_argument_group("GPU")
@@ -191,6 +201,7 @@ def resolve_config(args, stored=None) -> dict:
         cfg.update(PRESETS[preset])
     if stored:
         cfg.update({k: v for k, v in stored.items() if k in cfg})
+        cfg["val_split"] = stored.get("val_split", 0.0)  # runs from before --val-split used all the data
     for key in ("data_dir", "train", "test"):  # stored absolute: --resume works from any folder
         if given.get(key) is not None:
             given[key] = os.path.abspath(given[key])
@@ -222,10 +233,26 @@ def load_data(cfg):
     return ds.limit(cfg["limit"]) if cfg["limit"] else ds
 
 
-def model_inputs(ds) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) model inputs: uint8 pixels as they are (the model scales them on the
-    device), float images preprocessed."""
-    return tuple(x if x.dtype == np.uint8 else ds.preprocess(x) for x in (ds.train_images, ds.test_images))
+@dataclasses.dataclass
+class Inputs:
+    """What the network is given: the training split, divided into the part trained on and the
+    validation part (x_val None without one), and the test images. uint8 pixels stay as they are
+    (the model scales them on the device); float images are preprocessed."""
+
+    x_all: np.ndarray  # the whole training split, for the doctor's data checks
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    x_test: np.ndarray
+
+
+def model_inputs(ds, val_split: float, seed: int) -> Inputs:
+    xtr, xte = (x if x.dtype == np.uint8 else ds.preprocess(x) for x in (ds.train_images, ds.test_images))
+    if not val_split:
+        return Inputs(xtr, xtr, ds.train_labels, None, None, xte)
+    tr, va = stratified_split(ds.train_labels, val_split, seed)
+    return Inputs(xtr, xtr[tr], ds.train_labels[tr], xtr[va], ds.train_labels[va], xte)
 
 
 class Output:
@@ -311,9 +338,8 @@ def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Opt
 
 
 def run_doctor(cfg, ds, inputs, model, out) -> list:
-    """Print and file the doctor's findings before training. inputs: ``model_inputs(ds)``."""
-    xtr, xte = inputs
-    findings = diagnose(model, xtr, ds.train_labels, xte, ds.test_labels, lr=cfg["lr"],
+    """Print and file the doctor's findings before training (data checks read both splits)."""
+    findings = diagnose(model, inputs.x_all, ds.train_labels, inputs.x_test, ds.test_labels, lr=cfg["lr"],
                         optimizer=cfg["optimizer"], batch_size=cfg["batch_size"])
     print(f"doctor: {len(findings)} finding(s)" if findings else "doctor: no problems found")
     for f in findings:
@@ -321,12 +347,14 @@ def run_doctor(cfg, ds, inputs, model, out) -> list:
     return findings
 
 
-def announce(cfg, ds, model, out, resumed_after) -> None:
+def announce(cfg, ds, inputs, model, out, resumed_after) -> None:
     """The run's configuration: a line on screen, a record in the metrics."""
+    n_val = 0 if inputs.y_val is None else len(inputs.y_val)
     out.record({"type": "config", **cfg, "sizes": list(model.sizes), "device": model.device,
-                "classes": ds.classes, "source": ds.source, "n_train": len(ds.train_labels),
+                "classes": ds.classes, "source": ds.source, "n_train": len(inputs.y_train), "n_val": n_val,
                 "n_test": len(ds.test_labels), "resumed_from_epoch": resumed_after, "fastnn": __version__})
-    out.say(f"fastnn {__version__}: {ds.name} ({len(ds.train_labels)} train / {len(ds.test_labels)} test), "
+    out.say(f"fastnn {__version__}: {ds.name} ({len(inputs.y_train)} train / {n_val} validation / "
+            f"{len(ds.test_labels)} test), "
             f"network {'-'.join(map(str, model.sizes))} {cfg['activation']}/{cfg['loss']}, "
             f"{cfg['optimizer']} lr {cfg['lr']:g}, batch {cfg['batch_size']}, device {model.device}"
             + (f", resuming after epoch {resumed_after}" if resumed_after is not None else ""))
@@ -334,28 +362,28 @@ def announce(cfg, ds, model, out, resumed_after) -> None:
 
 def train(args, cfg, ds, inputs, model, opt, rng, out, history, start) -> int | None:
     """Train, printing, checkpointing and watching each epoch. An exit status if it stopped early."""
-    xtr, xte = inputs
-    monitor = EpochMonitor(model, xte, ds.test_labels) if args.doctor else None
+    n = len(inputs.y_train)
+    monitor = EpochMonitor(model, inputs.x_val, inputs.y_val) if args.doctor else None
 
     def on_epoch(rec):
         out.close_bar()
         history.append(rec)
         out.record({"type": "epoch", **rec})
+        val = "" if rec["val_loss"] is None else f"val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f}  "
         out.say(f"epoch {rec['epoch']:3d}/{cfg['epochs']}  train loss {rec['train_loss']:.4f} "
-                f"acc {rec['train_accuracy']:.4f}  test loss {rec['val_loss']:.4f} "
-                f"acc {rec['val_accuracy']:.4f}  {rec['seconds']:.2f} s  {rec['samples_per_s']:,.0f} samples/s")
+                f"acc {rec['train_accuracy']:.4f}  {val}{rec['seconds']:.2f} s  {rec['samples_per_s']:,.0f} samples/s")
         for f in monitor(rec) if monitor else []:
             out.finding(f, epoch=rec["epoch"])
         if args.checkpoint_dir:
             checkpoint.save_checkpoint(args.checkpoint_dir, model, opt, rec["epoch"], rng, cfg, history)
         if rec["epoch"] < cfg["epochs"]:
-            bar_hook[0] = out.progress(rec["epoch"] + 1, cfg["epochs"], len(xtr))
+            bar_hook[0] = out.progress(rec["epoch"] + 1, cfg["epochs"], n)
         return False
 
-    bar_hook = [out.progress(start, cfg["epochs"], len(xtr))]
+    bar_hook = [out.progress(start, cfg["epochs"], n)]
     try:
-        fit(model, xtr, ds.train_labels, epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=opt,
-            x_val=xte, y_val=ds.test_labels, lr_schedule=cfg["lr_schedule"], patience=cfg["patience"],
+        fit(model, inputs.x_train, inputs.y_train, epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=opt,
+            x_val=inputs.x_val, y_val=inputs.y_val, lr_schedule=cfg["lr_schedule"], patience=cfg["patience"],
             on_epoch=on_epoch, progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start,
             cuda_graph=cfg["cuda_graph"] and model.device == "gpu")
     except DivergedError as exc:
@@ -434,7 +462,7 @@ def save_model(model: MLP, path) -> None:
 
 def report(args, ds, inputs, model, out, history, seconds) -> None:
     """Test accuracy (the test set is predicted once, here), per-class report, model, plots."""
-    pred = model.predict(inputs[1])
+    pred = model.predict(inputs.x_test)
     cm = confusion_matrix(ds.test_labels, pred, len(ds.classes))
     acc = float(np.trace(cm)) / cm.sum()
     out.record({"type": "result", "test_accuracy": acc, "train_seconds": seconds, "confusion_matrix": cm.tolist()})
@@ -464,7 +492,7 @@ def run_train(argv=None, doctor_only=False) -> int:
     set_tf32(cfg["tf32"])
     ds = load_data(cfg)
     model, opt, rng = build(cfg, ds, state)
-    inputs = model_inputs(ds)  # once: float images are preprocessed here, uint8 pixels on the device
+    inputs = model_inputs(ds, cfg["val_split"], cfg["seed"])  # once, not per step of the run
     out = Output(args.quiet, args.metrics, resumed_after=state["meta"]["epoch"] if state else None)
     if args.checkpoint_dir:
         checkpoint.remove_orphans(args.checkpoint_dir)
@@ -475,7 +503,7 @@ def run_train(argv=None, doctor_only=False) -> int:
                 return 1 if any(f.severity == "error" for f in findings) else 0
         history = state["meta"]["history"] if state else []
         start = state["meta"]["epoch"] + 1 if state else 1
-        announce(cfg, ds, model, out, start - 1 if state else None)
+        announce(cfg, ds, inputs, model, out, start - 1 if state else None)
         t0 = time.perf_counter()
         stopped = train(args, cfg, ds, inputs, model, opt, rng, out, history, start)
         if stopped is not None:

@@ -404,7 +404,7 @@ class EpochMonitor:
         chance = chance_loss(m)
         if rec.get("val_loss") is not None and abs(rec["val_loss"] - chance) < CHANCE_TOLERANCE_EPOCH * chance:
             out.append(Finding("loss-at-chance", "warning",
-                               f"epoch {rec['epoch']}: test loss {rec['val_loss']:.4g} is the no-information level",
+                               f"epoch {rec['epoch']}: validation loss {rec['val_loss']:.4g} is at chance level",
                                "the network is not learning: check learning rate, input scaling and labels"))
         if self.x_val is not None:
             out += check_predictions(m, self.x_val, self.y_val, f"epoch {rec['epoch']}")

@@ -49,8 +49,8 @@ def write_plots(folder, history, cm, classes, images, y_true, y_pred, side=28) -
     a1.plot(ep, [h["train_loss"] for h in history], label="train")
     a2.plot(ep, [h["train_accuracy"] for h in history], label="train")
     if history and history[0].get("val_loss") is not None:
-        a1.plot(ep, [h["val_loss"] for h in history], label="test")
-        a2.plot(ep, [h["val_accuracy"] for h in history], label="test")
+        a1.plot(ep, [h["val_loss"] for h in history], label="validation")
+        a2.plot(ep, [h["val_accuracy"] for h in history], label="validation")
     a1.set(xlabel="epoch", ylabel="loss", title="loss")
     a2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     a1.legend()

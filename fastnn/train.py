@@ -74,9 +74,33 @@ def train_epoch(model: MLP, opt: Optimizer, x_dev, y_dev, batch_size: int, rng: 
     return {"train_loss": loss, "train_accuracy": acc, "seconds": time.perf_counter() - t0}
 
 
+def stratified_split(y, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of sample indices: ``(train_idx, val_idx)``, sorted, disjoint.
+
+    y: (N,) integer labels. Each class gives ``round(fraction * n_class)`` of its samples
+    (at least one when it has two or more) to validation, chosen by a generator seeded
+    with ``seed``, so the same data, fraction and seed always give the same split.
+    """
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"the validation fraction must be in [0, 1), got {fraction}")
+    y = np.asarray(y)
+    rng = np.random.default_rng([seed, 0x5A11])  # its own stream: the batch order's is left alone
+    val = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        k = int(round(fraction * len(idx)))
+        if fraction > 0 and len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        val.append(rng.permutation(idx)[:k])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
+    return train_idx, val_idx
+
+
 def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=None,
         weight_decay=None, per_sample=False, x_val=None, y_val=None, seed=0, lr_schedule="constant",
-        patience=None, on_epoch=None, progress=None, rng=None, start_epoch=1, cuda_graph=False) -> list[dict]:
+        patience=None, on_epoch=None, progress=None, rng=None, start_epoch=1, cuda_graph=False,
+        validation_split=None) -> list[dict]:
     """Train ``model`` on x (N, D) float or uint8, y (N,) integer labels.
 
     optimizer: "sgd", "momentum", "nesterov", "adam" with ``lr`` (default 0.1),
@@ -84,8 +108,12 @@ def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", m
     carries its own (giving them here too is a ConfigError).
     per_sample: batch size 1, an update after every sample (the textbook loop).
     lr_schedule: "constant" or "cosine" (from lr down to 0 over ``epochs``).
+    x_val, y_val: validation data, evaluated after every epoch (never the test set:
+    what it decides, early stopping and the best epoch, must not see the test data).
+    validation_split: instead, hold out this fraction of (x, y), stratified by class
+    and seeded by ``seed`` (``stratified_split(y, fraction, seed)``).
     patience: stop when the validation loss has not improved for this many
-    epochs, and restore the weights of the best epoch (needs x_val, y_val).
+    epochs, and restore the weights of the best epoch (needs validation data).
     on_epoch: optional callable ``(record) -> bool``; returning True stops training.
     progress: optional callable ``(n_samples)`` called after every batch.
     rng / start_epoch: continue a run (a NumPy Generator in the state it had
@@ -98,6 +126,11 @@ def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", m
     Raises DivergedError when the loss becomes NaN or infinite.
     """
     batch_size = 1 if per_sample else int(batch_size)
+    if validation_split:
+        if x_val is not None:
+            raise ConfigError("give validation_split or x_val/y_val, not both")
+        train_idx, val_idx = stratified_split(y, validation_split, seed)
+        x, y, x_val, y_val = x[train_idx], np.asarray(y)[train_idx], x[val_idx], np.asarray(y)[val_idx]
     _check_fit_args(batch_size, epochs, lr_schedule, x_val, y_val, patience)
     x_dev, y_dev = model.to_device(x, y)
     val_dev = None if x_val is None else model.to_device(x_val, y_val, name="x_val")  # once, not per epoch

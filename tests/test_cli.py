@@ -51,7 +51,8 @@ def test_train_writes_metrics_and_a_model_that_predicts_the_same(tmp_path, data_
     lines = [json.loads(s) for s in metrics.read_text().splitlines()]
     assert [x["type"] for x in lines] == ["config", "epoch", "epoch", "epoch", "result"]
     assert lines[0]["device"] == "cpu" and lines[0]["sizes"] == [784, 32, 10]
-    assert lines[0]["n_train"] == 2000 and lines[0]["classes"][0] == "T-shirt/top"
+    assert lines[0]["n_train"] == 1800 and lines[0]["n_val"] == 200  # --val-split 0.1 by default
+    assert lines[0]["classes"][0] == "T-shirt/top"
     assert [x["epoch"] for x in lines[1:4]] == [1, 2, 3]
     for x in lines[1:4]:
         assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"} <= x.keys()
@@ -433,3 +434,34 @@ def test_an_rgba_png_with_its_ink_in_the_alpha_channel(tmp_path, data_args, synt
     inverted = run(PREDICT + [str(model), str(png), "--invert"])
     want = fastnn.MLP.load(model).predict(digit.reshape(1, -1))[0]
     assert inverted.stdout.split("\t")[1] == str(want)
+
+
+def test_the_test_set_chooses_nothing(tmp_path, synthetic_dir):
+    """Two runs whose data differ only in the test set train the same weights epoch by epoch
+    (with early stopping and the doctor's watch on): the test set is read once, at the end."""
+    import shutil
+
+    from conftest import write_idx_gz
+    from fastnn.datasets import read_idx
+
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_dir, other)
+    d = other / "fashion-mnist"
+    rng = np.random.default_rng(5)
+    x = read_idx(d / "t10k-images-idx3-ubyte.gz")
+    write_idx_gz(d / "t10k-images-idx3-ubyte.gz", rng.permutation(x))  # a different test set
+    runs = []
+    for root in (synthetic_dir, other):
+        out = tmp_path / root.name
+        r = run(TRAIN + ["--data-dir", str(root)] + SMALL + ["--epochs", "4", "--patience", "1", "--doctor",
+                "--save", f"{out}.npz", "--metrics", f"{out}.jsonl"])
+        assert r.returncode in (0, 1), r.stderr
+        recs = [json.loads(s) for s in open(f"{out}.jsonl")]
+        runs.append(([{k: v for k, v in e.items() if k not in ("seconds", "samples_per_s")}
+                      for e in recs if e["type"] == "epoch"], fastnn.MLP.load(f"{out}.npz").get_params(),
+                     [e["test_accuracy"] for e in recs if e["type"] == "result"]))
+    (epochs_a, params_a, test_a), (epochs_b, params_b, test_b) = runs
+    assert epochs_a == epochs_b
+    for a, b in zip(params_a, params_b):
+        np.testing.assert_array_equal(a, b)
+    assert test_a != test_b  # the test sets did differ, and were evaluated

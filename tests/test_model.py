@@ -308,3 +308,28 @@ def test_a_file_of_a_newer_format_version_is_refused(tmp_path):
         fastnn.MLP.load(tmp_path / "newer.npz")
     with pytest.raises(fastnn.DataError, match="not a valid checkpoint .format 'fastnn-mlp'"):
         checkpoint.read_checkpoint(tmp_path / "new.npz")
+
+
+def test_stratified_split_is_disjoint_stratified_and_seeded():
+    from fastnn.train import stratified_split
+
+    y = np.repeat(np.arange(4), [100, 50, 10, 2])
+    tr, va = stratified_split(y, 0.1, seed=3)
+    assert np.intersect1d(tr, va).size == 0 and np.union1d(tr, va).size == len(y)
+    assert [int(np.sum(y[va] == c)) for c in range(4)] == [10, 5, 1, 1]  # every class, in proportion
+    np.testing.assert_array_equal(stratified_split(y, 0.1, seed=3)[1], va)
+    assert not np.array_equal(stratified_split(y, 0.1, seed=4)[1], va)
+    assert stratified_split(y, 0.0)[1].size == 0
+
+
+def test_fit_holds_out_a_validation_split(synthetic):
+    x, y = synthetic[0][:600], synthetic[1][:600]
+    m = fastnn.MLP([784, 16, 10], seed=1)
+    hist = fastnn.fit(m, x, y, epochs=1, lr=0.05, validation_split=0.2, seed=2)
+    assert hist[0]["val_accuracy"] is not None
+    from fastnn.train import stratified_split
+
+    tr, va = stratified_split(y, 0.2, seed=2)
+    assert hist[0]["val_loss"] == pytest.approx(m.evaluate(x[va], y[va])["loss"], rel=1e-6)
+    with pytest.raises(fastnn.ConfigError, match="validation_split or x_val/y_val, not both"):
+        fastnn.fit(m, x, y, epochs=1, validation_split=0.2, x_val=x[:5], y_val=y[:5])

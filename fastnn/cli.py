@@ -284,10 +284,10 @@ class Output:
 
     def progress(self, epoch, epochs, total):
         """A callable for fit's progress hook, or None when no bar is shown."""
-        if self.quiet or not sys.stdout.isatty():
+        if self.quiet or not (sys.stdout.isatty() or "ipykernel" in sys.modules):  # a terminal or Jupyter
             return None
         try:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
         except ImportError:
             return None
         self.bar = tqdm(total=total, unit="sample", unit_scale=True, leave=False,
@@ -523,6 +523,7 @@ def predict_parser(prog="fastnn predict"):
     p.add_argument("model", help="a model saved with --save")
     p.add_argument("inputs", nargs="+", help="IDX image files, CSV files, or PNG images")
     p.add_argument("--invert", action="store_true", help="invert pixels (dark ink on light paper)")
+    p.add_argument("--proba", action="store_true", help="also print the probability of every class")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="(default: cpu)")
     return p
 
@@ -553,10 +554,13 @@ def run_predict(argv=None) -> int:
         elif str(path).lower().endswith(".png") and _light_background(images[0]):
             print(f"{path}: a light background: MNIST-like models expect light ink on black; if this is dark "
                   "ink on light paper, pass --invert", file=sys.stderr)
-        pred = model.predict(model.preprocess(images))
+        inputs = model.preprocess(images)
+        proba = model.predict_proba(inputs) if args.proba else None
+        pred = model.predict(inputs)
         for i, p in enumerate(pred):
             name = f"{path}[{i}]" if len(pred) > 1 else str(path)
-            print(f"{name}\t{p}\t{classes[p]}")
+            extra = "" if proba is None else "\t" + " ".join(f"{v:.4f}" for v in proba[i])
+            print(f"{name}\t{p}\t{classes[p]}{extra}")
         if labels is not None:
             print(f"{path}: accuracy {np.mean(pred == labels):.4f} on {len(labels)} labelled images")
     return 0

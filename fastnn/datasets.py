@@ -506,7 +506,18 @@ def read_png(path) -> np.ndarray:
     stride = w * channels
     if len(data) != h * (stride + 1):
         raise DataError(f"{path}: corrupt PNG (image data has the wrong size)")
-    rows = np.frombuffer(data, np.uint8).reshape(h, stride + 1)
+    img = _png_unfilter(np.frombuffer(data, np.uint8).reshape(h, stride + 1), channels, path)
+    px = img.reshape(h, w, channels).astype(np.float64)
+    gray = px[..., :3].mean(axis=2) if channels >= 3 else px[..., 0]
+    if channels in (2, 4):  # composited on white paper: ink drawn in the alpha channel stays visible
+        alpha = px[..., -1] / 255.0
+        gray = gray * alpha + 255.0 * (1.0 - alpha)
+    return np.round(gray).astype(np.uint8)
+
+
+def _png_unfilter(rows: np.ndarray, channels: int, path) -> np.ndarray:
+    """PNG scanlines (h, 1 + stride) uint8, each led by its filter type -> pixel bytes (h, stride)."""
+    h, stride = rows.shape[0], rows.shape[1] - 1
     img = np.zeros((h, stride), np.int32)
     prev = np.zeros(stride, np.int32)
     for y in range(h):
@@ -532,12 +543,7 @@ def read_png(path) -> np.ndarray:
                     raise DataError(f"{path}: corrupt PNG (filter type {f})")
                 cur[x] = (line[x] + pred) & 255
         img[y], prev = cur, cur
-    px = img.reshape(h, w, channels).astype(np.float64)
-    gray = px[..., :3].mean(axis=2) if channels >= 3 else px[..., 0]
-    if channels in (2, 4):  # composited on white paper: ink drawn in the alpha channel stays visible
-        alpha = px[..., -1] / 255.0
-        gray = gray * alpha + 255.0 * (1.0 - alpha)
-    return np.round(gray).astype(np.uint8)
+    return img
 
 
 def read_images(path):

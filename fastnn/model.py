@@ -20,6 +20,8 @@ outer product). Buffers for a batch size live in a ``Workspace``, built once.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from . import npzfile
@@ -297,6 +299,18 @@ class MLP:
         parts = [xp.argmax(self.forward(ws), axis=1) for ws in self._batches(x, None, batch_size)]
         return self.ops.to_host(xp.concatenate(parts)).astype(np.int64)
 
+    def predict_proba(self, x, batch_size=10000) -> np.ndarray:
+        """Class probabilities (N, K) float64 for inputs x (N, D): the softmax of the logits
+        (xent), or the sigmoid outputs scaled to sum to 1 (mse)."""
+        out = self.outputs(x, batch_size).astype(np.float64)
+        if self.loss == "xent":
+            out -= out.max(axis=1, keepdims=True)
+            np.exp(out, out=out)
+        else:
+            out = np.maximum(out, np.finfo(np.float64).tiny)  # an all-zero row would divide by 0
+        out /= out.sum(axis=1, keepdims=True)
+        return out
+
     def evaluate(self, x, y, batch_size=10000) -> dict:
         """``{"loss": mean loss, "accuracy": fraction correct}`` over (x, y), in large batches.
 
@@ -318,6 +332,26 @@ class MLP:
         return {"loss": total / n, "accuracy": n_hits / n}
 
     # --------------------------------------------------------------- saving
+    def __getstate__(self) -> dict:
+        """Pickling (joblib, multiprocessing, copy.deepcopy): configuration and host arrays."""
+        return {"config": self.config(), "device": self.device, "params": self.get_params()}
+
+    def __setstate__(self, state) -> None:
+        cfg, device = state["config"], state["device"]
+        if device == "gpu":
+            from .backends import cuda_status
+
+            problem = cuda_status()
+            if problem is not None:
+                warnings.warn(f"this model was on the GPU, which is not usable here ({problem}); "
+                              "it is loaded on the CPU", RuntimeWarning, stacklevel=2)
+                device = "cpu"
+        self.__init__(cfg["sizes"], cfg["activation"], cfg["loss"], cfg["init"], device=device,
+                      dtype=cfg["dtype"], seed=cfg["seed"])
+        self.preprocessing = Preprocessing.from_config(cfg)
+        self.classes = cfg.get("classes")
+        self.set_params(state["params"])
+
     def config(self) -> dict:
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed,

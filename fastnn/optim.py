@@ -53,6 +53,18 @@ class Optimizer:
     def _update(self, p, g) -> None:
         raise NotImplementedError
 
+    def __getstate__(self) -> dict:
+        """Pickling: the hyperparameters, the model, and the state as host arrays."""
+        d = {k: v for k, v in self.__dict__.items() if k not in ("ops", "state")}
+        d["state"] = {k: self.ops.to_host(v).copy() for k, v in self.state.items()}
+        return d
+
+    def __setstate__(self, d) -> None:
+        state = d.pop("state")
+        self.__dict__.update(d)
+        self.ops = self.model.ops
+        self.state = {k: self.ops.asarray(v) for k, v in state.items()}
+
     def state_dict(self) -> dict:
         """Host copy of the optimizer state, for checkpoints."""
         d = {k: self.ops.to_host(v).copy() for k, v in self.state.items()}

@@ -100,7 +100,7 @@ def stratified_split(y, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.
 def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=None,
         weight_decay=None, per_sample=False, x_val=None, y_val=None, seed=0, lr_schedule="constant",
         patience=None, on_epoch=None, progress=None, rng=None, start_epoch=1, cuda_graph=False,
-        validation_split=None) -> list[dict]:
+        validation_split=None, verbose=0) -> list[dict]:
     """Train ``model`` on x (N, D) float or uint8, y (N,) integer labels.
 
     optimizer: "sgd", "momentum", "nesterov", "adam" with ``lr`` (default 0.1),
@@ -118,19 +118,17 @@ def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", m
     progress: optional callable ``(n_samples)`` called after every batch.
     rng / start_epoch: continue a run (a NumPy Generator in the state it had
     after epoch ``start_epoch - 1``); by default a new one from ``seed``.
-    cuda_graph: on the GPU, replay a captured training step per batch
-    (``backends/cuda_graph.py``); if capturing fails, a warning says why and
-    training goes on uncaptured.
+    verbose: 1 prints a line per epoch and shows a progress bar (``tqdm.auto``: a widget in
+    Jupyter, text in a terminal) when tqdm is installed.
+    cuda_graph: on the GPU, replay a captured training step per batch (``backends/cuda_graph.py``);
+    if capturing fails, a warning says why and training goes on uncaptured.
     Returns the history, one dict per epoch with ``epoch, lr, train_loss,
     train_accuracy, val_loss, val_accuracy, seconds, samples_per_s``.
     Raises DivergedError when the loss becomes NaN or infinite.
     """
     batch_size = 1 if per_sample else int(batch_size)
     if validation_split:
-        if x_val is not None:
-            raise ConfigError("give validation_split or x_val/y_val, not both")
-        train_idx, val_idx = stratified_split(y, validation_split, seed)
-        x, y, x_val, y_val = x[train_idx], np.asarray(y)[train_idx], x[val_idx], np.asarray(y)[val_idx]
+        x, y, x_val, y_val = _hold_out(x, y, x_val, validation_split, seed)
     _check_fit_args(batch_size, epochs, lr_schedule, x_val, y_val, patience)
     x_dev, y_dev = model.to_device(x, y)
     val_dev = None if x_val is None else model.to_device(x_val, y_val, name="x_val")  # once, not per epoch
@@ -138,7 +136,9 @@ def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", m
     base_lr = opt.lr
     rng = np.random.default_rng(seed) if rng is None else rng
     graph = _graph_or_none(model, opt, x_dev, y_dev, batch_size) if cuda_graph else None
-    history, best, best_params = [], math.inf, None
+    history, stopper = [], EarlyStopping(model, patience)
+    printer = EpochPrinter(int(epochs), x_dev.shape[0], progress) if verbose else None
+    progress = printer.progress if printer else progress  # it calls the caller's hook too
     for epoch in range(int(start_epoch), int(epochs) + 1):
         if lr_schedule == "cosine":
             opt.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
@@ -149,24 +149,82 @@ def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", m
         val = model.evaluate_device(*val_dev) if val_dev is not None else {"loss": None, "accuracy": None}
         rec["val_loss"], rec["val_accuracy"] = val["loss"], val["accuracy"]
         history.append(rec)
-        if not math.isfinite(rec["train_loss"]):
-            raise DivergedError(
-                f"the training loss became {rec['train_loss']} in epoch {epoch}: the learning "
-                f"rate ({opt.lr:g}) is probably too high, or the inputs are not scaled to about [0, 1]",
-                history)
+        if printer:
+            printer.epoch_done(rec)
+        _check_finite(rec, opt, history)
         stop = on_epoch is not None and on_epoch(rec)
-        if patience is not None:
-            if rec["val_loss"] < best:
-                best, best_params = rec["val_loss"], model.params.copy()
-                rec["best"] = True
-            elif epoch - max(h["epoch"] for h in history if h.get("best")) >= patience:
-                rec["early_stop"] = True
-                stop = True
-        if stop:
+        if stopper.update(rec) or stop:
             break
-    if best_params is not None:
-        model.params[...] = best_params
+    stopper.restore_best()
     return history
+
+
+class EarlyStopping:
+    """``fit(patience=N)``: stop after N epochs without a lower validation loss; keep the best weights."""
+
+    def __init__(self, model: MLP, patience: int | None):
+        self.model, self.patience = model, patience
+        self.best_loss, self.best_epoch, self.best_params = math.inf, None, None
+
+    def update(self, rec: dict) -> bool:
+        """Note the epoch's record (marking it ``best`` or ``early_stop``); True: stop now."""
+        if self.patience is None:
+            return False
+        if rec["val_loss"] < self.best_loss:
+            self.best_loss, self.best_epoch, self.best_params = rec["val_loss"], rec["epoch"], self.model.params.copy()
+            rec["best"] = True
+        elif rec["epoch"] - self.best_epoch >= self.patience:
+            rec["early_stop"] = True
+            return True
+        return False
+
+    def restore_best(self) -> None:
+        if self.best_params is not None:
+            self.model.params[...] = self.best_params
+
+
+def _check_finite(rec: dict, opt: Optimizer, history: list) -> None:
+    if not math.isfinite(rec["train_loss"]):
+        raise DivergedError(
+            f"the training loss became {rec['train_loss']} in epoch {rec['epoch']}: the learning "
+            f"rate ({opt.lr:g}) is probably too high, or the inputs are not scaled to about [0, 1]", history)
+
+
+def _hold_out(x, y, x_val, fraction, seed):
+    """``(x, y, x_val, y_val)`` with a stratified fraction of (x, y) held out for validation."""
+    if x_val is not None:
+        raise ConfigError("give validation_split or x_val/y_val, not both")
+    y = np.asarray(y)
+    train_idx, val_idx = stratified_split(y, fraction, seed)
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+
+
+class EpochPrinter:
+    """``fit(verbose=1)``: a progress bar per epoch (tqdm.auto, when installed) and a line after it."""
+
+    def __init__(self, epochs: int, n: int, progress=None):
+        self.epochs, self.n, self.user_progress, self.bar = epochs, n, progress, None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        self.tqdm = tqdm
+
+    def progress(self, k: int) -> None:
+        if self.tqdm is not None:
+            if self.bar is None:
+                self.bar = self.tqdm(total=self.n, unit="sample", unit_scale=True, leave=False)
+            self.bar.update(k)
+        if self.user_progress is not None:
+            self.user_progress(k)
+
+    def epoch_done(self, rec: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        val = "" if rec["val_loss"] is None else f"  val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f}"
+        print(f"epoch {rec['epoch']}/{self.epochs}  train loss {rec['train_loss']:.4f} "
+              f"acc {rec['train_accuracy']:.4f}{val}  {rec['seconds']:.2f} s", flush=True)
 
 
 def _check_fit_args(batch_size, epochs, lr_schedule, x_val, y_val, patience) -> None:

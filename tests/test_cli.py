@@ -79,6 +79,11 @@ def test_train_writes_metrics_and_a_model_that_predicts_the_same(tmp_path, data_
     r3 = run(PREDICT + [str(model_path), str(csv)])
     assert r3.returncode == 0, r3.stderr
     np.testing.assert_array_equal([int(line.split("\t")[1]) for line in r3.stdout.splitlines()], ours[:50])
+    r4 = run(PREDICT + [str(model_path), str(csv), "--proba"])
+    probs = np.array([[float(v) for v in line.split("\t")[3].split()] for line in r4.stdout.splitlines()])
+    assert probs.shape == (50, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+    np.testing.assert_array_equal(probs.argmax(axis=1), ours[:50])
 
 
 def _final_params(path):
@@ -442,6 +447,7 @@ def test_the_test_set_chooses_nothing(tmp_path, synthetic_dir):
     import shutil
 
     from conftest import write_idx_gz
+
     from fastnn.datasets import read_idx
 
     other = tmp_path / "other"

@@ -333,3 +333,71 @@ def test_fit_holds_out_a_validation_split(synthetic):
     assert hist[0]["val_loss"] == pytest.approx(m.evaluate(x[va], y[va])["loss"], rel=1e-6)
     with pytest.raises(fastnn.ConfigError, match="validation_split or x_val/y_val, not both"):
         fastnn.fit(m, x, y, epochs=1, validation_split=0.2, x_val=x[:5], y_val=y[:5])
+
+
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+def test_predict_proba_rows_are_distributions_that_agree_with_predict(synthetic, loss):
+    x, y = synthetic[0][:500], synthetic[1][:500]
+    m = fastnn.MLP([784, 16, 10], activation="sigmoid", loss=loss, seed=1)
+    fastnn.fit(m, x, y, epochs=1, lr=0.5)
+    p = m.predict_proba(x[:50])
+    assert p.shape == (50, 10) and p.dtype == np.float64
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(p.argmax(axis=1), m.predict(x[:50]))
+    if loss == "xent":  # the softmax of the logits, written out
+        z = m.outputs(x[:50]).astype(np.float64)
+        np.testing.assert_allclose(p, np.exp(z) / np.exp(z).sum(axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_models_and_optimizers_pickle_and_deepcopy(synthetic):
+    import copy
+    import pickle
+
+    x, y = synthetic[0][:300], synthetic[1][:300]
+    m = fastnn.MLP([784, 16, 10], seed=1)
+    m.preprocessing = fastnn.Preprocessing(1 / 255, -0.5, 255)
+    m.classes = [f"c{i}" for i in range(10)]
+    opt = fastnn.make_optimizer("adam", m, 1e-2)
+    fastnn.fit(m, x, y, epochs=1, optimizer=opt)
+    m2, opt2 = pickle.loads(pickle.dumps((m, opt)))
+    assert opt2.model is m2 and opt2.steps == opt.steps and m2.classes == m.classes
+    np.testing.assert_array_equal(m2.predict_proba(x), m.predict_proba(x))
+    for k in opt.state:
+        np.testing.assert_array_equal(opt2.state[k], opt.state[k])
+    # both continue identically
+    fastnn.fit(m, x, y, epochs=1, optimizer=opt, seed=3)
+    fastnn.fit(m2, x, y, epochs=1, optimizer=opt2, seed=3)
+    np.testing.assert_array_equal(m2.params, m.params)
+    m3 = copy.deepcopy(m)
+    m3.params[0] += 1
+    assert m3.params[0] != m.params[0]
+
+
+def test_a_gpu_model_unpickles_on_the_cpu_with_a_warning_when_no_gpu(monkeypatch):
+    import pickle
+
+    import fastnn.backends as backends
+
+    m = fastnn.MLP([4, 3])
+    state = m.__getstate__()
+    state["device"] = "gpu"
+    monkeypatch.setattr(backends, "cuda_status", lambda: "no CUDA device found")
+    restored = fastnn.MLP.__new__(fastnn.MLP)
+    with pytest.warns(RuntimeWarning, match="no CUDA device found.*loaded on the CPU"):
+        restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert restored.device == "cpu"
+    np.testing.assert_array_equal(restored.params, m.params)
+
+
+def test_fit_verbose_prints_a_line_per_epoch_without_a_terminal(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, fastnn\n"
+            "x = np.random.default_rng(0).random((200, 8)); y = np.arange(200) % 2\n"
+            "fastnn.fit(fastnn.MLP([8, 4, 2]), x, y, epochs=3, validation_split=0.1, verbose=1)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split()[1] for ln in lines] == ["1/3", "2/3", "3/3"]
+    assert all("train loss" in ln and "val loss" in ln for ln in lines)

@@ -3,8 +3,8 @@
     import fastnn
     model = fastnn.MLP([784, 128, 64, 10], activation="relu", device="auto")
     history = fastnn.fit(model, x_train, y_train, epochs=10, batch_size=128, lr=0.1,
-                         optimizer="momentum", x_val=x_test, y_val=y_test)
-    print(model.evaluate(x_test, y_test))
+                         optimizer="momentum", validation_split=0.1)
+    print(model.evaluate(x_test, y_test))  # the test set, once, at the end
 """
 
 from . import datasets

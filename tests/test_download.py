@@ -125,7 +125,8 @@ def test_named_dataset_downloads_into_the_cache_and_reuses_it(server, tmp_path, 
         Handler.files[f"/good/{stem}.gz"] = bodies[k]
     monkeypatch.setitem(REGISTRY["mnist"], "md5", {k: md5(b) for k, b in bodies.items()})
     mirrors = [server + "/missing/", server + "/good/"]
-    ds = load("mnist", root=tmp_path / "nowhere", mirrors=mirrors, progress=False)
+    (tmp_path / "empty").mkdir()  # a data folder without the files: they are downloaded into the cache
+    ds = load("mnist", root=tmp_path / "empty", mirrors=mirrors, progress=False)
     np.testing.assert_array_equal(ds.test_labels, arrays["test_labels"])
     cache = datasets.cache_dir() / "mnist"
     assert sorted(p.name for p in cache.iterdir()) == sorted(s + ".gz" for s in IDX_FILES.values())

@@ -48,7 +48,7 @@ def save_checkpoint(folder, model: MLP, opt: Optimizer, epoch: int, rng: np.rand
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"epoch": epoch, "rng": rng.bit_generator.state, "config": config,
             "model": model.config(), "history": history}
-    arrays = {"params": model.ops.to_host(model.params)}
+    arrays = {"params": model.ops.to_host(model.params), "model_step": model.ops.to_host(model.step)}
     arrays.update({f"opt_{k}": v for k, v in opt.state_dict().items()})
     path = folder / f"ckpt-epoch-{epoch:04d}.npz"
     npzfile.save(path, "fastnn-checkpoint", meta, arrays)
@@ -62,12 +62,18 @@ def read_checkpoint(path) -> dict:
     meta, arrays = npzfile.load(path, "fastnn-checkpoint", "checkpoint")
     try:
         params = arrays.pop("params")
+        model_step = arrays.pop("model_step", None)
         opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}
         if "steps" not in opt or params.ndim != 1:
             raise ValueError("incomplete state")
     except (KeyError, ValueError) as exc:
         raise DataError(f"{path}: not a valid checkpoint ({exc})") from None
-    return {"meta": meta, "params": params, "opt": opt, "path": Path(path)}
+    state = {"meta": meta, "params": params, "opt": opt, "path": Path(path)}
+    if model_step is not None:
+        if model_step.shape != (1,) or model_step.dtype.kind not in "iu":
+            raise DataError(f"{path}: not a valid checkpoint (bad step counter)")
+        state["model_step"] = model_step
+    return state
 
 
 def load_latest(folder, warn=print) -> dict:
@@ -88,6 +94,8 @@ def restore(state: dict, model: MLP, opt: Optimizer, rng: np.random.Generator) -
     if state["params"].shape != model.params.shape:
         raise DataError(f"{state['path']}: the checkpoint's parameters do not fit this network")
     model.params[...] = model.ops.asarray(state["params"], model.dtype)
+    if "model_step" in state:  # the dropout masks' counter (checkpoints before it had none)
+        model.step[...] = model.ops.asarray(state["model_step"], np.int32)
     try:
         opt.load_state_dict(state["opt"])
     except KeyError as exc:

@@ -31,7 +31,7 @@ from .train import LR_SCHEDULES, fit, stratified_split
 
 DEFAULTS = {
     "dataset": "fashion-mnist", "hidden": "256,128", "activation": "relu", "loss": "xent",
-    "init": None, "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
+    "init": None, "dropout": "0", "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
     "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32", "val_split": 0.1,
     "device": "auto", "per_sample": False, "patience": None, "standardize": False,
     "cuda_graph": False, "gpu_gemm": "fastnn", "tf32": False,
@@ -61,6 +61,16 @@ def _fraction(text: str) -> float:
     if v >= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
     return v
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected probabilities like 0.2 or 0.2,0.1, got {text!r}") from None
+    if not rates or not all(0 <= p < 1 for p in rates):
+        raise argparse.ArgumentTypeError(f"each probability must be in [0, 1), got {text!r}")
+    return rates
 
 
 def _nonneg_int(text: str) -> int:
@@ -163,6 +173,8 @@ def _data_and_network_flags(p, add, S) -> None:
     add(g, "--loss", choices=LOSSES, default=S)
     add(g, "--init", "(default: he for relu, xavier otherwise)", choices=INITS, default=S)
     add(g, "--dtype", choices=["float32", "float64"], default=S)
+    add(g, "--dropout", "dropout probability of the hidden layers' outputs in training: one for all "
+        "(0.2) or one per hidden layer (0.2,0.1)", type=_rates, default=S)
 
 
 def _training_flags(p, add, S) -> None:
@@ -211,6 +223,13 @@ def resolve_config(args, stored=None) -> dict:
     cfg["preset"] = preset
     if isinstance(cfg["hidden"], str):
         cfg["hidden"] = _hidden(cfg["hidden"])
+    if isinstance(cfg["dropout"], str):
+        cfg["dropout"] = _rates(cfg["dropout"])
+    if len(cfg["dropout"]) == 1:
+        cfg["dropout"] = cfg["dropout"] * len(cfg["hidden"])
+    elif len(cfg["dropout"]) != len(cfg["hidden"]):
+        raise ConfigError(f"--dropout gives {len(cfg['dropout'])} probabilities for {len(cfg['hidden'])} hidden "
+                          "layers: give one, or one per hidden layer")
     if cfg["per_sample"]:
         cfg["batch_size"] = 1  # resolved here, once: every later step reads batch_size
     if (cfg["train"] is None) != (cfg["test"] is None):
@@ -328,7 +347,8 @@ def _truncate_metrics(path, last_epoch: int) -> None:
 def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Optimizer, np.random.Generator]:
     """The network, its optimizer and the batch-order RNG for a run; a resumed run's state put back."""
     model = MLP([ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], cfg["activation"], cfg["loss"],
-                cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]), dtype=cfg["dtype"], seed=cfg["seed"])
+                cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]), dtype=cfg["dtype"], seed=cfg["seed"],
+                dropout=cfg["dropout"])
     model.preprocessing, model.classes = ds.preprocessing, ds.classes
     opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     rng = np.random.default_rng(cfg["seed"])

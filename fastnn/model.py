@@ -25,12 +25,21 @@ import warnings
 import numpy as np
 
 from . import npzfile
-from .backends import ACTIVATIONS, Ops, get_ops, resolve_dtype
+from .backends import ACTIVATIONS, Dropout, Ops, get_ops, resolve_dtype
 from .errors import ConfigError, DataError
 from .preprocessing import Preprocessing
 
 LOSSES = ("xent", "mse")
 INITS = ("xavier", "glorot", "he", "normal")
+
+
+def _dropout_rates(dropout, n_hidden: int) -> list[float]:
+    """One dropout probability per hidden layer, from one for all or a list; ConfigError if invalid."""
+    rates = [dropout] * n_hidden if np.isscalar(dropout) else list(dropout)
+    if len(rates) != n_hidden or not all(isinstance(p, (int, float)) and 0 <= p < 1 for p in rates):
+        raise ConfigError(f"dropout must be one probability in [0, 1) or one per hidden layer ({n_hidden}), "
+                          f"got {dropout!r}")
+    return [float(p) for p in rates]
 
 
 class Workspace:
@@ -59,6 +68,9 @@ class MLP:
     cross-entropy on linear logits) or ``"mse"`` (sigmoid outputs, squared error
     against one-hot targets); init: xavier/glorot, he or normal (default: he for
     relu, xavier otherwise); device: cpu, gpu or auto; dtype: float32 or float64.
+    dropout: the dropout probability of the hidden layers' outputs during training, one
+    for all or one per hidden layer (inverted dropout, fused into the layer kernels, masks
+    from a hash of seed, step, layer and element; off in evaluation and prediction).
 
     ``preprocessing`` (a ``Preprocessing``: scale, shift, pixel range) maps raw
     uint8 inputs to network inputs; float inputs are used as given. Set it to the
@@ -70,7 +82,7 @@ class MLP:
     """
 
     def __init__(self, sizes, activation="relu", loss="xent", init=None, device="cpu",
-                 dtype="float32", seed=0):
+                 dtype="float32", seed=0, dropout=0.0):
         sizes = tuple(int(n) for n in sizes)
         if len(sizes) < 2 or min(sizes) < 1:
             raise ConfigError(f"sizes must list at least two positive widths, got {sizes}")
@@ -86,6 +98,7 @@ class MLP:
             raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
         if loss == "xent" and sizes[-1] < 2:
             raise ConfigError("softmax cross-entropy needs at least 2 output classes")
+        self.dropout = _dropout_rates(dropout, len(sizes) - 2)
         self.sizes = sizes
         self.activation = activation
         self.loss = loss
@@ -108,6 +121,7 @@ class MLP:
         self.W, self.b = self._views(self.params)  # W[l]: (n_l, n_{l+1}); b[l]: (n_{l+1},)
         self.gW, self.gb = self._views(self.grads)  # dL/dW[l], dL/db[l]
         self._workspaces: dict[int, Workspace] = {}
+        self.step = xp.zeros(1, np.int32)  # training steps taken: the dropout masks' counter, on the device
         self.set_params(self._init_params(np.random.default_rng(seed)))
 
     # ------------------------------------------------------------ parameters
@@ -217,11 +231,19 @@ class MLP:
         return self.preprocessing.from_raw(images, self.dtype)
 
     # --------------------------------------------------------- forward/back
-    def forward(self, ws: Workspace):
-        """ws.x (B, D) -> ws.acts[-1] (B, K): logits for xent, sigmoid outputs for mse."""
+    def _drop(self, l: int) -> Dropout | None:
+        """The dropout of layer l's output in training (None for the output layer or p = 0)."""
+        p = self.dropout[l] if l < len(self.dropout) else 0.0
+        return Dropout(p, self.seed & 0xFFFFFFFF, self.step, l) if p > 0 else None
+
+    def forward(self, ws: Workspace, train: bool = False):
+        """ws.x (B, D) -> ws.acts[-1] (B, K): logits for xent, sigmoid outputs for mse.
+
+        train: apply dropout (the training step); off for evaluation and prediction."""
         ops, a = self.ops, ws.x
         for l in range(self.n_layers):
-            ops.linear_act(a, self.W[l], self.b[l], ws.acts[l], self.layer_activations[l])
+            drop = self._drop(l) if train else None
+            ops.linear_act(a, self.W[l], self.b[l], ws.acts[l], self.layer_activations[l], drop)
             a = ws.acts[l]  # (B, n_{l+1})
         return a
 
@@ -244,25 +266,27 @@ class MLP:
             d = ws.deltas[l]  # (B, n_{l+1})
             ops.param_grads(a_prev, d, self.gW[l], self.gb[l])
             if l > 0:
-                ops.input_grad(d, self.W[l], a_prev, ws.deltas[l - 1], self.layer_activations[l - 1])
+                ops.input_grad(d, self.W[l], a_prev, ws.deltas[l - 1], self.layer_activations[l - 1],
+                               self._drop(l - 1))
 
     def forward_backward(self, ws: Workspace, loss_out=None, hits_out=None) -> None:
         """The step before the update: forward, loss, backward of the batch in ``ws``.
 
         The gradient of the batch-mean loss lands in the gradient arena; loss_out /
-        hits_out as in ``loss_and_delta``.
+        hits_out as in ``loss_and_delta``. Dropout, if any, uses the masks of step ``self.step``.
         """
-        self.forward(ws)
+        self.forward(ws, train=True)
         self.loss_and_delta(ws, loss_out, hits_out)
         self.backward(ws)
 
     def clone(self, device=None, dtype=None) -> MLP:
         """A new model with this one's configuration, preprocessing and weights."""
         c = MLP(self.sizes, self.activation, self.loss, self.init, device=device or self.device,
-                dtype=dtype or self.dtype.name, seed=self.seed)
+                dtype=dtype or self.dtype.name, seed=self.seed, dropout=self.dropout)
         c.preprocessing = self.preprocessing
         c.classes = self.classes
         c.set_params(self.get_params())
+        c.step[...] = c.ops.asarray(self.ops.to_host(self.step))
         return c
 
     # ------------------------------------------------------- public helpers
@@ -334,7 +358,8 @@ class MLP:
     # --------------------------------------------------------------- saving
     def __getstate__(self) -> dict:
         """Pickling (joblib, multiprocessing, copy.deepcopy): configuration and host arrays."""
-        return {"config": self.config(), "device": self.device, "params": self.get_params()}
+        return {"config": self.config(), "device": self.device, "params": self.get_params(),
+                "step": int(self.ops.to_host(self.step)[0])}
 
     def __setstate__(self, state) -> None:
         cfg, device = state["config"], state["device"]
@@ -347,14 +372,15 @@ class MLP:
                               "it is loaded on the CPU", RuntimeWarning, stacklevel=2)
                 device = "cpu"
         self.__init__(cfg["sizes"], cfg["activation"], cfg["loss"], cfg["init"], device=device,
-                      dtype=cfg["dtype"], seed=cfg["seed"])
+                      dtype=cfg["dtype"], seed=cfg["seed"], dropout=cfg.get("dropout", 0.0))
         self.preprocessing = Preprocessing.from_config(cfg)
         self.classes = cfg.get("classes")
         self.set_params(state["params"])
+        self.step[...] = state.get("step", 0)
 
     def config(self) -> dict:
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
-                "init": self.init, "dtype": self.dtype.name, "seed": self.seed,
+                "init": self.init, "dtype": self.dtype.name, "seed": self.seed, "dropout": self.dropout,
                 **self.preprocessing.to_config(), "classes": self.classes}
 
     def save(self, path) -> None:
@@ -367,7 +393,8 @@ class MLP:
         meta, arrays = npzfile.load(path, "fastnn-mlp", "fastnn model file")
         try:
             model = cls(meta["sizes"], meta["activation"], meta["loss"], meta["init"],
-                        device=device, dtype=meta["dtype"], seed=meta.get("seed", 0))
+                        device=device, dtype=meta["dtype"], seed=meta.get("seed", 0),
+                        dropout=meta.get("dropout", 0.0))
             model.preprocessing = Preprocessing.from_config(meta)
             model.classes = meta.get("classes")
             model.set_params([arrays[f"p{i}"] for i in range(len(model.shapes))])

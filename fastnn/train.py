@@ -37,6 +37,8 @@ def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, los
     model.load_batch(ws, x_dev, y_dev, idx)
     model.forward_backward(ws, loss_out, hits_out)
     opt.step()
+    if any(model.dropout):
+        model.ops.count(model.step)  # the next step draws new dropout masks
 
 
 def train_epoch(model: MLP, opt: Optimizer, x_dev, y_dev, batch_size: int, rng: np.random.Generator,

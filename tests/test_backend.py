@@ -9,7 +9,7 @@ import pytest
 from conftest import gpu_ops
 
 import fastnn
-from fastnn.backends import Ops
+from fastnn.backends import Dropout, Ops
 
 ACTS = ["relu", "sigmoid", "tanh", "linear"]
 
@@ -88,6 +88,16 @@ def run_kernels(ops, dtype):
         gw, gb = xp.empty((m, n), dtype), xp.empty(n, dtype)
         ops.param_grads(a, h, gw, gb)
         out[f"param_grads_{b}"], out[f"param_grads_bias_{b}"] = gw, gb
+        for p in (0.3, 0.75):  # with dropout: the same masks on every backend
+            drop = Dropout(p, 2 ** 31 + 5, xp.asarray([b * 1000 + 7], np.int32), 2)
+            for act in ACTS:
+                h = xp.empty((b, n), dtype)
+                ops.linear_act(a, w, bias, h, act, drop)
+                out[f"linear_{act}_{b}_drop{p}"] = h
+                d = xp.empty((b, m), dtype)
+                upstream = xp.asarray(rng.standard_normal((b, n)), dtype)
+                ops.input_grad(upstream, w, xp.asarray(rng.random((b, m)), dtype), d, act, drop)
+                out[f"input_grad_{act}_{b}_drop{p}"] = d
     for wd in (0.0, 0.01):
         t = arrays(xp, dtype)
         ops.sgd(t["p"], t["g"].copy(), 0.1, wd)
@@ -313,3 +323,23 @@ def test_adam_by_hand(ops):
     np.testing.assert_allclose(host(ops, m), (1 - 0.9 ** 2) * g, rtol=1e-14)
     np.testing.assert_allclose(host(ops, v), (1 - 0.999 ** 2) * g * g, rtol=1e-12)
     assert int(ops.to_host(t)[0]) == 2
+
+
+def test_dropout_masks_are_a_deterministic_hash_of_seed_step_layer_and_element():
+    ops = Ops(np)
+    step = np.array([3], np.int32)
+    keep = ops.dropout_keep((200, 300), Dropout(0.25, 7, step, 1))
+    assert keep.dtype == bool and abs(keep.mean() - 0.75) < 0.01
+    np.testing.assert_array_equal(ops.dropout_keep((200, 300), Dropout(0.25, 7, step, 1)), keep)
+    for other in (Dropout(0.25, 8, step, 1), Dropout(0.25, 7, np.array([4], np.int32), 1),
+                  Dropout(0.25, 7, step, 2)):
+        assert 0.3 < np.mean(ops.dropout_keep((200, 300), other) == keep) < 0.9  # a different mask
+    # the first elements, from the hash written out (lowbias32, as in kernels.cu)
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    want = [(mix(7 ^ mix(3 ^ mix(1 ^ mix(e ^ mix(0))))) >> 8) >= round(0.25 * 2 ** 24) for e in range(20)]
+    np.testing.assert_array_equal(keep.ravel()[:20], want)

@@ -91,7 +91,7 @@ def _final_params(path):
 
 
 def test_resume_after_a_kill_gives_identical_weights(tmp_path, data_args):
-    args = TRAIN + data_args + SMALL + ["--epochs", "4", "--optimizer", "momentum", "--lr", "0.05"]
+    args = TRAIN + data_args + SMALL + ["--epochs", "4", "--optimizer", "momentum", "--lr", "0.05", "--dropout", "0.2"]
     full = tmp_path / "full.npz"
     assert run(args + ["--save", str(full)]).returncode == 0
     ck = tmp_path / "ck"

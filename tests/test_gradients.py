@@ -92,3 +92,16 @@ def test_float32_gradients_close_to_float64():
     for a, b in zip(g32, g64):
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_gradients_with_dropout_match_central_differences(act):
+    """With the step counter fixed, the masks are fixed: the loss is a function of the weights."""
+    rng = np.random.default_rng(1)
+    x, y = rng.random((12, 7)), rng.integers(0, 3, 12)
+    m = fastnn.MLP([7, 9, 8, 3], activation=act, dtype="float64", seed=2, dropout=[0.3, 0.5])
+    m.step[...] = 5
+    report = fastnn.gradcheck(m, x, y)
+    assert report.max_rel_error < 1e-6, report
+    no_drop = fastnn.MLP([7, 9, 8, 3], activation=act, dtype="float64", seed=2)
+    assert not np.allclose(no_drop.gradients(x, y)[1][0], m.gradients(x, y)[1][0])  # dropout did act

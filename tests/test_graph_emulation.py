@@ -30,9 +30,9 @@ def data(n, seed=0):
     return x, y
 
 
-def train(x, y, optimizer, batch, epochs=1, cuda_graph=False, dtype="float32", device="gpu", **kw):
+def train(x, y, optimizer, batch, epochs=1, cuda_graph=False, dtype="float32", device="gpu", dropout=0.0, **kw):
     """A model, its optimizer and the history after ``fit``; every warning fails the test."""
-    model = fastnn.MLP(SIZES, device=device, dtype=dtype, seed=3)
+    model = fastnn.MLP(SIZES, device=device, dtype=dtype, seed=3, dropout=dropout)
     lr = 1e-2 if optimizer == "adam" else 0.1
     opt = fastnn.make_optimizer(optimizer, model, lr, momentum=0.9, weight_decay=1e-3)
     with warnings.catch_warnings():
@@ -89,6 +89,19 @@ def test_emulated_gpu_training_equals_cpu_training_in_float64(emulated_gpu, opti
     for pg, pc in zip(gpu[0].get_params(), cpu[0].get_params()):
         np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)
     assert gpu[2][-1]["train_loss"] == pytest.approx(cpu[2][-1]["train_loss"], rel=1e-10)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_dropout_captured_equals_uncaptured_and_the_cpu(emulated_gpu, optimizer):
+    x, y = data(103)
+    eager = train(x, y, optimizer, 16, epochs=2, dropout=[0.3, 0.5])
+    captured = train(x, y, optimizer, 16, epochs=2, dropout=[0.3, 0.5], cuda_graph=True)
+    assert_bitwise_equal(eager, captured)
+    assert int(captured[0].ops.to_host(captured[0].step)[0]) == 14  # one mask per step, counted on the device
+    gpu = train(x, y, optimizer, 16, epochs=2, dtype="float64", dropout=[0.3, 0.5], cuda_graph=True)
+    cpu = train(x, y, optimizer, 16, epochs=2, dtype="float64", dropout=[0.3, 0.5], device="cpu")
+    for pg, pc in zip(gpu[0].get_params(), cpu[0].get_params()):
+        np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)  # the same masks on both backends
 
 
 def test_emulated_gpu_training_learns_in_float32(emulated_gpu):

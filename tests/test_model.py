@@ -36,8 +36,8 @@ def test_float32_end_to_end_through_an_epoch():
     seen = []
     orig = m.forward
 
-    def spy(ws):
-        out = orig(ws)
+    def spy(ws, train=False):
+        out = orig(ws, train)
         seen.extend([ws.x.dtype, *(a.dtype for a in ws.acts), *(d.dtype for d in ws.deltas)])
         return out
 

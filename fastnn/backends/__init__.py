@@ -18,9 +18,10 @@ import numpy as np
 
 from ..errors import ConfigError, DeviceError
 from .numpy_ops import NumpyOps
-from .ops import ACTIVATIONS, GEMMS, Ops
+from .ops import ACTIVATIONS, GEMMS, Dropout, Ops
 
-__all__ = ["ACTIVATIONS", "DTYPES", "GEMMS", "NumpyOps", "Ops", "cuda_status", "get_ops", "resolve_dtype", "set_tf32"]
+__all__ = ["ACTIVATIONS", "DTYPES", "GEMMS", "Dropout", "NumpyOps", "Ops", "cuda_status", "get_ops",
+           "resolve_dtype", "set_tf32"]
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 DEVICES = ("auto", "cpu", "gpu")

@@ -73,9 +73,11 @@ class CapturedStep:
         self._record((1,), (1,), (ws.loss, ws.hits, self.counter, self.losses, self.hits))
 
     def capture(self) -> None:
-        """Warm up twice on batch 0 (the state is saved and restored around it), then capture."""
+        """Warm up twice on batch 0 (parameters, optimizer state and the model's step counter are
+        saved and restored around it), then capture."""
         m, opt = self.model, self.opt
         params, state, steps = m.params.copy(), {k: v.copy() for k, v in opt.state.items()}, opt.steps
+        model_step = m.step.copy()  # the dropout counter, advanced by the warm-up too
         self.graph = None
         outer = cp.cuda.get_current_stream()
         self.stream.wait_event(outer.record())
@@ -86,6 +88,7 @@ class CapturedStep:
                     self._captured_region()
             finally:
                 m.params[...] = params
+                m.step[...] = model_step
                 for k, v in opt.state.items():
                     v[...] = state[k]
                 opt.steps = steps

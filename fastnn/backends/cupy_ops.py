@@ -96,25 +96,32 @@ class CupyOps(Ops):
         kernel("gather_labels")(_blocks(b), (THREADS,), (src, idx, np.int64(b), out))
 
     # ------------------------------------------------------------ dense layer
-    def linear_act(self, a, W, b, out, act):
+    def _dropout_args(self, drop, dtype) -> tuple:
+        """(thr, scale, seed, step, layer) as kernels.cu takes them; thr 0 is no dropout."""
+        if drop is None or not drop.threshold:
+            return np.int32(0), dtype.type(1), np.uint32(0), self.constant("zeros", 1, np.int32), np.int32(0)
+        return (np.int32(drop.threshold), dtype.type(drop.scale), np.uint32(drop.seed), drop.step,
+                np.int32(drop.layer))
+
+    def linear_act(self, a, W, b, out, act, drop=None):
         if self.gemm == "cublas":
             cp.matmul(a, W, out=out)
-            self.bias_act(out, b, act)
+            self.bias_act(out, b, act, drop)
             return
         m, k = a.shape
         n = W.shape[1]
-        _typed("linear_act", out.dtype)(_gemm_grid(m, n), (TILE, TILE),
-                                        (a, W, b, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act)))
+        _typed("linear_act", out.dtype)(_gemm_grid(m, n), (TILE, TILE), (
+            a, W, b, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act), *self._dropout_args(drop, out.dtype)))
 
-    def input_grad(self, d, W, a, out, act):
+    def input_grad(self, d, W, a, out, act, drop=None):
         if self.gemm == "cublas":
             cp.matmul(d, W.T, out=out)
-            self.act_backward(out, a, act)
+            self.act_backward(out, a, act, drop)
             return
         m, n = d.shape
         k = W.shape[0]
-        _typed("input_grad", out.dtype)(_gemm_grid(m, k), (TILE, TILE),
-                                        (d, W, a, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act)))
+        _typed("input_grad", out.dtype)(_gemm_grid(m, k), (TILE, TILE), (
+            d, W, a, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act), *self._dropout_args(drop, out.dtype)))
 
     def param_grads(self, a, d, gW, gb):
         if self.gemm == "cublas":
@@ -126,13 +133,17 @@ class CupyOps(Ops):
         _typed("weight_grad", gW.dtype)(_gemm_grid(k + 1, n), (TILE, TILE),
                                         (a, d, gW, gb, np.int32(m), np.int32(k), np.int32(n)))
 
-    def bias_act(self, h, b, act):
+    def bias_act(self, h, b, act, drop=None):
         rows, n = h.shape
-        _typed("bias_act", h.dtype)(_blocks(rows * n), (THREADS,),
-                                    (h, b, np.int64(rows), np.int64(n), _act_code(act)))
+        _typed("bias_act", h.dtype)(_blocks(rows * n), (THREADS,), (
+            h, b, np.int64(rows), np.int64(n), _act_code(act), *self._dropout_args(drop, h.dtype)))
 
-    def act_backward(self, d, a, act):
-        _typed("act_backward", d.dtype)(_blocks(d.size), (THREADS,), (d, a, np.int64(d.size), _act_code(act)))
+    def act_backward(self, d, a, act, drop=None):
+        _typed("act_backward", d.dtype)(_blocks(d.size), (THREADS,), (
+            d, a, np.int64(d.size), _act_code(act), *self._dropout_args(drop, d.dtype)))
+
+    def count(self, t):
+        kernel("step_count")((1,), (1,), (t,))
 
     # ----------------------------------------------------------------- losses
     def _row_loss(self, z, y, grad, loss_out, hits_out, mse: int):
@@ -161,7 +172,7 @@ class CupyOps(Ops):
         f = p.dtype.type
         _typed("adam", p.dtype)(_blocks(p.size), (THREADS,),
                                 (p, g, m, v, t, np.int64(p.size), f(lr), f(b1), f(b2), f(eps), f(wd)))
-        kernel("step_count")((1,), (1,), (t,))
+        self.count(t)
 
 
 def device_problem() -> str | None:

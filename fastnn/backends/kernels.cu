@@ -13,7 +13,8 @@
 //
 // A training step is: gather_rows + gather_labels, then per layer linear_act,
 // then row_loss, then per layer weight_grad (+ input_grad), then one optimizer
-// kernel over the whole parameter arena.
+// kernel over the whole parameter arena (and step_count for Adam's and dropout's
+// device step counters).
 
 #define TILE 16  // GEMM tiles are TILE x TILE; GEMM kernels run with TILE x TILE threads
 
@@ -37,6 +38,29 @@ __device__ T act_grad(T d, T a, int act) {
         case 3: return d * ((T)1 - a * a);
         default: return d;
     }
+}
+
+// -------------------------------------------------------------------- dropout
+// Inverted dropout with masks from a counter-based hash of (seed, step, layer, element):
+// no mask is stored, the backward pass recomputes it, the step counter lives on the
+// device (a CUDA graph replays it), and NumPy computes the same bits (Ops.dropout_keep).
+// An element is kept when the top 24 bits of its hash are >= thr = round(p * 2^24); a
+// kept activation is multiplied by scale = 1 / (1 - p). thr = 0 (and scale 1) is no dropout.
+__device__ unsigned int mix32(unsigned int x) {  // "lowbias32", a well-tested 32-bit integer hash
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+__device__ bool dropout_keep(long long e, int thr, unsigned int seed, int step, int layer) {
+    if (thr == 0) return true;
+    const unsigned long long u = (unsigned long long)e;
+    unsigned int h = mix32((unsigned int)(u & 0xffffffffULL) ^ mix32((unsigned int)(u >> 32)));
+    h = mix32(seed ^ mix32((unsigned int)step ^ mix32((unsigned int)layer ^ h)));
+    return (int)(h >> 8) >= thr;
 }
 
 // ------------------------------------------------------------------------ GEMM
@@ -77,22 +101,28 @@ __device__ T tile_dot(const T* __restrict__ A, const T* __restrict__ B, int M, i
     return acc;
 }
 
-// out (M, N) = act(x (M, K) @ W (K, N) + b (N,)): a layer's forward pass
+// out (M, N) = dropout(act(x (M, K) @ W (K, N) + b (N,))): a layer's forward pass
 template <typename T>
-__device__ void linear_act(const T* x, const T* W, const T* b, T* out, int M, int N, int K, int act) {
+__device__ void linear_act(const T* x, const T* W, const T* b, T* out, int M, int N, int K, int act, int thr,
+                           T scale, unsigned int seed, const int* step, int layer) {
     const T acc = tile_dot<T, false, false>(x, W, M, N, K, M, K, N);
     const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
-    if (i < M && j < N) out[(long long)i * N + j] = activate(acc + b[j], act);
+    if (i < M && j < N) {
+        const long long e = (long long)i * N + j;
+        out[e] = dropout_keep(e, thr, seed, step[0], layer) ? activate(acc + b[j], act) * scale : (T)0;
+    }
 }
 
-// out (M, K) = (d (M, N) @ W (K, N)^T) * act'(a (M, K)): the gradient of the layer's input
+// out (M, K) = (d (M, N) @ W (K, N)^T) * act'(z), the gradient of the layer's input, where
+// a (M, K) = dropout(act(z)) is the previous layer's output (its dropout: thr, scale, layer)
 template <typename T>
-__device__ void input_grad(const T* d, const T* W, const T* a, T* out, int M, int N, int K, int act) {
+__device__ void input_grad(const T* d, const T* W, const T* a, T* out, int M, int N, int K, int act, int thr,
+                           T scale, unsigned int seed, const int* step, int layer) {
     const T acc = tile_dot<T, false, true>(d, W, M, K, N, M, N, N);
     const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
     if (i < M && j < K) {
         const long long e = (long long)i * K + j;
-        out[e] = act_grad(acc, a[e], act);
+        out[e] = dropout_keep(e, thr, seed, step[0], layer) ? act_grad(acc * scale, a[e] / scale, act) : (T)0;
     }
 }
 
@@ -109,13 +139,25 @@ __device__ void weight_grad(const T* a, const T* d, T* gW, T* gb, int M, int K, 
 }
 
 extern "C" __global__ void linear_act_f32(const float* x, const float* W, const float* b, float* out, int M, int N,
-                                          int K, int act) { linear_act<float>(x, W, b, out, M, N, K, act); }
+                                          int K, int act, int thr, float scale, unsigned int seed, const int* step,
+                                          int layer) {
+    linear_act<float>(x, W, b, out, M, N, K, act, thr, scale, seed, step, layer);
+}
 extern "C" __global__ void linear_act_f64(const double* x, const double* W, const double* b, double* out, int M,
-                                          int N, int K, int act) { linear_act<double>(x, W, b, out, M, N, K, act); }
+                                          int N, int K, int act, int thr, double scale, unsigned int seed,
+                                          const int* step, int layer) {
+    linear_act<double>(x, W, b, out, M, N, K, act, thr, scale, seed, step, layer);
+}
 extern "C" __global__ void input_grad_f32(const float* d, const float* W, const float* a, float* out, int M, int N,
-                                          int K, int act) { input_grad<float>(d, W, a, out, M, N, K, act); }
+                                          int K, int act, int thr, float scale, unsigned int seed, const int* step,
+                                          int layer) {
+    input_grad<float>(d, W, a, out, M, N, K, act, thr, scale, seed, step, layer);
+}
 extern "C" __global__ void input_grad_f64(const double* d, const double* W, const double* a, double* out, int M,
-                                          int N, int K, int act) { input_grad<double>(d, W, a, out, M, N, K, act); }
+                                          int N, int K, int act, int thr, double scale, unsigned int seed,
+                                          const int* step, int layer) {
+    input_grad<double>(d, W, a, out, M, N, K, act, thr, scale, seed, step, layer);
+}
 extern "C" __global__ void weight_grad_f32(const float* a, const float* d, float* gW, float* gb, int M, int K,
                                            int N) { weight_grad<float>(a, d, gW, gb, M, K, N); }
 extern "C" __global__ void weight_grad_f64(const double* a, const double* d, double* gW, double* gb, int M, int K,
@@ -124,32 +166,38 @@ extern "C" __global__ void weight_grad_f64(const double* a, const double* d, dou
 // ----------------------------------------------- epilogues for a cuBLAS GEMM
 // (CupyOps(gemm="cublas"): cuBLAS computes the products, these add the rest)
 
-// h (B, N) = act(h + b (N,)), in place
+// h (B, N) = dropout(act(h + b (N,))), in place
 template <typename T>
-__device__ void bias_act(T* h, const T* b, long long B, long long N, int act) {
+__device__ void bias_act(T* h, const T* b, long long B, long long N, int act, int thr, T scale, unsigned int seed,
+                         const int* step, int layer) {
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < B * N;
          e += (long long)blockDim.x * gridDim.x)
-        h[e] = activate(h[e] + b[e % N], act);
+        h[e] = dropout_keep(e, thr, seed, step[0], layer) ? activate(h[e] + b[e % N], act) * scale : (T)0;
 }
 
-// d (n,) *= act'(z), with a = act(z), in place
+// d (n,) *= act'(z), with a = dropout(act(z)), in place
 template <typename T>
-__device__ void act_backward(T* d, const T* a, long long n, int act) {
+__device__ void act_backward(T* d, const T* a, long long n, int act, int thr, T scale, unsigned int seed,
+                             const int* step, int layer) {
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)blockDim.x * gridDim.x)
-        d[e] = act_grad(d[e], a[e], act);
+        d[e] = dropout_keep(e, thr, seed, step[0], layer) ? act_grad(d[e] * scale, a[e] / scale, act) : (T)0;
 }
 
-extern "C" __global__ void bias_act_f32(float* h, const float* b, long long B, long long N, int act) {
-    bias_act<float>(h, b, B, N, act);
+extern "C" __global__ void bias_act_f32(float* h, const float* b, long long B, long long N, int act, int thr,
+                                        float scale, unsigned int seed, const int* step, int layer) {
+    bias_act<float>(h, b, B, N, act, thr, scale, seed, step, layer);
 }
-extern "C" __global__ void bias_act_f64(double* h, const double* b, long long B, long long N, int act) {
-    bias_act<double>(h, b, B, N, act);
+extern "C" __global__ void bias_act_f64(double* h, const double* b, long long B, long long N, int act, int thr,
+                                        double scale, unsigned int seed, const int* step, int layer) {
+    bias_act<double>(h, b, B, N, act, thr, scale, seed, step, layer);
 }
-extern "C" __global__ void act_backward_f32(float* d, const float* a, long long n, int act) {
-    act_backward<float>(d, a, n, act);
+extern "C" __global__ void act_backward_f32(float* d, const float* a, long long n, int act, int thr, float scale,
+                                            unsigned int seed, const int* step, int layer) {
+    act_backward<float>(d, a, n, act, thr, scale, seed, step, layer);
 }
-extern "C" __global__ void act_backward_f64(double* d, const double* a, long long n, int act) {
-    act_backward<double>(d, a, n, act);
+extern "C" __global__ void act_backward_f64(double* d, const double* a, long long n, int act, int thr, double scale,
+                                            unsigned int seed, const int* step, int layer) {
+    act_backward<double>(d, a, n, act, thr, scale, seed, step, layer);
 }
 
 // ------------------------------------------------------------------- the loss

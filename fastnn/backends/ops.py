@@ -17,12 +17,43 @@ Conventions for every kernel:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..errors import ConfigError
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 GEMMS = ("fastnn", "cublas")  # the GPU backend's GEMMs: its own fused kernels, or cuBLAS
+
+
+class Dropout(NamedTuple):
+    """Inverted dropout of one layer's output: each element is zeroed with probability ``p``
+    and the kept ones scaled by ``1 / (1 - p)``. The mask is a hash of (seed, the value of the
+    1-element int32 device counter ``step``, layer, element index), as in ``kernels.cu``."""
+
+    p: float
+    seed: int
+    step: object
+    layer: int
+
+    @property
+    def threshold(self) -> int:
+        """Kept when the top 24 bits of the element's hash are >= this."""
+        return int(round(self.p * (1 << 24)))
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
+
+
+def _mix32(x):
+    """lowbias32 (kernels.cu's mix32) on uint32 arrays, wrapping as C does."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
 
 
 class Ops:
@@ -39,12 +70,12 @@ class Ops:
         self._consts: dict[tuple, object] = {}
 
     def constant(self, kind: str, n: int, dtype):
-        """A cached read-only helper vector (n,): ``"ones"`` or ``"arange"``, of ``dtype``
+        """A cached read-only helper vector (n,): ``"ones"``, ``"zeros"`` or ``"arange"``, of ``dtype``
         (None: the array module's default, int64 for an arange)."""
         key = (kind, n, dtype)
         c = self._consts.get(key)
         if c is None:
-            make = self.xp.ones if kind == "ones" else self.xp.arange
+            make = {"ones": self.xp.ones, "zeros": self.xp.zeros, "arange": self.xp.arange}[kind]
             c = self._consts[key] = make(n, dtype=dtype)
         return c
 
@@ -92,8 +123,18 @@ class Ops:
         """``out = a.T @ d``: the weight gradient. a: (B, M), d: (B, N), out: (M, N)."""
         self.xp.matmul(a.T, d, out=out)
 
-    def bias_act(self, h, b, act: str) -> None:
-        """In place: ``h = act(h + b)``. h: (B, N), b: (N,); act in ACTIVATIONS or ``"linear"``."""
+    def dropout_keep(self, shape, drop: Dropout):
+        """The dropout mask (bool, ``shape``) of a layer's output (B, N): True where kept."""
+        xp = self.xp
+        e = xp.arange(int(np.prod(shape)), dtype=np.uint64)
+        h = _mix32((e & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ _mix32((e >> np.uint64(32)).astype(np.uint32)))
+        step = np.uint32(int(self.to_host(drop.step)[0]) & 0xFFFFFFFF)
+        h = _mix32(np.uint32(drop.seed) ^ _mix32(step ^ _mix32(np.uint32(drop.layer) ^ h)))
+        return ((h >> np.uint32(8)) >= drop.threshold).reshape(shape)
+
+    def bias_act(self, h, b, act: str, drop: Dropout | None = None) -> None:
+        """In place: ``h = act(h + b)``, then dropout if given. h: (B, N), b: (N,); act in
+        ACTIVATIONS or ``"linear"``."""
         xp = self.xp
         h += b
         if act == "relu":
@@ -104,6 +145,9 @@ class Ops:
             xp.tanh(h, out=h)
         elif act != "linear":
             raise ConfigError(f"unknown activation {act!r}")
+        if drop is not None and drop.threshold:
+            h *= self.dropout_keep(h.shape, drop)
+            h *= drop.scale
 
     def _sigmoid_inplace(self, h) -> None:
         # 1/(1+e^-x) = (1 + tanh(x/2)) / 2: no overflow for any x, no warnings.
@@ -112,11 +156,17 @@ class Ops:
         h *= 0.5
         h += 0.5
 
-    def act_backward(self, d, a, act: str) -> None:
-        """In place: ``d *= act'(z)``, written in terms of the activation ``a = act(z)``.
+    def act_backward(self, d, a, act: str, drop: Dropout | None = None) -> None:
+        """In place: ``d *= act'(z)``, written in terms of the activation ``a = act(z)``
+        (``a = dropout(act(z))`` when the layer had dropout: then the mask and scale too).
 
         d: (B, N) upstream gradient dL/da; a: (B, N) the activation from the forward pass.
         """
+        if drop is not None and drop.threshold:
+            d *= drop.scale
+            self.act_backward(d, a / drop.scale, act)
+            d *= self.dropout_keep(d.shape, drop)
+            return
         if act == "relu":
             d *= a > 0
         elif act == "sigmoid":
@@ -132,19 +182,19 @@ class Ops:
 
     # The three products of a layer with what follows them, the calls the model makes.
     # Here they are composed of the kernels above; the CuPy backend fuses each one.
-    def linear_act(self, a, W, b, out, act: str) -> None:
-        """Forward: ``out = act(a @ W + b)``. a: (B, M), W: (M, N), b: (N,), out: (B, N)."""
+    def linear_act(self, a, W, b, out, act: str, drop: Dropout | None = None) -> None:
+        """Forward: ``out = dropout(act(a @ W + b))``. a: (B, M), W: (M, N), b: (N,), out: (B, N)."""
         self.matmul(a, W, out)
-        self.bias_act(out, b, act)
+        self.bias_act(out, b, act, drop)
 
-    def input_grad(self, d, W, a, out, act: str) -> None:
+    def input_grad(self, d, W, a, out, act: str, drop: Dropout | None = None) -> None:
         """Backward to the layer's input: ``out = (d @ W.T) * act'(z)`` where ``a = act(z)``.
 
         d: (B, N) dL/dz of this layer; W: (M, N); a, out: (B, M) the previous layer's
-        activation and its dL/dz.
+        activation and its dL/dz; drop: the previous layer's dropout.
         """
         self.matmul(d, W.T, out)
-        self.act_backward(out, a, act)
+        self.act_backward(out, a, act, drop)
 
     def param_grads(self, a, d, gW, gb) -> None:
         """``gW = a.T @ d`` and ``gb = d.sum(axis=0)``. a: (B, M), d: (B, N), gW: (M, N), gb: (N,)."""
@@ -191,6 +241,10 @@ class Ops:
         if grad is not None:
             xp.multiply(diff, out * (1.0 - out), out=grad)
             grad *= 2.0 / (b * k)
+
+    def count(self, t) -> None:
+        """``t += 1`` for a 1-element int32 device counter (Adam's and dropout's step)."""
+        t += 1
 
     # ------------------------------------------------------------- optimizers
     # Each takes the whole flat parameter arena p and gradient arena g (1-D) and

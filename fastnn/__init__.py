@@ -12,6 +12,7 @@ from .backends import NumpyOps, Ops, cuda_status, get_ops, set_tf32
 from .diagnose import EpochMonitor, Finding, diagnose
 from .errors import ConfigError, DataError, DeviceError, DivergedError, FastnnError
 from .gradcheck import GradReport, check_gradients, gradcheck
+from .lrfind import lr_find
 from .model import MLP
 from .optim import SGD, Adam, Momentum, Optimizer, make_optimizer
 from .preprocessing import Preprocessing
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MLP", "Preprocessing", "fit", "train_epoch", "train_step", "datasets",
-    "diagnose", "Finding", "EpochMonitor", "gradcheck", "check_gradients", "GradReport",
+    "diagnose", "Finding", "EpochMonitor", "gradcheck", "check_gradients", "GradReport", "lr_find",
     "Ops", "NumpyOps", "get_ops", "cuda_status", "set_tf32",
     "Optimizer", "SGD", "Momentum", "Adam", "make_optimizer",
     "FastnnError", "ConfigError", "DataError", "DeviceError", "DivergedError",

@@ -24,6 +24,7 @@ from . import __version__, checkpoint, datasets
 from .backends import ACTIVATIONS, DEVICES, GEMMS, get_ops, set_tf32
 from .diagnose import EpochMonitor, diagnose
 from .errors import ConfigError, DataError, DivergedError, FastnnError
+from .lrfind import lr_find, plot_lr_find
 from .model import INITS, LOSSES, MLP
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
 from .report import confusion_matrix, format_report, write_plots
@@ -498,9 +499,14 @@ def report(args, ds, inputs, model, out, history, seconds) -> None:
         out.say("plots: " + ", ".join(map(str, files)))
 
 
-def run_train(argv=None, doctor_only=False) -> int:
-    """``fastnn train`` (or, with doctor_only, ``fastnn doctor``): the whole run, step by step."""
-    args = train_parser("fastnn doctor" if doctor_only else "fastnn train", doctor=doctor_only).parse_args(argv)
+def run_train(argv=None, command="train") -> int:
+    """``fastnn train``, ``fastnn doctor`` or ``fastnn lr-find``: the whole run, step by step."""
+    setup_only = command != "train"
+    parser = train_parser(f"fastnn {command}", doctor=setup_only)
+    if command == "lr-find":
+        parser.description = LR_FIND_HELP
+        parser.add_argument("--plots", metavar="DIR", help="write lr_find.png here")
+    args = parser.parse_args(argv)
     for key in ("doctor", "quiet", "save", "checkpoint_dir", "resume", "plots"):  # output flags the doctor lacks
         args.__dict__.setdefault(key, None)
     state = None
@@ -517,9 +523,11 @@ def run_train(argv=None, doctor_only=False) -> int:
     if args.checkpoint_dir:
         checkpoint.remove_orphans(args.checkpoint_dir)
     try:
-        if doctor_only or args.doctor:
+        if command == "lr-find":
+            return run_lr_find(cfg, inputs, model, args.plots)
+        if command == "doctor" or args.doctor:
             findings = run_doctor(cfg, ds, inputs, model, out)
-            if doctor_only:
+            if command == "doctor":
                 return 1 if any(f.severity == "error" for f in findings) else 0
         history = state["meta"]["history"] if state else []
         start = state["meta"]["epoch"] + 1 if state else 1
@@ -535,7 +543,22 @@ def run_train(argv=None, doctor_only=False) -> int:
 
 
 PREDICT_HELP = "Classify images with a saved model (the model's preprocessing is applied to them)."
-COMMANDS = {"train": TRAIN_HELP, "predict": PREDICT_HELP, "doctor": DOCTOR_HELP}
+LR_FIND_HELP = ("The learning-rate range test: 100 steps on a copy of the network with the rate rising from 1e-6 "
+                "to 10; prints the rate where the loss falls fastest (and plots the curve with --plots).")
+COMMANDS = {"train": TRAIN_HELP, "predict": PREDICT_HELP, "doctor": DOCTOR_HELP, "lr-find": LR_FIND_HELP}
+
+
+def run_lr_find(cfg, inputs, model, plots) -> int:
+    """``fastnn lr-find``: the range test with the run's optimizer and batch size."""
+    result = lr_find(model, inputs.x_train, inputs.y_train, optimizer=cfg["optimizer"],
+                     batch_size=cfg["batch_size"], momentum=cfg["momentum"], seed=cfg["seed"])
+    print(f"suggested learning rate for {cfg['optimizer']}: {result['suggested']:.3g} (the loss is lowest at "
+          f"{result['min_loss_lr']:.3g}; --lr {cfg['lr']:g} is {cfg['lr'] / result['suggested']:.3g}x the suggestion)")
+    if plots:
+        Path(plots).mkdir(parents=True, exist_ok=True)
+        plot_lr_find(result, Path(plots) / "lr_find.png")
+        print(f"plot: {Path(plots) / 'lr_find.png'}")
+    return 0
 
 
 def predict_parser(prog="fastnn predict"):
@@ -620,7 +643,7 @@ def main(argv=None) -> int:
     try:
         if cmd == "predict":
             return run_predict(argv)
-        return run_train(argv, doctor_only=cmd == "doctor")
+        return run_train(argv, command=cmd or "train")
     except FastnnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -471,3 +471,12 @@ def test_the_test_set_chooses_nothing(tmp_path, synthetic_dir):
     for a, b in zip(params_a, params_b):
         np.testing.assert_array_equal(a, b)
     assert test_a != test_b  # the test sets did differ, and were evaluated
+
+
+def test_lr_find_command_prints_a_suggestion_and_plots(tmp_path, data_args):
+    pytest.importorskip("matplotlib")
+    r = run(TRAIN[:1] + ["-m", "fastnn", "lr-find"] + data_args + ["--limit", "2000", "--hidden", "32", "--device",
+                                                                    "cpu", "--plots", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("suggested learning rate for adam: ")
+    assert (tmp_path / "lr_find.png").stat().st_size > 1000

@@ -401,3 +401,20 @@ def test_fit_verbose_prints_a_line_per_epoch_without_a_terminal(tmp_path):
     lines = r.stdout.splitlines()
     assert [ln.split()[1] for ln in lines] == ["1/3", "2/3", "3/3"]
     assert all("train loss" in ln and "val loss" in ln for ln in lines)
+
+
+def test_lr_find_leaves_the_model_alone_and_suggests_a_rate_on_the_falling_slope(synthetic):
+    x, y = synthetic[0][:2000], synthetic[1][:2000]
+    m = fastnn.MLP([784, 32, 10], seed=1)
+    before = m.params.copy()
+    r = fastnn.lr_find(m, x, y, optimizer="sgd", steps=60)
+    np.testing.assert_array_equal(m.params, before)
+    lrs, losses = np.array(r["lrs"]), np.array(r["losses"])
+    np.testing.assert_allclose(np.diff(np.log(lrs)), np.log(1e7) / 59, rtol=1e-9)  # exponential steps
+    assert np.isfinite(losses).all()
+    wild = fastnn.lr_find(m, x, y, optimizer="sgd", end=1e5, steps=60)
+    assert len(wild["lrs"]) < 60 and np.isfinite(wild["losses"]).all()  # it stopped where the loss diverged
+    i = int(np.flatnonzero(lrs == r["suggested"])[0])
+    assert losses[i] < losses[0] and 1e-4 < r["suggested"] < r["min_loss_lr"] <= lrs[-1]
+    with pytest.raises(fastnn.ConfigError, match="0 < start < end"):
+        fastnn.lr_find(m, x, y, start=1.0, end=0.1)

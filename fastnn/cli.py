@@ -34,6 +34,7 @@ DEFAULTS = {
     "dataset": "fashion-mnist", "hidden": "256,128", "activation": "relu", "loss": "xent",
     "init": None, "dropout": "0", "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
     "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32", "val_split": 0.1,
+    "class_weight": None,
     "device": "auto", "per_sample": False, "patience": None, "standardize": False,
     "cuda_graph": False, "gpu_gemm": "fastnn", "tf32": False,
 }
@@ -192,6 +193,8 @@ def _training_flags(p, add, S) -> None:
     add(g, "--val-split", "hold out this fraction of the training data (stratified, seeded) for validation: it "
         "drives early stopping and the per-epoch figures; the test set is evaluated once, at the end",
         type=_fraction, default=S)
+    add(g, "--class-weight", "balanced: weigh each class's loss by N / (K * its count), for imbalanced data",
+        choices=["balanced"], default=S)
     add(g, "--patience", "early stopping: stop after N epochs without a better validation loss, keep the best",
         type=_positive(int), default=S)
     add(g, "--seed", type=_nonneg_int, default=S)
@@ -406,6 +409,7 @@ def train(args, cfg, ds, inputs, model, opt, rng, out, history, start) -> int | 
         fit(model, inputs.x_train, inputs.y_train, epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=opt,
             x_val=inputs.x_val, y_val=inputs.y_val, lr_schedule=cfg["lr_schedule"], patience=cfg["patience"],
             on_epoch=on_epoch, progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start,
+            class_weight=cfg["class_weight"],
             cuda_graph=cfg["cuda_graph"] and model.device == "gpu")
     except DivergedError as exc:
         where = f"; the last good checkpoint is in {args.checkpoint_dir}" if args.checkpoint_dir else ""

@@ -45,15 +45,18 @@ def _dropout_rates(dropout, n_hidden: int) -> list[float]:
 class Workspace:
     """Preallocated buffers for one batch size B.
 
-    x: (B, D) float input batch; y: (B,) int32 labels; acts[l]: (B, n_{l+1})
-    activations a[l+1]; deltas[l]: (B, n_{l+1}) dL/dz of layer l; loss (1,) float:
-    the sum of the batch's per-sample losses; hits (1,) int32: its correct argmaxes.
+    x: (B, D) float input batch; y: (B,) int32 labels; w: (B,) float per-sample weights
+    (used when ``weighted``); acts[l]: (B, n_{l+1}) activations a[l+1]; deltas[l]:
+    (B, n_{l+1}) dL/dz of layer l; loss (1,) float: the sum of the batch's (weighted)
+    per-sample losses; hits (1,) int32: its correct argmaxes.
     """
 
     def __init__(self, ops: Ops, sizes, batch: int, dtype):
         xp = ops.xp
         self.x = xp.empty((batch, sizes[0]), dtype)
         self.y = xp.empty(batch, np.int32)
+        self.w = xp.empty(batch, dtype)
+        self.weighted = False
         self.acts = [xp.empty((batch, n), dtype) for n in sizes[1:]]
         self.deltas = [xp.empty((batch, n), dtype) for n in sizes[1:]]
         self.loss = xp.zeros(1, dtype)
@@ -215,8 +218,9 @@ class MLP:
         yd = None if y is None else self.ops.asarray(y, np.int32)
         return xd, yd
 
-    def load_batch(self, ws: Workspace, x_dev, y_dev, idx) -> None:
-        """Gather rows ``idx`` (B,) int64 of device data into ``ws.x``/``ws.y``.
+    def load_batch(self, ws: Workspace, x_dev, y_dev, idx, w_dev=None) -> None:
+        """Gather rows ``idx`` (B,) int64 of device data into ``ws.x``/``ws.y`` (and the
+        per-sample weights w_dev (N, 1), model dtype, into ``ws.w``).
 
         uint8 pixels are converted and preprocessed on the way; float inputs are copied.
         """
@@ -224,6 +228,9 @@ class MLP:
         self.ops.gather_rows(x_dev, idx, ws.x, scale, shift)
         if y_dev is not None:
             self.ops.gather_labels(y_dev, idx, ws.y)
+        ws.weighted = w_dev is not None
+        if ws.weighted:
+            self.ops.gather_rows(w_dev, idx, ws.w.reshape(-1, 1), 1.0, 0.0)
 
     def preprocess(self, images) -> np.ndarray:
         """Raw images (N, D) in any form -> network inputs (NumPy, model dtype); see
@@ -256,7 +263,7 @@ class MLP:
         kernel = self.ops.xent if self.loss == "xent" else self.ops.mse
         kernel(ws.acts[-1], ws.y, ws.deltas[-1] if want_grad else None,
                ws.loss if loss_out is None else loss_out,
-               ws.hits if hits_out is None else hits_out)
+               ws.hits if hits_out is None else hits_out, ws.w if ws.weighted else None)
 
     def backward(self, ws: Workspace) -> None:
         """From ws.deltas[-1], write the gradient of the batch-mean loss into the arena."""
@@ -290,12 +297,14 @@ class MLP:
         return c
 
     # ------------------------------------------------------- public helpers
-    def gradients(self, x, y):
-        """Mean loss (float) and its gradients ``[dW1, db1, ...]`` (NumPy) on the batch (x, y)."""
+    def gradients(self, x, y, sample_weight=None):
+        """Mean loss (float) and its gradients ``[dW1, db1, ...]`` (NumPy) on the batch (x, y);
+        with sample_weight (N,), of ``sum_i w_i loss_i / N``."""
         xd, yd = self.to_device(x, y)
         n = xd.shape[0]
+        wd = None if sample_weight is None else self.ops.asarray(np.asarray(sample_weight).reshape(n, 1), self.dtype)
         ws = self.workspace(n)
-        self.load_batch(ws, xd, yd, self.ops.xp.arange(n))
+        self.load_batch(ws, xd, yd, self.ops.xp.arange(n), wd)
         self.forward_backward(ws)
         loss = float(self.ops.to_host(ws.loss)[0]) / n
         return loss, [self.ops.to_host(g).copy() for g in self.param_list((self.gW, self.gb))]

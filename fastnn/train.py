@@ -28,13 +28,15 @@ from .optim import Optimizer, make_optimizer
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, loss_out=None, hits_out=None) -> None:
+def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, loss_out=None, hits_out=None,
+               w_dev=None) -> None:
     """One optimizer step on rows ``idx`` (B,) int64 of device data x_dev (N, D), y_dev (N,) int32.
 
     ws: the workspace for batch size B; loss_out / hits_out: 1-element device
-    arrays for the batch's loss sum and hit count (default ``ws.loss``/``ws.hits``).
+    arrays for the batch's loss sum and hit count (default ``ws.loss``/``ws.hits``);
+    w_dev: optional (N, 1) per-sample weights (the batch loss is sum_i w_i loss_i / B).
     """
-    model.load_batch(ws, x_dev, y_dev, idx)
+    model.load_batch(ws, x_dev, y_dev, idx, w_dev)
     model.forward_backward(ws, loss_out, hits_out)
     opt.step()
     if any(model.dropout):
@@ -42,7 +44,7 @@ def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, los
 
 
 def train_epoch(model: MLP, opt: Optimizer, x_dev, y_dev, batch_size: int, rng: np.random.Generator,
-                progress=None, graph=None) -> dict:
+                progress=None, graph=None, w_dev=None) -> dict:
     """One epoch over device data x_dev (N, D), y_dev (N,) int32 in shuffled batches.
 
     With ``batch_size=1`` this is per-sample SGD: one update after every sample.
@@ -68,7 +70,7 @@ def train_epoch(model: MLP, opt: Optimizer, x_dev, y_dev, batch_size: int, rng: 
                 graph.replay()
             else:
                 train_step(model, opt, x_dev, y_dev, model.workspace(b), perm[s * batch_size:s * batch_size + b],
-                           losses[s:s + 1], hits[s:s + 1])
+                           losses[s:s + 1], hits[s:s + 1], w_dev)
             if progress is not None:
                 progress(b)
         loss = float(ops.to_host(losses.astype(np.float64).sum())) / n
@@ -102,7 +104,7 @@ def stratified_split(y, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.
 def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=None,
         weight_decay=None, per_sample=False, x_val=None, y_val=None, seed=0, lr_schedule="constant",
         patience=None, on_epoch=None, progress=None, rng=None, start_epoch=1, cuda_graph=False,
-        validation_split=None, verbose=0) -> list[dict]:
+        validation_split=None, verbose=0, sample_weight=None, class_weight=None) -> list[dict]:
     """Train ``model`` on x (N, D) float or uint8, y (N,) integer labels.
 
     optimizer: "sgd", "momentum", "nesterov", "adam" with ``lr`` (default 0.1),
@@ -116,37 +118,37 @@ def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", m
     and seeded by ``seed`` (``stratified_split(y, fraction, seed)``).
     patience: stop when the validation loss has not improved for this many
     epochs, and restore the weights of the best epoch (needs validation data).
-    on_epoch: optional callable ``(record) -> bool``; returning True stops training.
-    progress: optional callable ``(n_samples)`` called after every batch.
+    on_epoch: callable ``(record) -> bool``, True stops; progress: ``(n_samples)`` after each batch.
     rng / start_epoch: continue a run (a NumPy Generator in the state it had
     after epoch ``start_epoch - 1``); by default a new one from ``seed``.
+    sample_weight (N,) / class_weight ("balanced", a dict or a (K,) array): per-sample loss
+    weights, rescaled to mean 1 over (x, y), so the epoch loss is sum(w loss) / sum(w).
     verbose: 1 prints a line per epoch and shows a progress bar (``tqdm.auto``: a widget in
     Jupyter, text in a terminal) when tqdm is installed.
     cuda_graph: on the GPU, replay a captured training step per batch (``backends/cuda_graph.py``);
     if capturing fails, a warning says why and training goes on uncaptured.
-    Returns the history, one dict per epoch with ``epoch, lr, train_loss,
-    train_accuracy, val_loss, val_accuracy, seconds, samples_per_s``.
-    Raises DivergedError when the loss becomes NaN or infinite.
+    Returns the history, one dict per epoch with ``epoch, lr, train_loss, train_accuracy,
+    val_loss, val_accuracy, seconds, samples_per_s``; DivergedError when the loss is NaN or inf.
     """
     batch_size = 1 if per_sample else int(batch_size)
     if validation_split:
-        x, y, x_val, y_val = _hold_out(x, y, x_val, validation_split, seed)
+        x, y, x_val, y_val, sample_weight = _hold_out(x, y, x_val, validation_split, seed, sample_weight)
     _check_fit_args(batch_size, epochs, lr_schedule, x_val, y_val, patience)
     x_dev, y_dev = model.to_device(x, y)
+    w_dev = _sample_weights(model, np.asarray(y), sample_weight, class_weight)
     val_dev = None if x_val is None else model.to_device(x_val, y_val, name="x_val")  # once, not per epoch
     opt = _optimizer(optimizer, model, lr, momentum, weight_decay)
     base_lr = opt.lr
     rng = np.random.default_rng(seed) if rng is None else rng
-    graph = _graph_or_none(model, opt, x_dev, y_dev, batch_size) if cuda_graph else None
+    graph = _graph_or_none(model, opt, x_dev, y_dev, batch_size, w_dev) if cuda_graph else None
     history, stopper = [], EarlyStopping(model, patience)
     printer = EpochPrinter(int(epochs), x_dev.shape[0], progress) if verbose else None
     progress = printer.progress if printer else progress  # it calls the caller's hook too
     for epoch in range(int(start_epoch), int(epochs) + 1):
-        if lr_schedule == "cosine":
-            opt.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
+        opt.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs)) if lr_schedule == "cosine" else opt.lr
         rec = {"epoch": epoch, "lr": opt.lr}
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
-            rec.update(train_epoch(model, opt, x_dev, y_dev, batch_size, rng, progress, graph))
+            rec.update(train_epoch(model, opt, x_dev, y_dev, batch_size, rng, progress, graph, w_dev))
         rec["samples_per_s"] = x_dev.shape[0] / rec["seconds"]
         val = model.evaluate_device(*val_dev) if val_dev is not None else {"loss": None, "accuracy": None}
         rec["val_loss"], rec["val_accuracy"] = val["loss"], val["accuracy"]
@@ -192,13 +194,48 @@ def _check_finite(rec: dict, opt: Optimizer, history: list) -> None:
             f"rate ({opt.lr:g}) is probably too high, or the inputs are not scaled to about [0, 1]", history)
 
 
-def _hold_out(x, y, x_val, fraction, seed):
-    """``(x, y, x_val, y_val)`` with a stratified fraction of (x, y) held out for validation."""
+def _hold_out(x, y, x_val, fraction, seed, sample_weight):
+    """``(x, y, x_val, y_val, sample_weight)`` with a stratified fraction of (x, y) held out."""
     if x_val is not None:
         raise ConfigError("give validation_split or x_val/y_val, not both")
     y = np.asarray(y)
-    train_idx, val_idx = stratified_split(y, fraction, seed)
-    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    tr, va = stratified_split(y, fraction, seed)
+    return x[tr], y[tr], x[va], y[va], None if sample_weight is None else np.asarray(sample_weight)[tr]
+
+
+def class_weights(y, class_weight, k: int) -> np.ndarray:
+    """Per-class weights (K,): ``"balanced"`` is scikit-learn's N / (K * count(class)); a dict
+    {class: weight} (missing classes weigh 1) or a (K,) array are taken as given."""
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ConfigError(f"class_weight must be 'balanced', a dict or an array, got {class_weight!r}")
+        counts = np.bincount(y, minlength=k).astype(np.float64)
+        return np.where(counts > 0, len(y) / (k * np.maximum(counts, 1)), 0.0)
+    if isinstance(class_weight, dict):
+        out = np.ones(k)
+        for c, v in class_weight.items():
+            if not 0 <= int(c) < k:
+                raise ConfigError(f"class_weight names class {c}, outside 0..{k - 1}")
+            out[int(c)] = v
+        return out
+    out = np.asarray(class_weight, np.float64)
+    if out.shape != (k,):
+        raise ConfigError(f"class_weight has shape {out.shape}, expected ({k},)")
+    return out
+
+
+def _sample_weights(model: MLP, y: np.ndarray, sample_weight, class_weight):
+    """The (N, 1) device weights of fit's samples, mean 1, or None when unweighted."""
+    if sample_weight is None and class_weight is None:
+        return None
+    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(-1)
+    if w.shape != (len(y),):
+        raise ConfigError(f"sample_weight has {w.size} values for {len(y)} samples")
+    if class_weight is not None:
+        w = w * class_weights(y, class_weight, model.sizes[-1])[y]
+    if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise ConfigError("sample weights must be finite, >= 0 and not all 0")
+    return model.ops.asarray((w * (len(w) / w.sum())).reshape(-1, 1), model.dtype)
 
 
 class EpochPrinter:
@@ -252,7 +289,7 @@ def _optimizer(optimizer, model: MLP, lr, momentum, weight_decay) -> Optimizer:
                           0.0 if weight_decay is None else weight_decay)
 
 
-def _graph_or_none(model: MLP, opt: Optimizer, x_dev, y_dev, batch: int):
+def _graph_or_none(model: MLP, opt: Optimizer, x_dev, y_dev, batch: int, w_dev=None):
     """A ``CapturedStep`` for this run, or None: no full batch to capture, or (with a
     warning) the capture failed on this GPU."""
     if model.ops.name != "gpu":
@@ -261,7 +298,8 @@ def _graph_or_none(model: MLP, opt: Optimizer, x_dev, y_dev, batch: int):
         return None  # every batch is the ragged one: nothing to replay
     from .backends.cuda_graph import CapturedStep
 
-    graph = CapturedStep(functools.partial(train_step, model, opt, x_dev, y_dev), model, opt, x_dev.shape[0], batch)
+    step = functools.partial(train_step, model, opt, x_dev, y_dev, w_dev=w_dev)
+    graph = CapturedStep(step, model, opt, x_dev.shape[0], batch)
     try:
         graph.capture()
     except Exception as exc:  # the driver or CuPy refused the capture

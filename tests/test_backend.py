@@ -50,6 +50,10 @@ def run_kernels(ops, dtype):
         loss2, hits2 = xp.zeros(1, dtype), xp.zeros(1, np.int32)
         getattr(ops, name)(z, t["y"], None, loss2, hits2)
         out[f"{name}_loss_nograd"] = loss2
+        w = xp.asarray(np.linspace(0.0, 2.0, z.shape[0]), dtype)  # per-sample weights, one of them 0
+        gw, lw, hw = xp.zeros_like(z), xp.zeros(1, dtype), xp.zeros(1, np.int32)
+        getattr(ops, name)(z, t["y"], gw, lw, hw, w)
+        out[f"{name}_weighted_grad"], out[f"{name}_weighted_loss"], out[f"{name}_weighted_hits"] = gw, lw, hw
         for row in range(3):  # batch size 1, as in per-sample training
             g1, l1, h1 = xp.zeros_like(z[:1]), xp.zeros(1, dtype), xp.zeros(1, np.int32)
             getattr(ops, name)(z[row:row + 1], t["y"][row:row + 1], g1, l1, h1)

@@ -105,3 +105,20 @@ def test_gradients_with_dropout_match_central_differences(act):
     assert report.max_rel_error < 1e-6, report
     no_drop = fastnn.MLP([7, 9, 8, 3], activation=act, dtype="float64", seed=2)
     assert not np.allclose(no_drop.gradients(x, y)[1][0], m.gradients(x, y)[1][0])  # dropout did act
+
+
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+def test_weighted_gradients_match_central_differences_and_duplicated_samples(loss):
+    rng = np.random.default_rng(4)
+    x, y = rng.random((10, 6)), rng.integers(0, 3, 10)
+    w = rng.integers(0, 4, 10).astype(np.float64)  # whole weights: the same as repeating samples
+    m = fastnn.MLP([6, 5, 3], activation="tanh", loss=loss, dtype="float64", seed=3)
+    report = fastnn.check_gradients(lambda p: (m.set_params(p), m.gradients(x, y, w)[0])[1],
+                                    lambda p: (m.set_params(p), m.gradients(x, y, w)[1])[1], m.get_params())
+    assert report.max_rel_error < 1e-6, report
+    rep = np.repeat(np.arange(10), w.astype(int))
+    loss_w, grads_w = m.gradients(x, y, w)
+    loss_d, grads_d = m.gradients(x[rep], y[rep])
+    assert loss_w * 10 / w.sum() == pytest.approx(loss_d, rel=1e-12)
+    for gw, gd in zip(grads_w, grads_d):
+        np.testing.assert_allclose(gw * 10 / w.sum(), gd, rtol=1e-10, atol=1e-14)

@@ -104,6 +104,17 @@ def test_dropout_captured_equals_uncaptured_and_the_cpu(emulated_gpu, optimizer)
         np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)  # the same masks on both backends
 
 
+def test_class_weighted_training_captured_equals_uncaptured_and_the_cpu(emulated_gpu):
+    x, y = data(103)
+    eager = train(x, y, "momentum", 16, epochs=2, class_weight="balanced")
+    captured = train(x, y, "momentum", 16, epochs=2, class_weight="balanced", cuda_graph=True)
+    assert_bitwise_equal(eager, captured)
+    gpu = train(x, y, "adam", 16, dtype="float64", class_weight={1: 3.0}, cuda_graph=True)
+    cpu = train(x, y, "adam", 16, dtype="float64", class_weight={1: 3.0}, device="cpu")
+    for pg, pc in zip(gpu[0].get_params(), cpu[0].get_params()):
+        np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)
+
+
 def test_emulated_gpu_training_learns_in_float32(emulated_gpu):
     x, y = data(400)
     model, _, hist = train(x, y, "adam", 32, epochs=3, cuda_graph=True)

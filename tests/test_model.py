@@ -418,3 +418,28 @@ def test_lr_find_leaves_the_model_alone_and_suggests_a_rate_on_the_falling_slope
     assert losses[i] < losses[0] and 1e-4 < r["suggested"] < r["min_loss_lr"] <= lrs[-1]
     with pytest.raises(fastnn.ConfigError, match="0 < start < end"):
         fastnn.lr_find(m, x, y, start=1.0, end=0.1)
+
+
+def test_balanced_class_weights_are_scikit_learns():
+    from fastnn.train import class_weights
+
+    y = np.array([0] * 6 + [1] * 3 + [2])
+    np.testing.assert_allclose(class_weights(y, "balanced", 3), [10 / 18, 10 / 9, 10 / 3])
+    np.testing.assert_allclose(class_weights(y, {2: 5.0}, 3), [1, 1, 5])
+    with pytest.raises(fastnn.ConfigError, match="class_weight names class 7"):
+        class_weights(y, {7: 1.0}, 3)
+
+
+def test_fit_with_class_weights_reports_the_weighted_mean_loss(synthetic):
+    x, y = synthetic[0][:400], synthetic[1][:400]
+    m = fastnn.MLP([784, 16, 10], seed=1)
+    w = np.where(y == 3, 5.0, 1.0)
+    fastnn.fit(m, x, y, epochs=1, lr=0.05, sample_weight=w)
+    snapshot = m.clone()
+    hist = fastnn.fit(m, x, y, epochs=1, lr=0.0, sample_weight=w)  # lr 0: the loss of fixed weights
+    losses = []
+    for i in range(400):
+        losses.append(snapshot.gradients(x[i:i + 1], y[i:i + 1])[0])
+    assert hist[0]["train_loss"] == pytest.approx(np.average(losses, weights=w), rel=1e-4)
+    with pytest.raises(fastnn.ConfigError, match="finite, >= 0 and not all 0"):
+        fastnn.fit(m, x, y, epochs=1, sample_weight=np.zeros(400))

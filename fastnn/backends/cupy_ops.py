@@ -146,17 +146,19 @@ class CupyOps(Ops):
         kernel("step_count")((1,), (1,), (t,))
 
     # ----------------------------------------------------------------- losses
-    def _row_loss(self, z, y, grad, loss_out, hits_out, mse: int):
+    def _row_loss(self, z, y, grad, loss_out, hits_out, mse: int, w):
         b, k = z.shape
         g = grad if grad is not None else z  # never written when want_grad == 0
-        _typed("row_loss", z.dtype)((1,), (THREADS,), (z, y, g, loss_out, hits_out, np.int32(b), np.int32(k),
-                                                         np.int32(grad is not None), np.int32(mse)))
+        weights = w if w is not None else z  # never read when weighted == 0
+        _typed("row_loss", z.dtype)((1,), (THREADS,), (
+            z, y, weights, g, loss_out, hits_out, np.int32(b), np.int32(k), np.int32(grad is not None),
+            np.int32(mse), np.int32(w is not None)))
 
-    def xent(self, logits, y, grad, loss_out, hits_out):
-        self._row_loss(logits, y, grad, loss_out, hits_out, 0)
+    def xent(self, logits, y, grad, loss_out, hits_out, w=None):
+        self._row_loss(logits, y, grad, loss_out, hits_out, 0, w)
 
-    def mse(self, out, y, grad, loss_out, hits_out):
-        self._row_loss(out, y, grad, loss_out, hits_out, 1)
+    def mse(self, out, y, grad, loss_out, hits_out, w=None):
+        self._row_loss(out, y, grad, loss_out, hits_out, 1, w)
 
     # ------------------------------------------------------------- optimizers
     def sgd(self, p, g, lr, wd):

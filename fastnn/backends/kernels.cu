@@ -205,10 +205,12 @@ extern "C" __global__ void act_backward_f64(double* d, const double* a, long lon
 // classes, is small): each row's softmax (or sigmoid MSE), loss, argmax and
 // gradient in one pass, then a shared-memory reduction of the loss sum and the
 // hit count. z (B, K) logits or sigmoid outputs, y (B,) labels, g (B, K) dL/dz
-// of the batch-mean loss (written when want_grad), loss_out / hits_out (1,).
+// of the batch-mean loss (written when want_grad), loss_out / hits_out (1,). With
+// weighted, row r's loss and gradient are multiplied by w[r] (the batch loss is
+// sum_r w[r] loss_r / B); otherwise w is not read.
 template <typename T>
-__device__ void row_loss(const T* z, const int* y, T* g, T* loss_out, int* hits_out, int B, int K, int want_grad,
-                         int mse) {
+__device__ void row_loss(const T* z, const int* y, const T* w, T* g, T* loss_out, int* hits_out, int B, int K,
+                         int want_grad, int mse, int weighted) {
     __shared__ T s_loss[256];
     __shared__ int s_hits[256];
     T my_loss = 0;
@@ -216,7 +218,8 @@ __device__ void row_loss(const T* z, const int* y, T* g, T* loss_out, int* hits_
     for (int r = threadIdx.x; r < B; r += blockDim.x) {
         const T* zr = z + (long long)r * K;
         T* gr = g + (long long)r * K;
-        int t = y[r];
+        const int t = y[r];
+        const T wr = weighted ? w[r] : (T)1;
         int best = 0;
         T m = zr[0];
         for (int k = 1; k < K; ++k)
@@ -228,16 +231,16 @@ __device__ void row_loss(const T* z, const int* y, T* g, T* loss_out, int* hits_
                 T a = zr[k];
                 T d = a - (k == t ? (T)1 : (T)0);
                 acc += d * d;
-                if (want_grad) gr[k] = (T)2 * d * a * ((T)1 - a) / (T)(B * K);
+                if (want_grad) gr[k] = wr * ((T)2 * d * a * ((T)1 - a) / (T)(B * K));
             }
-            my_loss += acc / (T)K;
+            my_loss += wr * (acc / (T)K);
         } else {
             T s = 0;
             for (int k = 0; k < K; ++k) s += exp(zr[k] - m);
-            my_loss += log(s) + m - zr[t];
+            my_loss += wr * (log(s) + m - zr[t]);
             if (want_grad) {
                 T inv = (T)1 / (s * (T)B);
-                for (int k = 0; k < K; ++k) gr[k] = exp(zr[k] - m) * inv - (k == t ? (T)1 / (T)B : (T)0);
+                for (int k = 0; k < K; ++k) gr[k] = wr * (exp(zr[k] - m) * inv - (k == t ? (T)1 / (T)B : (T)0));
             }
         }
     }
@@ -254,10 +257,14 @@ __device__ void row_loss(const T* z, const int* y, T* g, T* loss_out, int* hits_
     if (threadIdx.x == 0) { loss_out[0] = s_loss[0]; hits_out[0] = s_hits[0]; }
 }
 
-extern "C" __global__ void row_loss_f32(const float* z, const int* y, float* g, float* l, int* h, int B, int K,
-                                        int want_grad, int mse) { row_loss<float>(z, y, g, l, h, B, K, want_grad, mse); }
-extern "C" __global__ void row_loss_f64(const double* z, const int* y, double* g, double* l, int* h, int B, int K,
-                                        int want_grad, int mse) { row_loss<double>(z, y, g, l, h, B, K, want_grad, mse); }
+extern "C" __global__ void row_loss_f32(const float* z, const int* y, const float* w, float* g, float* l, int* h,
+                                        int B, int K, int want_grad, int mse, int weighted) {
+    row_loss<float>(z, y, w, g, l, h, B, K, want_grad, mse, weighted);
+}
+extern "C" __global__ void row_loss_f64(const double* z, const int* y, const double* w, double* g, double* l, int* h,
+                                        int B, int K, int want_grad, int mse, int weighted) {
+    row_loss<double>(z, y, w, g, l, h, B, K, want_grad, mse, weighted);
+}
 
 // --------------------------------------------------------------- data access
 // out (B, D) = src[idx] * scale + shift as T; src (N, D) uint8 pixels or T, idx (B,)

@@ -90,8 +90,10 @@ class NumpyOps(Ops):
         else:
             super().act_backward(d, a, act)
 
-    def xent(self, logits, y, grad, loss_out, hits_out):
+    def xent(self, logits, y, grad, loss_out, hits_out, w=None):
         b, k = logits.shape
+        if w is not None:  # weighted batches: the generic kernel (a few temporaries)
+            return super().xent(logits, y, grad, loss_out, hits_out, w)
         if b == 1:
             return self._xent_one(logits[0], int(y[0]), grad, loss_out, hits_out)
         rows = self.constant("arange", b, None)
@@ -126,7 +128,9 @@ class NumpyOps(Ops):
             e *= 1.0 / s
             e[t] -= 1.0
 
-    def mse(self, out, y, grad, loss_out, hits_out):
+    def mse(self, out, y, grad, loss_out, hits_out, w=None):
+        if w is not None:
+            return super().mse(out, y, grad, loss_out, hits_out, w)
         b, k = out.shape
         rows = self.constant("arange", b, None)
         diff = grad if grad is not None else self.scratch(out.shape, out.dtype)

@@ -202,13 +202,14 @@ class Ops:
         self.sum_rows(d, gb)
 
     # ----------------------------------------------------------------- losses
-    def xent(self, logits, y, grad, loss_out, hits_out) -> None:
+    def xent(self, logits, y, grad, loss_out, hits_out, w=None) -> None:
         """Softmax cross-entropy from logits, by log-sum-exp.
 
         logits: (B, K); y: (B,) int32 labels; grad: (B, K) receives
         ``(softmax(logits) - onehot(y)) / B`` (or None to skip it); loss_out and
         hits_out: 0-d or 1-element arrays that receive the *sum* over the batch
-        of the per-sample losses and the number of argmax hits.
+        of the per-sample losses and the number of argmax hits. w: optional (B,)
+        per-sample weights: row i's loss and gradient are multiplied by w[i].
         """
         xp = self.xp
         rows = xp.arange(logits.shape[0])
@@ -216,31 +217,37 @@ class Ops:
         z = logits - m
         e = xp.exp(z)
         s = e.sum(axis=1, keepdims=True)
-        loss_out[...] = (xp.log(s)[:, 0] - z[rows, y]).sum()
+        losses = xp.log(s)[:, 0] - z[rows, y]
+        loss_out[...] = (losses if w is None else losses * w).sum()
         hits_out[...] = (logits.argmax(axis=1) == y).sum()
         if grad is not None:
             xp.divide(e, s, out=grad)
             grad[rows, y] -= 1.0
             grad *= 1.0 / logits.shape[0]
+            if w is not None:
+                grad *= w[:, None]
 
-    def mse(self, out, y, grad, loss_out, hits_out) -> None:
+    def mse(self, out, y, grad, loss_out, hits_out, w=None) -> None:
         """Mean squared error of sigmoid outputs against one-hot targets.
 
         out: (B, K) sigmoid activations; y: (B,) int32. The per-sample loss is
         ``mean_k (out_k - onehot_k)^2``; grad (B, K) receives dL/dz of the batch
         mean, through the sigmoid: ``2 (out - t) out (1 - out) / (B K)``.
-        loss_out/hits_out as in ``xent``.
+        loss_out/hits_out/w as in ``xent``.
         """
         xp = self.xp
         b, k = out.shape
         rows = xp.arange(b)
         diff = out.copy()
         diff[rows, y] -= 1.0
-        loss_out[...] = (diff * diff).sum() / k
+        losses = (diff * diff).sum(axis=1) / k
+        loss_out[...] = (losses if w is None else losses * w).sum()
         hits_out[...] = (out.argmax(axis=1) == y).sum()
         if grad is not None:
             xp.multiply(diff, out * (1.0 - out), out=grad)
             grad *= 2.0 / (b * k)
+            if w is not None:
+                grad *= w[:, None]
 
     def count(self, t) -> None:
         """``t += 1`` for a 1-element int32 device counter (Adam's and dropout's step)."""

@@ -196,7 +196,9 @@ def test_ctrl_c_and_sigterm_exit_cleanly_and_say_how_to_resume(tmp_path, data_ar
     ck, saved = tmp_path / "ck", tmp_path / "now.npz"
     args = TRAIN + data_args + ["--limit", "300", "--hidden", "64", "--epochs", "100000", "--device", "cpu",
                                 "--checkpoint-dir", str(ck), "--save", str(saved)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # SIGINT as a terminal sends it, also where this test runs as a background job (which ignores it)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     deadline = time.time() + 120
     while len(checkpoint.checkpoint_files(ck)) < 1 and time.time() < deadline:
         time.sleep(0.01)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .gradcheck import check_gradients, gradcheck
+from .lrfind import lr_find
 from .model import MLP
 from .optim import make_optimizer
 from .train import train_step
@@ -41,6 +42,8 @@ UPDATE_RATIO = (1e-6, 1.0)  # one step's |dW|/|W| outside this does nothing or o
 COLLAPSE_SHARE = 0.9  # one class for over 90% of inputs: a constant network, not a skewed data set
 CHANCE_TOLERANCE = {"xent": 0.05, "mse": 0.1}  # trial loss this close (relative) to the no-information loss
 CHANCE_TOLERANCE_EPOCH = 0.02  # the same after a whole epoch, measured on more data
+RANGE_TEST_BATCH = 64  # the smallest batch the range test reads a slope from
+LR_FACTOR = 30.0  # lr over 30x off the range test's suggestion (1.5 decades; the test's noise is far less)
 GRAD_REL_ERROR = 1e-4  # float64 central differences agree to about 1e-8: past 1e-4 the gradient is wrong
 
 
@@ -316,6 +319,24 @@ def trial_run(model: MLP, x, y, lr, optimizer, batch_size, samples, momentum=0.9
     return out
 
 
+def check_learning_rate(model: MLP, x, y, lr, optimizer, batch_size) -> list[Finding]:
+    """The learning-rate range test (``lr_find``) on a copy of the model. Codes: lr-far-off.
+
+    Batches of at least RANGE_TEST_BATCH: the loss of a single sample is too noisy to read
+    a slope from (the gradient of a batch-mean loss has the per-sample gradient's scale)."""
+    try:
+        r = lr_find(model, x, y, optimizer=optimizer, batch_size=max(batch_size, RANGE_TEST_BATCH))
+    except ConfigError:  # the loss diverged at once: the trial run says why
+        return []
+    ratio = lr / r["suggested"]
+    if 1 / LR_FACTOR <= ratio <= LR_FACTOR:
+        return []
+    return [Finding("lr-far-off", "warning",
+                    f"lr {lr:g} is {ratio:.3g}x the rate where the loss falls fastest in a learning-rate range "
+                    f"test ({r['suggested']:.3g} for {optimizer})",
+                    f"try lr {r['suggested']:.2g} ('fastnn lr-find' plots the whole curve)")]
+
+
 def check_predictions(model: MLP, x, y, when) -> list[Finding]:
     """One class for nearly every input. Code: collapsed-predictions."""
     pred = model.predict(x)
@@ -377,6 +398,7 @@ def diagnose(model: MLP, x_train, y_train, x_test=None, y_test=None, lr=0.1, opt
         findings += check_own_gradients(model, x_train, y, loss_fn, grad_fn, params)
         findings += trial_run(model, x_train, y, lr, optimizer, batch_size,
                               min(trial_samples, len(y)))
+        findings += check_learning_rate(model, x_train, y, lr, optimizer, batch_size)
     order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
     unique = {(f.code, f.evidence): f for f in findings}
     return sorted(unique.values(), key=lambda f: order[f.severity])

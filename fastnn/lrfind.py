@@ -28,8 +28,8 @@ def lr_find(model: MLP, x, y, optimizer="sgd", start=1e-6, end=10.0, steps=100, 
     x (N, D) float or uint8, y (N,) labels; one step per rate, the rates spaced
     exponentially from ``start`` to ``end``; batches drawn in a seeded random order.
     Returns ``{"lrs", "losses"}`` (the smoothed loss after each step, up to where it
-    diverged), ``"suggested"`` (the rate where the smoothed loss falls fastest) and
-    ``"min_loss_lr"`` (where it is lowest).
+    diverged), ``"suggested"`` (the middle of the decade of rates over which the smoothed
+    loss falls most) and ``"min_loss_lr"`` (where it is lowest).
     """
     if not (0 < start < end) or steps < 3:
         raise ConfigError(f"lr_find needs 0 < start < end and steps >= 3, got {start}, {end}, {steps}")
@@ -58,9 +58,22 @@ def lr_find(model: MLP, x, y, optimizer="sgd", start=1e-6, end=10.0, steps=100, 
         losses.append(smoothed)
     if len(lrs) < 3:
         raise ConfigError(f"the loss diverged within {len(lrs)} steps of lr_find: lower start (now {start:g})")
-    slope = np.gradient(np.array(losses), np.log(np.array(lrs)))
-    return {"lrs": lrs, "losses": losses, "suggested": float(lrs[int(np.argmin(slope))]),
+    return {"lrs": lrs, "losses": losses, "suggested": _steepest(lrs, losses, steps / math.log10(end / start)),
             "min_loss_lr": float(lrs[int(np.argmin(losses))])}
+
+
+def _steepest(lrs, losses, per_decade: float) -> float:
+    """The rate in the middle of the decade over which the smoothed loss falls most, skipping the
+    first steps (the moving average is still settling there); a decade-wide slope is robust to
+    the batch-to-batch noise that a point-to-point slope picks up on a nearly flat curve."""
+    log_lr, loss = np.log10(np.asarray(lrs)), np.asarray(losses)
+    w = max(1, min(int(round(per_decade)), len(lrs) // 3))
+    first = min(10, len(lrs) // 4)
+    drops = [(loss[i + w] - loss[i]) / (log_lr[i + w] - log_lr[i]) for i in range(first, len(lrs) - w)]
+    if not drops:
+        return float(lrs[int(np.argmin(loss))])
+    i = first + int(np.argmin(drops))
+    return float(10 ** ((log_lr[i] + log_lr[i + w]) / 2))
 
 
 def plot_lr_find(result: dict, path) -> None:

@@ -175,3 +175,13 @@ def test_diagnose_leaves_the_model_unchanged(data):
     fastnn.diagnose(m, x, y, lr=0.1)
     for a, b in zip(before, m.get_params()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_learning_rate_far_below_the_range_tests_suggestion(data):
+    """The second question's network: sigmoid outputs with MSE, trained by SGD at lr 0.005."""
+    x, y, xt, yt = data
+    m = fastnn.MLP([784, 16, 16, 10], activation="sigmoid", loss="mse")
+    f = fastnn.diagnose(m, x, y, xt, yt, lr=0.005, optimizer="sgd", batch_size=125, trial_samples=3000)
+    found = next(i for i in f if i.code == "lr-far-off")
+    ratio = float(found.evidence.split(" is ")[1].split("x ")[0])
+    assert ratio < 1 / 30 and "try lr" in found.fix

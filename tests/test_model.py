@@ -414,7 +414,7 @@ def test_lr_find_leaves_the_model_alone_and_suggests_a_rate_on_the_falling_slope
     assert np.isfinite(losses).all()
     wild = fastnn.lr_find(m, x, y, optimizer="sgd", end=1e5, steps=60)
     assert len(wild["lrs"]) < 60 and np.isfinite(wild["losses"]).all()  # it stopped where the loss diverged
-    i = int(np.flatnonzero(lrs == r["suggested"])[0])
+    i = int(np.argmin(np.abs(np.log(lrs / r["suggested"]))))
     assert losses[i] < losses[0] and 1e-4 < r["suggested"] < r["min_loss_lr"] <= lrs[-1]
     with pytest.raises(fastnn.ConfigError, match="0 < start < end"):
         fastnn.lr_find(m, x, y, start=1.0, end=0.1)

@@ -234,7 +234,7 @@ def _sample_weights(model: MLP, y: np.ndarray, sample_weight, class_weight):
     if class_weight is not None:
         w = w * class_weights(y, class_weight, model.sizes[-1])[y]
     if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-        raise ConfigError("sample weights must be finite, >= 0 and not all 0")
+        raise ConfigError("sample weights must be finite and >= 0, and not all zero")
     return model.ops.asarray((w * (len(w) / w.sum())).reshape(-1, 1), model.dtype)
 
 

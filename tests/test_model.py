@@ -441,5 +441,5 @@ def test_fit_with_class_weights_reports_the_weighted_mean_loss(synthetic):
     for i in range(400):
         losses.append(snapshot.gradients(x[i:i + 1], y[i:i + 1])[0])
     assert hist[0]["train_loss"] == pytest.approx(np.average(losses, weights=w), rel=1e-4)
-    with pytest.raises(fastnn.ConfigError, match="finite, >= 0 and not all 0"):
+    with pytest.raises(fastnn.ConfigError, match="finite and >= 0, and not all zero"):
         fastnn.fit(m, x, y, epochs=1, sample_weight=np.zeros(400))

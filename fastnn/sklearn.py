@@ -1,0 +1,120 @@
+"""scikit-learn's estimator API: ``fastnn.sklearn.MLPClassifier``, on the CPU or a GPU.
+
+    from fastnn.sklearn import MLPClassifier
+    clf = MLPClassifier(hidden_layer_sizes=(256, 128), max_iter=20, device="auto").fit(X, y)
+    clf.predict(X_test), clf.predict_proba(X_test), clf.score(X_test, y_test)
+
+Parameters mirror scikit-learn's ``MLPClassifier`` where they overlap. Differences:
+``solver`` is "adam" or "sgd" (Nesterov momentum, as scikit-learn's default "sgd"); no
+"lbfgs". ``alpha`` is decoupled weight decay (AdamW) rather than an L2 term in the loss.
+``max_iter`` epochs always run unless ``early_stopping`` stops them; ``tol`` is not used.
+Needs scikit-learn (``pip install 'fastnn[sklearn]'``); ``import fastnn`` does not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .model import MLP
+from .train import fit
+
+SOLVERS = {"adam": "adam", "sgd": "nesterov"}
+
+
+class MLPClassifier(ClassifierMixin, BaseEstimator):
+    """A multilayer perceptron classifier trained by fastnn (see the module docstring).
+
+    Attributes after ``fit``: ``classes_`` (any labels, strings included), ``model_``
+    (the ``fastnn.MLP``), ``loss_curve_`` (training loss per epoch), ``validation_scores_``
+    (validation accuracy per epoch with early_stopping, else None), ``n_iter_``,
+    ``n_features_in_``.
+    """
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam", alpha=0.0001,
+                 batch_size="auto", learning_rate_init=0.001, max_iter=200, momentum=0.9, early_stopping=False,
+                 validation_fraction=0.1, n_iter_no_change=10, random_state=None, verbose=False, device="cpu",
+                 dropout=0.0, class_weight=None, dtype="float32"):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.momentum = momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.random_state = random_state
+        self.verbose = verbose
+        self.device = device
+        self.dropout = dropout
+        self.class_weight = class_weight
+        self.dtype = dtype
+
+    def fit(self, X, y, sample_weight=None):
+        """Train a new network on X (n_samples, n_features), y (n_samples,) labels."""
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"MLPClassifier needs samples of at least 2 classes; got one class: {self.classes_[0]!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {self.solver!r}")
+        seed = 0 if self.random_state is None else int(np.random.RandomState(self.random_state).randint(2 ** 31))
+        self.model_ = self._new_model(X.shape[1], seed)
+        return self._train(X, y_idx, self.max_iter, sample_weight, seed)
+
+    def _new_model(self, n_features: int, seed: int) -> MLP:
+        hidden = [self.hidden_layer_sizes] if np.isscalar(self.hidden_layer_sizes) else list(self.hidden_layer_sizes)
+        return MLP([n_features, *hidden, len(self.classes_)], self.activation, device=self.device, dtype=self.dtype,
+                   seed=seed, dropout=self.dropout)
+
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """One more epoch on (X, y); the first call needs ``classes`` (all the labels there will be)."""
+        if not hasattr(self, "model_"):
+            if classes is None:
+                raise ValueError("classes must be given in the first call to partial_fit")
+            X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+            self.classes_ = np.unique(classes)
+            self.model_ = self._new_model(X.shape[1], 0 if self.random_state is None else int(self.random_state))
+        else:
+            X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=False)
+        unknown = np.setdiff1d(y, self.classes_)
+        if unknown.size:
+            raise ValueError(f"labels {unknown.tolist()} are not in classes_ {self.classes_.tolist()}")
+        return self._train(X, np.searchsorted(self.classes_, y), 1, sample_weight, getattr(self, "n_iter_", 0))
+
+    def _train(self, X, y_idx, epochs, sample_weight, seed):
+        stop = self.early_stopping and epochs > 1
+        batch = min(200, len(X)) if self.batch_size == "auto" else int(self.batch_size)
+        history = fit(self.model_, X, y_idx, epochs=epochs, batch_size=min(batch, len(X)), seed=seed,
+                      lr=self.learning_rate_init, optimizer=SOLVERS[self.solver], momentum=self.momentum,
+                      weight_decay=self.alpha, sample_weight=sample_weight, class_weight=self._class_weight(),
+                      validation_split=self.validation_fraction if stop else None,
+                      patience=self.n_iter_no_change if stop else None, verbose=int(bool(self.verbose)))
+        self.loss_curve_ = getattr(self, "loss_curve_", [])[:0 if epochs > 1 else None] + [
+            h["train_loss"] for h in history]
+        self.validation_scores_ = [h["val_accuracy"] for h in history] if stop else None
+        self.n_iter_ = (0 if epochs > 1 else getattr(self, "n_iter_", 0)) + len(history)
+        return self
+
+    def _class_weight(self):
+        """class_weight in the network's class order (a dict keyed by the labels is mapped)."""
+        if isinstance(self.class_weight, dict):
+            return {int(np.searchsorted(self.classes_, c)): w for c, w in self.class_weight.items()
+                    if c in self.classes_}
+        return self.class_weight
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (n_samples, n_classes), columns in the order of ``classes_``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self.model_.predict_proba(X)
+
+    def predict(self, X) -> np.ndarray:
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before fit
+        return self.classes_[np.argmax(proba, axis=1)]

@@ -1,0 +1,76 @@
+"""fastnn.sklearn.MLPClassifier: scikit-learn's own estimator checks, and the places users put it."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn", reason="scikit-learn is not installed (the sklearn extra)")
+from sklearn.base import clone  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import MinMaxScaler  # noqa: E402
+from sklearn.utils.estimator_checks import (  # noqa: E402
+    check_sample_weight_equivalence_on_dense_data,
+    parametrize_with_checks,
+)
+
+from fastnn.sklearn import MLPClassifier  # noqa: E402
+
+MINIBATCH_WEIGHTS = ("minibatch training: weighted samples and repeated samples fall into different batches; "
+                     "checked with full batches in test_sample_weights_equal_repeated_samples_with_full_batches")
+
+
+@parametrize_with_checks([MLPClassifier(max_iter=50)], expected_failed_checks=lambda est: {
+    "check_sample_weight_equivalence_on_dense_data": MINIBATCH_WEIGHTS})
+def test_scikit_learns_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_sample_weights_equal_repeated_samples_with_full_batches():
+    # as scikit-learn checks its own MLPClassifier (with its full-batch solver)
+    check_sample_weight_equivalence_on_dense_data(
+        "MLPClassifier", MLPClassifier(batch_size=10 ** 6, dtype="float64", max_iter=100, random_state=0))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+
+
+def test_string_labels_pipeline_and_curves(digits):
+    xtr, xte, ytr, yte = digits
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    clf = make_pipeline(MinMaxScaler(), MLPClassifier((64,), max_iter=100, early_stopping=True, random_state=0))
+    clf.fit(xtr, names[ytr])
+    mlp = clf[-1]
+    assert list(mlp.classes_) == sorted(names) and clf.predict(xte[:3]).dtype.kind == "U"
+    assert clf.score(xte, names[yte]) > 0.93
+    assert len(mlp.loss_curve_) == mlp.n_iter_ == len(mlp.validation_scores_)
+    assert mlp.loss_curve_[-1] < mlp.loss_curve_[0]
+    np.testing.assert_allclose(clf.predict_proba(xte).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_grid_search_in_two_processes_clone_and_pickle(digits):
+    xtr, xte, ytr, yte = digits
+    search = GridSearchCV(MLPClassifier(max_iter=30, learning_rate_init=0.01, random_state=0),
+                          {"hidden_layer_sizes": [(16,), (64,)]}, cv=2, n_jobs=2)
+    search.fit(xtr / 16, ytr)
+    assert search.best_params_["hidden_layer_sizes"] in [(16,), (64,)] and search.best_score_ > 0.85
+    fitted = search.best_estimator_
+    again = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(again.predict(xte / 16), fitted.predict(xte / 16))
+    fresh = clone(fitted)
+    assert fresh.get_params() == fitted.get_params() and not hasattr(fresh, "model_")
+
+
+def test_partial_fit_continues_one_epoch_at_a_time(digits):
+    xtr, xte, ytr, yte = digits
+    clf = MLPClassifier((32,), learning_rate_init=0.01, random_state=0)
+    with pytest.raises(ValueError, match="classes must be given"):
+        clf.partial_fit(xtr / 16, ytr)
+    for _ in range(10):
+        clf.partial_fit(xtr / 16, ytr, classes=np.arange(10))
+    assert clf.n_iter_ == 10 and len(clf.loss_curve_) == 10 and clf.score(xte / 16, yte) > 0.9

@@ -24,6 +24,7 @@ from . import __version__, checkpoint, datasets
 from .backends import ACTIVATIONS, DEVICES, GEMMS, get_ops, set_tf32
 from .diagnose import EpochMonitor, diagnose
 from .errors import ConfigError, DataError, DivergedError, FastnnError
+from .export import OPSET
 from .lrfind import lr_find, plot_lr_find
 from .model import INITS, LOSSES, MLP
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
@@ -549,7 +550,22 @@ def run_train(argv=None, command="train") -> int:
 PREDICT_HELP = "Classify images with a saved model (the model's preprocessing is applied to them)."
 LR_FIND_HELP = ("The learning-rate range test: 100 steps on a copy of the network with the rate rising from 1e-6 "
                 "to 10; prints the rate where the loss falls fastest (and plots the curve with --plots).")
-COMMANDS = {"train": TRAIN_HELP, "predict": PREDICT_HELP, "doctor": DOCTOR_HELP, "lr-find": LR_FIND_HELP}
+EXPORT_HELP = "Write a saved model as ONNX: its preprocessing, layers, probabilities and the predicted label."
+COMMANDS = {"train": TRAIN_HELP, "predict": PREDICT_HELP, "doctor": DOCTOR_HELP, "lr-find": LR_FIND_HELP,
+            "export": EXPORT_HELP}
+
+
+def run_export(argv=None) -> int:
+    p = OneLineParser(prog="fastnn export", description=EXPORT_HELP)
+    p.add_argument("model", help="a model saved with --save")
+    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("--input-type", choices=["uint8", "float"], default="uint8",
+                   help="uint8: raw pixels, scaled inside the graph; float: network inputs (default: uint8)")
+    args = p.parse_args(argv)
+    _probe_folder(Path(args.output).parent, "output", args.output)
+    MLP.load(args.model).to_onnx(args.output, args.input_type)
+    print(f"{args.output}: ONNX opset {OPSET}, input 'images' {args.input_type}, outputs 'probabilities', 'label'")
+    return 0
 
 
 def run_lr_find(cfg, inputs, model, plots) -> int:
@@ -647,6 +663,8 @@ def main(argv=None) -> int:
     try:
         if cmd == "predict":
             return run_predict(argv)
+        if cmd == "export":
+            return run_export(argv)
         return run_train(argv, command=cmd or "train")
     except FastnnError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -392,6 +392,12 @@ class MLP:
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed, "dropout": self.dropout,
                 **self.preprocessing.to_config(), "classes": self.classes}
 
+    def to_onnx(self, path, input_type: str = "uint8") -> None:
+        """Export to ONNX (``fastnn.export.export_onnx``): preprocessing, layers, probabilities, label."""
+        from .export import export_onnx
+
+        export_onnx(self, path, input_type)
+
     def save(self, path) -> None:
         """Write weights and configuration to an ``.npz`` file, atomically."""
         npzfile.save(path, "fastnn-mlp", self.config(), {f"p{i}": p for i, p in enumerate(self.get_params())})

@@ -10,10 +10,14 @@ layer; outputs ``probabilities`` (N, K) float32 (``model.predict_proba``) and ``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .errors import ConfigError
-from .model import MLP
+
+if TYPE_CHECKING:  # model.to_onnx imports this module
+    from .model import MLP
 
 OPSET = 17
 ACTIVATION_OPS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}

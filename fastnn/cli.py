@@ -25,6 +25,7 @@ from .backends import ACTIVATIONS, DEVICES, GEMMS, get_ops, set_tf32
 from .diagnose import EpochMonitor, diagnose
 from .errors import ConfigError, DataError, DivergedError, FastnnError
 from .export import OPSET
+from .images import IMAGE_SUFFIXES, save_gray
 from .lrfind import lr_find, plot_lr_find
 from .model import INITS, LOSSES, MLP
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
@@ -584,8 +585,13 @@ def run_lr_find(cfg, inputs, model, plots) -> int:
 def predict_parser(prog="fastnn predict"):
     p = OneLineParser(prog=prog, description=PREDICT_HELP)
     p.add_argument("model", help="a model saved with --save")
-    p.add_argument("inputs", nargs="+", help="IDX image files, CSV files, or PNG images")
+    p.add_argument("inputs", nargs="+", help="IDX image files, CSV files, or image files (PNG, JPEG, ...)")
     p.add_argument("--invert", action="store_true", help="invert pixels (dark ink on light paper)")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="image files: only convert to gray (for images already 28x28, centred, light on dark); "
+                        "by default they are prepared as MNIST's digits were: inverted if the paper is light, "
+                        "cropped to the ink, scaled into 20x20 and centred by mass in 28x28")
+    p.add_argument("--show", metavar="DIR", help="write each image file as the network saw it, as PNG, here")
     p.add_argument("--proba", action="store_true", help="also print the probability of every class")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="(default: cpu)")
     return p
@@ -607,16 +613,20 @@ def run_predict(argv=None) -> int:
     model = MLP.load(args.model, device=args.device)
     classes = getattr(model, "classes", None) or [str(i) for i in range(model.sizes[-1])]
     for path in args.inputs:
-        images, labels = datasets.read_images(path)
+        images, labels = datasets.read_images(path, normalize=args.normalize)
         images = datasets.flatten_images(images, path)
         if images.shape[1] != model.sizes[0]:
             raise DataError(f"{path}: images have {images.shape[1]} pixels, the model expects "
                               f"{model.sizes[0]}")
+        photo = str(path).lower().endswith(IMAGE_SUFFIXES)
         if args.invert:
             images = (255 - images) if images.dtype == np.uint8 or images.max() > 1 else 1.0 - images
-        elif str(path).lower().endswith(".png") and _light_background(images[0]):
+        elif photo and not args.normalize and _light_background(images[0]):
             print(f"{path}: a light background: MNIST-like models expect light ink on black; if this is dark "
-                  "ink on light paper, pass --invert", file=sys.stderr)
+                  "ink on light paper, pass --invert (or leave out --no-normalize)", file=sys.stderr)
+        if photo and args.show:
+            Path(args.show).mkdir(parents=True, exist_ok=True)
+            save_gray(images[0], Path(args.show) / (Path(path).stem + ".seen.png"))
         inputs = model.preprocess(images)
         proba = model.predict_proba(inputs) if args.proba else None
         pred = model.predict(inputs)

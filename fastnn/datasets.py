@@ -31,6 +31,7 @@ import numpy as np
 
 from . import npzfile
 from .errors import DataError
+from .images import IMAGE_SUFFIXES, mnist_style, read_image
 from .preprocessing import Preprocessing
 
 IDX_FILES = {
@@ -476,90 +477,21 @@ class _ArrayUnpickler(pickle.Unpickler):
         return _CheckedArray if name == "ndarray" else super().find_class(module, name)
 
 
-def read_png(path) -> np.ndarray:
-    """An 8-bit, non-interlaced PNG (gray, gray+alpha, RGB or RGBA) -> (H, W) uint8 gray."""
-    raw = Path(path).read_bytes() if Path(path).is_file() else None
-    if raw is None:
-        raise DataError(f"{path}: no such file")
-    if raw[:8] != b"\x89PNG\r\n\x1a\n":
-        raise DataError(f"{path}: not a PNG file")
-    pos, chunks, header = 8, [], None
-    try:
-        while pos < len(raw):
-            n = int.from_bytes(raw[pos:pos + 4], "big")
-            kind, body = raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + n]
-            pos += 12 + n
-            if kind == b"IHDR":
-                header = body
-            elif kind == b"IDAT":
-                chunks.append(body)
-            elif kind == b"IEND":
-                break
-        w, h = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
-        depth, color, interlace = header[8], header[9], header[12]
-        data = zlib.decompress(b"".join(chunks))
-    except (TypeError, IndexError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt PNG ({exc})") from None
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)
-    if depth != 8 or channels is None or interlace:
-        raise DataError(f"{path}: only 8-bit non-interlaced gray/RGB(A) PNGs are supported")
-    stride = w * channels
-    if len(data) != h * (stride + 1):
-        raise DataError(f"{path}: corrupt PNG (image data has the wrong size)")
-    img = _png_unfilter(np.frombuffer(data, np.uint8).reshape(h, stride + 1), channels, path)
-    px = img.reshape(h, w, channels).astype(np.float64)
-    gray = px[..., :3].mean(axis=2) if channels >= 3 else px[..., 0]
-    if channels in (2, 4):  # composited on white paper: ink drawn in the alpha channel stays visible
-        alpha = px[..., -1] / 255.0
-        gray = gray * alpha + 255.0 * (1.0 - alpha)
-    return np.round(gray).astype(np.uint8)
+def read_images(path, normalize: bool = True):
+    """Images to classify -> (images (N, D), labels or None).
 
-
-def _png_unfilter(rows: np.ndarray, channels: int, path) -> np.ndarray:
-    """PNG scanlines (h, 1 + stride) uint8, each led by its filter type -> pixel bytes (h, stride)."""
-    h, stride = rows.shape[0], rows.shape[1] - 1
-    img = np.zeros((h, stride), np.int32)
-    prev = np.zeros(stride, np.int32)
-    for y in range(h):
-        f, line = rows[y, 0], rows[y, 1:].astype(np.int32)
-        if f == 0:
-            cur = line
-        elif f == 2:
-            cur = (line + prev) & 255
-        else:  # filters 1 (sub), 3 (average), 4 (Paeth) depend on the pixel to the left
-            cur = np.zeros(stride, np.int32)
-            for x in range(stride):
-                a = cur[x - channels] if x >= channels else 0
-                b, c = prev[x], prev[x - channels] if x >= channels else 0
-                if f == 1:
-                    pred = a
-                elif f == 3:
-                    pred = (a + b) // 2
-                elif f == 4:
-                    p = a + b - c
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-                else:
-                    raise DataError(f"{path}: corrupt PNG (filter type {f})")
-                cur[x] = (line[x] + pred) & 255
-        img[y], prev = cur, cur
-    return img
-
-
-def read_images(path):
-    """Images to classify -> (images, labels or None).
-
-    IDX image files (labels read when the matching labels file is beside them),
-    CSV files (labels when there is a label column), or one PNG image.
+    IDX image files (labels read when the matching labels file is beside them), CSV
+    files (labels when there is a label column), or one image file that Pillow reads
+    (PNG, JPEG, ...): prepared as MNIST's digits were (``images.mnist_style``), or with
+    normalize False only converted to gray.
     """
     p = Path(path)
     name = p.name.lower()
-    if name.endswith((".png",)):
-        return read_png(p)[None], None
+    if name.endswith(IMAGE_SUFFIXES):
+        gray = read_image(p)
+        return (mnist_style(gray, p) if normalize else gray.reshape(-1))[None], None
     if name.endswith((".csv", ".csv.gz")):
         return read_csv(p, labels="optional")
-    if name.endswith((".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")):
-        raise DataError(f"{p}: fastnn predict reads PNG images (and IDX or CSV files); convert it to PNG")
     images = read_idx(p)
     labels_path = p.with_name(p.name.replace("images-idx3", "labels-idx1"))
     labels = read_idx(labels_path) if "images-idx3" in p.name and labels_path.is_file() else None

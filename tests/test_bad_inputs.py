@@ -156,7 +156,7 @@ PREDICT_CASES = {
     "model-is-a-checkpoint": (lambda f: [f("ckpt") + "/ckpt-epoch-0001.npz", f("good.csv")],
                               "not a valid fastnn model file"),
     "model-missing": (lambda f: ["/no/model.npz", f("good.csv")], "/no/model.npz: no such file"),
-    "input-jpeg": (lambda f: [f("model.npz"), f("photo.jpg")], "reads PNG images"),
+    "input-bad-jpeg": (lambda f: [f("model.npz"), f("photo.jpg")], "photo.jpg: not an image Pillow can read"),
     "input-missing": (lambda f: [f("model.npz"), "/no/such.csv"], "/no/such.csv: no such file"),
     "input-ragged": (lambda f: [f("model.npz"), f("ragged.csv")], "line 4 has 3 fields"),
     "input-wrong-width": (lambda f: [f("model.npz"), f("wide.csv")], "images have 16 pixels, the model expects 9"),

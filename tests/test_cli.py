@@ -262,14 +262,15 @@ def png_bytes(img: np.ndarray, channels: int, seed=0, alpha=None) -> bytes:
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_png_reader(tmp_path, channels):
-    from fastnn.datasets import read_png
+    pytest.importorskip("PIL", reason="Pillow is not installed (the images extra)")
+    from fastnn.images import read_image
 
     img = np.random.default_rng(channels).integers(0, 256, (28, 28)).astype(np.uint8)
     (tmp_path / "a.png").write_bytes(png_bytes(img, channels, seed=channels))
-    np.testing.assert_array_equal(read_png(tmp_path / "a.png"), img)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), img)
     (tmp_path / "b.png").write_bytes(b"not a png")
-    with pytest.raises(fastnn.DataError, match="b.png: not a PNG file"):
-        read_png(tmp_path / "b.png")
+    with pytest.raises(fastnn.DataError, match="b.png: not an image Pillow can read"):
+        read_image(tmp_path / "b.png")
 
 
 def test_predict_reads_a_png(tmp_path, data_args, synthetic):
@@ -277,7 +278,7 @@ def test_predict_reads_a_png(tmp_path, data_args, synthetic):
     assert run(TRAIN + data_args + SMALL + ["--save", str(model_path)]).returncode == 0
     img = synthetic[2][0].reshape(28, 28)
     (tmp_path / "one.png").write_bytes(png_bytes(img, 1))
-    r = run(PREDICT + [str(model_path), str(tmp_path / "one.png")])
+    r = run(PREDICT + [str(model_path), str(tmp_path / "one.png"), "--no-normalize"])  # already 28x28, centred
     assert r.returncode == 0, r.stderr
     want = fastnn.MLP.load(model_path).predict(img.reshape(1, 784))[0]
     assert r.stdout.split("\t")[1] == str(want)
@@ -428,17 +429,18 @@ def test_a_negative_seed_is_a_config_error():
 
 
 def test_an_rgba_png_with_its_ink_in_the_alpha_channel(tmp_path, data_args, synthetic):
-    from fastnn.datasets import read_png
+    pytest.importorskip("PIL", reason="Pillow is not installed (the images extra)")
+    from fastnn.images import read_image
 
     digit = synthetic[2][0].reshape(28, 28)
     png = tmp_path / "ink.png"
     png.write_bytes(png_bytes(np.zeros((28, 28), np.uint8), 4, alpha=digit))  # black ink, drawn in alpha
-    np.testing.assert_array_equal(read_png(png), 255 - digit)  # composited on white paper
+    np.testing.assert_array_equal(read_image(png), 255 - digit)  # composited on white paper
     model = tmp_path / "m.npz"
     assert run(TRAIN + data_args + SMALL + ["--save", str(model)]).returncode == 0
-    plain = run(PREDICT + [str(model), str(png)])
+    plain = run(PREDICT + [str(model), str(png), "--no-normalize"])
     assert plain.returncode == 0 and "a light background" in plain.stderr and "--invert" in plain.stderr
-    inverted = run(PREDICT + [str(model), str(png), "--invert"])
+    inverted = run(PREDICT + [str(model), str(png), "--invert", "--no-normalize"])
     want = fastnn.MLP.load(model).predict(digit.reshape(1, -1))[0]
     assert inverted.stdout.split("\t")[1] == str(want)
 

@@ -23,6 +23,13 @@ from hypothesis import strategies as st  # noqa: E402
 import fastnn  # noqa: E402
 from fastnn import checkpoint, datasets  # noqa: E402
 
+
+def read_image(path):
+    pytest.importorskip("PIL", reason="Pillow is not installed (the images extra)")
+    from fastnn.images import read_image as read
+
+    return read(path)
+
 settings.register_profile("fuzz-long", max_examples=20000, deadline=None)
 EXAMPLES = 500  # per reader, unless a profile says otherwise
 MEMORY_LIMIT = 64 << 20  # bytes; the valid files are a few kB
@@ -124,7 +131,7 @@ def valid(tmp_path_factory):
 READERS = {
     "idx": ("x.idx", datasets.read_idx), "idx.gz": ("x-idx1-ubyte.gz", datasets.read_idx),
     "csv": ("x.csv", datasets.read_csv), "npz": ("x.npz", datasets.read_npz),
-    "pickle": ("x.pkl", read_pickle), "png": ("x.png", datasets.read_png),
+    "pickle": ("x.pkl", read_pickle), "png": ("x.png", read_image),
     "model": ("m.npz", fastnn.MLP.load), "checkpoint": ("c.npz", checkpoint.read_checkpoint),
 }
 

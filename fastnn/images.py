@@ -1,0 +1,82 @@
+"""Photos and image files of digits, read with Pillow and prepared the way MNIST's digits were.
+
+MNIST's digits are light ink on black, the ink's bounding box scaled to fit 20x20
+pixels (aspect ratio kept), then placed in a 28x28 field with its centre of mass at
+the centre. A photo of a digit written on paper is dark ink on light paper, large
+and anywhere in the frame; ``mnist_style`` makes it look like the training data.
+Needs Pillow (``pip install 'fastnn[images]'``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FIELD, BOX = 28, 20  # MNIST: a 20x20 box inside a 28x28 field
+INK_LEVEL = 0.25  # a pixel is ink when it is over a quarter of the way to the darkest (after inversion: brightest)
+
+
+def _pillow():
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise DataError("reading image files needs Pillow: pip install 'fastnn[images]'") from None
+    return Image, ImageOps
+
+
+def read_image(path) -> np.ndarray:
+    """Any image Pillow reads -> (H, W) uint8 luma; transparency is composited on white paper."""
+    Image, ImageOps = _pillow()
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: to 8 bits by its range
+                a = np.asarray(im, np.float64)
+                return np.round(a * (255.0 / max(a.max(), 1.0))).astype(np.uint8)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(paper, rgba)
+            return np.asarray(im.convert("L"), np.uint8)  # ITU-R 601-2 luma
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(f"{path}: not an image Pillow can read ({exc})") from None
+
+
+def mnist_style(gray: np.ndarray, where="image") -> np.ndarray:
+    """(H, W) uint8 luma -> (28*28,) uint8 prepared as MNIST's digits were (module docstring):
+    inverted when the background (the border) is light, cropped to the ink, scaled to fit
+    20x20, centred by the centre of mass in a 28x28 field."""
+    Image, _ = _pillow()
+    a = gray.astype(np.float64)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    if np.median(border) > 127:  # dark ink on light paper
+        a, border = 255.0 - a, 255.0 - border
+    a = np.clip(a - np.median(border), 0, None)  # the paper's own shade to 0
+    if a.max() <= 0:
+        raise DataError(f"{where}: no ink found (a blank image)")
+    rows, cols = np.nonzero(a > INK_LEVEL * a.max())
+    a = a[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = a.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(np.round(a * (255.0 / a.max())).astype(np.uint8)).resize(
+        size, Image.Resampling.LANCZOS), np.float64)
+    total = small.sum()
+    cy, cx = ((np.arange(small.shape[0]) @ small.sum(axis=1)) / total,
+              (np.arange(small.shape[1]) @ small.sum(axis=0)) / total)
+    top = int(np.clip(round(FIELD / 2 - 0.5 - cy), 0, FIELD - small.shape[0]))
+    left = int(np.clip(round(FIELD / 2 - 0.5 - cx), 0, FIELD - small.shape[1]))
+    field = np.zeros((FIELD, FIELD))
+    field[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return np.round(np.clip(field, 0, 255)).astype(np.uint8).reshape(-1)
+
+
+def save_gray(image: np.ndarray, path) -> None:
+    """Write a (D,) square uint8 image as a PNG (what the network saw, for ``--show``)."""
+    Image, _ = _pillow()
+    side = int(round(np.sqrt(image.size)))
+    Image.fromarray(image.reshape(side, side).astype(np.uint8)).save(path)

@@ -9,6 +9,9 @@ Needs Pillow (``pip install 'fastnn[images]'``).
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 
 from .errors import DataError
@@ -30,7 +33,8 @@ def read_image(path) -> np.ndarray:
     """Any image Pillow reads -> (H, W) uint8 luma; transparency is composited on white paper."""
     Image, ImageOps = _pillow()
     try:
-        with Image.open(path) as im:
+        data = io.BytesIO(Path(path).read_bytes())  # from memory: a chunk length past the data allocates nothing
+        with Image.open(data) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: to 8 bits by its range
                 a = np.asarray(im, np.float64)
@@ -42,8 +46,8 @@ def read_image(path) -> np.ndarray:
             return np.asarray(im.convert("L"), np.uint8)  # ITU-R 601-2 luma
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise DataError(f"{path}: not an image Pillow can read ({exc})") from None
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, ... for a broken file
+        raise DataError(f"{path}: not an image Pillow can read ({type(exc).__name__}: {exc})") from None
 
 
 def mnist_style(gray: np.ndarray, where="image") -> np.ndarray:

@@ -604,7 +604,7 @@ def usage() -> str:
               for name, text in COMMANDS.items()]
     lines += ["", "With no command, fastnn trains. 'fastnn COMMAND --help' lists a command's flags;",
               "'fastnn --version' prints the version. Exit status: 0 done, 1 training diverged (or the",
-              "doctor found an error), 2 bad flag, data or file, 130 interrupted."]
+              "doctor found an error), 2 bad flag, data or file, 130 interrupted, 143 terminated."]
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 * ``ops.py``: ``Ops``, every kernel written only against ``self.xp``; the oracle.
 * ``numpy_ops.py``: ``NumpyOps(Ops)``, the hot kernels as in-place NumPy sequences.
-* ``cupy_ops.py``: ``CupyOps(Ops)``, the hot kernels fused into named CUDA kernels.
+* ``cupy_ops.py``: ``CupyOps(Ops)``, which launches the CUDA kernels of ``kernels.cu``.
+* ``kernels.cu``: every CUDA kernel of the training step (fused GEMMs, loss, optimizers).
 * ``cuda_graph.py``: one training step captured as a CUDA graph and replayed.
 
 Only the two CuPy modules import CuPy, and only when the GPU is asked for:

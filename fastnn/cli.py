@@ -231,11 +231,6 @@ def resolve_config(args, stored=None) -> dict:
         cfg["hidden"] = _hidden(cfg["hidden"])
     if isinstance(cfg["dropout"], str):
         cfg["dropout"] = _rates(cfg["dropout"])
-    if len(cfg["dropout"]) == 1:
-        cfg["dropout"] = cfg["dropout"] * len(cfg["hidden"])
-    elif len(cfg["dropout"]) != len(cfg["hidden"]):
-        raise ConfigError(f"--dropout gives {len(cfg['dropout'])} probabilities for {len(cfg['hidden'])} hidden "
-                          "layers: give one, or one per hidden layer")
     if cfg["per_sample"]:
         cfg["batch_size"] = 1  # resolved here, once: every later step reads batch_size
     if (cfg["train"] is None) != (cfg["test"] is None):
@@ -354,7 +349,7 @@ def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Opt
     """The network, its optimizer and the batch-order RNG for a run; a resumed run's state put back."""
     model = MLP([ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], cfg["activation"], cfg["loss"],
                 cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]), dtype=cfg["dtype"], seed=cfg["seed"],
-                dropout=cfg["dropout"])
+                dropout=cfg["dropout"][0] if len(cfg["dropout"]) == 1 else cfg["dropout"])  # one for all, or per layer
     model.preprocessing, model.classes = ds.preprocessing, ds.classes
     opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     rng = np.random.default_rng(cfg["seed"])
@@ -463,7 +458,7 @@ def _probe_folder(folder: Path, flag: str, given, create=False) -> None:
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".fastnn-probe-", dir=folder if str(folder) else ".")
+        fd, probe = tempfile.mkstemp(prefix=".fastnn-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except FileExistsError:

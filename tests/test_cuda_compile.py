@@ -49,12 +49,13 @@ def cupy_options():
 
 
 def launched_kernels() -> set[str]:
-    """The kernel names the Python code looks up: ``kernel("x"...)`` and ``_typed("x"...)`` (both dtypes)."""
+    """The kernel names the Python code looks up: ``kernel("x"...)``, and ``_typed("x"...)`` and
+    ``_layer_gemm("x"...)`` (both dtypes)."""
     names = set()
     for path in (REPO / "fastnn" / "backends").glob("*.py"):
         text = path.read_text()
         names |= set(re.findall(r'\bkernel\("(\w+)"', text))
-        names |= {f"{n}_{s}" for n in re.findall(r'_typed\("(\w+)"', text) for s in ("f32", "f64")}
+        names |= {f"{n}_{s}" for n in re.findall(r'(?:_typed|_layer_gemm)\("(\w+)"', text) for s in ("f32", "f64")}
     return names
 
 

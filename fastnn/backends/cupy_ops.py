@@ -103,25 +103,25 @@ class CupyOps(Ops):
         return (np.int32(drop.threshold), dtype.type(drop.scale), np.uint32(drop.seed), drop.step,
                 np.int32(drop.layer))
 
+    def _layer_gemm(self, name, arrays, out, m, n, k, act, drop):
+        """Launch linear_act or input_grad: (arrays..., out, M, N, K, act, dropout args)."""
+        rows, cols = out.shape
+        _typed(name, out.dtype)(_gemm_grid(rows, cols), (TILE, TILE), (
+            *arrays, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act), *self._dropout_args(drop, out.dtype)))
+
     def linear_act(self, a, W, b, out, act, drop=None):
         if self.gemm == "cublas":
             cp.matmul(a, W, out=out)
             self.bias_act(out, b, act, drop)
             return
-        m, k = a.shape
-        n = W.shape[1]
-        _typed("linear_act", out.dtype)(_gemm_grid(m, n), (TILE, TILE), (
-            a, W, b, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act), *self._dropout_args(drop, out.dtype)))
+        self._layer_gemm("linear_act", (a, W, b), out, a.shape[0], W.shape[1], a.shape[1], act, drop)
 
     def input_grad(self, d, W, a, out, act, drop=None):
         if self.gemm == "cublas":
             cp.matmul(d, W.T, out=out)
             self.act_backward(out, a, act, drop)
             return
-        m, n = d.shape
-        k = W.shape[0]
-        _typed("input_grad", out.dtype)(_gemm_grid(m, k), (TILE, TILE), (
-            d, W, a, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act), *self._dropout_args(drop, out.dtype)))
+        self._layer_gemm("input_grad", (d, W, a), out, d.shape[0], d.shape[1], W.shape[0], act, drop)
 
     def param_grads(self, a, d, gW, gb):
         if self.gemm == "cublas":

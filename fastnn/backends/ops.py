@@ -125,9 +125,12 @@ class Ops:
 
     def dropout_keep(self, shape, drop: Dropout):
         """The dropout mask (bool, ``shape``) of a layer's output (B, N): True where kept."""
-        xp = self.xp
-        e = xp.arange(int(np.prod(shape)), dtype=np.uint64)
-        h = _mix32((e & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ _mix32((e >> np.uint64(32)).astype(np.uint32)))
+        n = int(np.prod(shape))
+        h = self._consts.get(("element_hash", n))  # the part of the hash that depends on the index only
+        if h is None:
+            e = self.xp.arange(n, dtype=np.uint64)
+            h = _mix32((e & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ _mix32((e >> np.uint64(32)).astype(np.uint32)))
+            self._consts[("element_hash", n)] = h
         step = np.uint32(int(self.to_host(drop.step)[0]) & 0xFFFFFFFF)
         h = _mix32(np.uint32(drop.seed) ^ _mix32(step ^ _mix32(np.uint32(drop.layer) ^ h)))
         return ((h >> np.uint32(8)) >= drop.threshold).reshape(shape)

@@ -25,7 +25,7 @@ from .backends import ACTIVATIONS, DEVICES, GEMMS, get_ops, set_tf32
 from .diagnose import EpochMonitor, diagnose
 from .errors import ConfigError, DataError, DivergedError, FastnnError
 from .export import OPSET
-from .images import IMAGE_SUFFIXES, save_gray
+from .images import IMAGE_SUFFIXES, light_paper, save_gray
 from .lrfind import lr_find, plot_lr_find
 from .model import INITS, LOSSES, MLP
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
@@ -616,7 +616,7 @@ def run_predict(argv=None) -> int:
         photo = str(path).lower().endswith(IMAGE_SUFFIXES)
         if args.invert:
             images = (255 - images) if images.dtype == np.uint8 or images.max() > 1 else 1.0 - images
-        elif photo and not args.normalize and _light_background(images[0]):
+        elif photo and not args.normalize and light_paper(images[0]):
             print(f"{path}: a light background: MNIST-like models expect light ink on black; if this is dark "
                   "ink on light paper, pass --invert (or leave out --no-normalize)", file=sys.stderr)
         if photo and args.show:
@@ -640,16 +640,6 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated()
-
-
-def _light_background(image: np.ndarray) -> bool:
-    """Whether the border of a square uint8 image (D,) is mostly light."""
-    side = int(round(math.sqrt(image.size)))
-    if side * side != image.size or side < 3:
-        return False
-    img = image.reshape(side, side).astype(np.float64)
-    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
-    return border.mean() > 127
 
 
 def main(argv=None) -> int:

@@ -50,14 +50,28 @@ def read_image(path) -> np.ndarray:
         raise DataError(f"{path}: not an image Pillow can read ({type(exc).__name__}: {exc})") from None
 
 
+def _border(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+
+
+def light_paper(image: np.ndarray) -> bool:
+    """Whether an image, (H, W) or square (D,), has a light border: dark ink on light paper."""
+    if image.ndim == 1:
+        side = int(round(np.sqrt(image.size)))
+        if side * side != image.size:
+            return False
+        image = image.reshape(side, side)
+    return min(image.shape) >= 3 and float(np.median(_border(image))) > 127
+
+
 def mnist_style(gray: np.ndarray, where="image") -> np.ndarray:
     """(H, W) uint8 luma -> (28*28,) uint8 prepared as MNIST's digits were (module docstring):
     inverted when the background (the border) is light, cropped to the ink, scaled to fit
     20x20, centred by the centre of mass in a 28x28 field."""
     Image, _ = _pillow()
     a = gray.astype(np.float64)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    if np.median(border) > 127:  # dark ink on light paper
+    border = _border(a)
+    if light_paper(gray):  # dark ink on light paper
         a, border = 255.0 - a, 255.0 - border
     a = np.clip(a - np.median(border), 0, None)  # the paper's own shade to 0
     if a.max() <= 0:

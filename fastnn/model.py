@@ -49,18 +49,22 @@ class Workspace:
     (used when ``weighted``); acts[l]: (B, n_{l+1}) activations a[l+1]; deltas[l]:
     (B, n_{l+1}) dL/dz of layer l; loss (1,) float: the sum of the batch's (weighted)
     per-sample losses; hits (1,) int32: its correct argmaxes.
+
+    For a stack of K models (``stack=(K,)``) acts, deltas, loss and hits get a leading K
+    axis, and so do x and y when each model has its own batch (``per_model``).
     """
 
-    def __init__(self, ops: Ops, sizes, batch: int, dtype):
+    def __init__(self, ops: Ops, sizes, batch: int, dtype, stack: tuple = (), per_model: bool = False):
         xp = ops.xp
-        self.x = xp.empty((batch, sizes[0]), dtype)
-        self.y = xp.empty(batch, np.int32)
+        lead = stack if per_model else ()
+        self.x = xp.empty(lead + (batch, sizes[0]), dtype)
+        self.y = xp.empty(lead + (batch,), np.int32)
         self.w = xp.empty(batch, dtype)
         self.weighted = False
-        self.acts = [xp.empty((batch, n), dtype) for n in sizes[1:]]
-        self.deltas = [xp.empty((batch, n), dtype) for n in sizes[1:]]
-        self.loss = xp.zeros(1, dtype)
-        self.hits = xp.zeros(1, np.int32)
+        self.acts = [xp.empty(stack + (batch, n), dtype) for n in sizes[1:]]
+        self.deltas = [xp.empty(stack + (batch, n), dtype) for n in sizes[1:]]
+        self.loss = xp.zeros(stack or (1,), dtype)
+        self.hits = xp.zeros(stack or (1,), np.int32)
 
 
 class MLP:
@@ -83,6 +87,8 @@ class MLP:
     ``W[l]`` (sizes[l], sizes[l+1]) and ``b[l]`` (sizes[l+1],) are views into
     ``params``, ``gW[l]`` and ``gb[l]`` the same views into ``grads``.
     """
+
+    stack: tuple = ()  # (K,) in a ModelStack: the leading axis of every arena, view and activation
 
     def __init__(self, sizes, activation="relu", loss="xent", init=None, device="cpu",
                  dtype="float32", seed=0, dropout=0.0):
@@ -119,8 +125,8 @@ class MLP:
             self.shapes += [(fi, fo), (fo,)]
         self.size = sum(int(np.prod(s)) for s in self.shapes)
         xp = self.ops.xp
-        self.params = xp.zeros(self.size, self.dtype)  # (P,) the parameter arena
-        self.grads = xp.zeros(self.size, self.dtype)  # (P,) the gradient arena, same layout
+        self.params = xp.zeros(self.stack + (self.size,), self.dtype)  # (P,) the parameter arena
+        self.grads = xp.zeros(self.stack + (self.size,), self.dtype)  # (P,) the gradient arena, same layout
         self.W, self.b = self._views(self.params)  # W[l]: (n_l, n_{l+1}); b[l]: (n_{l+1},)
         self.gW, self.gb = self._views(self.grads)  # dL/dW[l], dL/db[l]
         self._workspaces: dict[int, Workspace] = {}
@@ -132,12 +138,18 @@ class MLP:
     def n_layers(self) -> int:
         return len(self.sizes) - 1
 
+    @property
+    def uses_dropout(self) -> bool:
+        return any(self.dropout)
+
     def _views(self, arena) -> tuple[list, list]:
-        """Per-layer views ``(W, b)`` into a 1-D arena laid out as ``W0, b0, W1, b1, ...``."""
+        """Per-layer views ``(W, b)`` into a 1-D arena laid out as ``W0, b0, W1, b1, ...``
+        (in a stack's (K, P) arena: W (K, n_l, n_{l+1}) and b (K, 1, n_{l+1}))."""
         views, off = [], 0
         for shape in self.shapes:
             n = int(np.prod(shape))
-            views.append(arena[off:off + n].reshape(shape))
+            view_shape = self.stack + ((1,) + shape if self.stack and len(shape) == 1 else shape)
+            views.append(arena[..., off:off + n].reshape(view_shape))
             off += n
         return views[0::2], views[1::2]
 
@@ -173,15 +185,17 @@ class MLP:
             view[...] = self.ops.asarray(p, self.dtype)
 
     # ------------------------------------------------------------------ data
-    def workspace(self, batch: int) -> Workspace:
+    def workspace(self, batch: int, per_model: bool = False) -> Workspace:
         """The buffers for batch size ``batch``, kept for the few sizes used most recently
-        (the training batch, the ragged last batch, evaluation batches)."""
-        ws = self._workspaces.pop(batch, None)
+        (the training batch, the ragged last batch, evaluation batches); per_model: a
+        stack's workspace with one batch per model."""
+        key = (batch, per_model)
+        ws = self._workspaces.pop(key, None)
         if ws is None:
-            ws = Workspace(self.ops, self.sizes, batch, self.dtype)
+            ws = Workspace(self.ops, self.sizes, batch, self.dtype, self.stack, per_model)
             while len(self._workspaces) >= 4:
                 self._workspaces.pop(next(iter(self._workspaces)))
-        self._workspaces[batch] = ws  # most recently used last
+        self._workspaces[key] = ws  # most recently used last
         return ws
 
     def check_inputs(self, x, y=None, name="x"):
@@ -220,7 +234,8 @@ class MLP:
 
     def load_batch(self, ws: Workspace, x_dev, y_dev, idx, w_dev=None) -> None:
         """Gather rows ``idx`` (B,) int64 of device data into ``ws.x``/``ws.y`` (and the
-        per-sample weights w_dev (N, 1), model dtype, into ``ws.w``).
+        per-sample weights w_dev (N, 1), model dtype, into ``ws.w``); idx (K, B) for a
+        stack's per-model workspace.
 
         uint8 pixels are converted and preprocessed on the way; float inputs are copied.
         """
@@ -355,14 +370,16 @@ class MLP:
         """``evaluate`` on data already uploaded by ``to_device`` (fit's validation set)."""
         xp, n = self.ops.xp, y_dev.shape[0]
         n_batches = -(-n // batch_size)
-        losses = xp.zeros(n_batches, self.dtype)
-        hits = xp.zeros(n_batches, np.int32)
+        losses = xp.zeros((n_batches,) + self.stack, self.dtype)
+        hits = xp.zeros((n_batches,) + self.stack, np.int32)
         for i, ws in enumerate(self._batches_device(x_dev, y_dev, batch_size)):
             self.forward(ws)
             self.loss_and_delta(ws, losses[i:i + 1], hits[i:i + 1], want_grad=False)
-        total = float(self.ops.to_host(losses.astype(np.float64).sum()))
-        n_hits = int(self.ops.to_host(hits.sum()))
-        return {"loss": total / n, "accuracy": n_hits / n}
+        loss = self.ops.to_host(losses.astype(np.float64).sum(axis=0)) / n
+        acc = self.ops.to_host(hits.sum(axis=0)) / n
+        if self.stack:  # (K,) arrays, one value per model
+            return {"loss": loss, "accuracy": acc}
+        return {"loss": float(loss), "accuracy": float(acc)}
 
     # --------------------------------------------------------------- saving
     def __getstate__(self) -> dict:

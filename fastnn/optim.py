@@ -19,10 +19,24 @@ if TYPE_CHECKING:  # for annotations only: the model module does not import this
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
 
+def hyperparameter(model: MLP, name: str, value, ok, rule: str):
+    """A validated hyperparameter: a float, or for a stack of K models (``model.stack``) a
+    (K, 1) device array of the model dtype from one value for all or K values."""
+    v, stack = np.asarray(value, np.float64), getattr(model, "stack", ())
+    if v.ndim > 1 or (v.ndim == 1 and v.shape != stack) or not np.all(ok(v)):
+        per = f" (one, or one per model: {stack[0]})" if stack else ""
+        raise ConfigError(f"{name} must be {rule}{per}, got {value!r}")
+    if not stack:
+        return float(v)
+    return model.ops.asarray(np.broadcast_to(v, stack).reshape(-1, 1), model.dtype)
+
+
 class Optimizer:
     """Base class: ``lr`` and ``weight_decay`` may be changed between steps.
 
     ``state`` holds the device arrays of the optimizer's state, in the arena's layout.
+    For a stack of K models, ``lr``, ``weight_decay`` and ``momentum`` are (K, 1) device
+    arrays, one value per model, read by the same update kernel.
     """
 
     name = "base"
@@ -30,14 +44,10 @@ class Optimizer:
     hyperparameter_names: tuple[str, ...] = ("lr", "weight_decay")
 
     def __init__(self, model: MLP, lr: float, weight_decay: float = 0.0):
-        if not lr >= 0:
-            raise ConfigError(f"learning rate must be >= 0, got {lr}")
-        if not weight_decay >= 0:
-            raise ConfigError(f"weight decay must be >= 0, got {weight_decay}")
         self.model = model
         self.ops = model.ops
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
+        self.lr = hyperparameter(model, "learning rate", lr, lambda v: v >= 0, ">= 0")
+        self.weight_decay = hyperparameter(model, "weight decay", weight_decay, lambda v: v >= 0, ">= 0")
         self.steps = 0
         self.state = {k: model.ops.xp.zeros_like(model.params) for k in self.state_names}
 
@@ -96,9 +106,7 @@ class Momentum(Optimizer):
     def __init__(self, model: MLP, lr: float, momentum: float = 0.9, nesterov: bool = False,
                  weight_decay: float = 0.0):
         super().__init__(model, lr, weight_decay)
-        if not 0 <= momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
-        self.momentum = float(momentum)
+        self.momentum = hyperparameter(model, "momentum", momentum, lambda v: (v >= 0) & (v < 1), "in [0, 1)")
         self.nesterov = bool(nesterov)
 
     def _update(self, p, g):

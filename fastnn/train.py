@@ -39,7 +39,7 @@ def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, los
     model.load_batch(ws, x_dev, y_dev, idx, w_dev)
     model.forward_backward(ws, loss_out, hits_out)
     opt.step()
-    if any(model.dropout):
+    if model.uses_dropout:
         model.ops.count(model.step)  # the next step draws new dropout masks
 
 
@@ -52,29 +52,36 @@ def train_epoch(model: MLP, opt: Optimizer, x_dev, y_dev, batch_size: int, rng: 
     (it counts launched work; it never waits for the device).
     graph: a ``CapturedStep`` (``fit(cuda_graph=True)``) replayed for every full
     batch instead of launching its kernels; the ragged last batch runs uncaptured.
-    Returns ``{"train_loss", "train_accuracy", "seconds"}`` (one synchronisation).
+    A stack of K models (``fastnn.stack``) trains on one batch order from ``rng``, or on
+    one order per model when ``rng`` is a list of K generators.
+    Returns ``{"train_loss", "train_accuracy", "seconds"}`` (one synchronisation); the
+    first two are (K,) arrays for a stack.
     """
     ops, xp = model.ops, model.ops.xp
     n = x_dev.shape[0]
     t0 = time.perf_counter()
-    order = rng.permutation(n)
+    per_model = isinstance(rng, (list, tuple))
+    order = np.stack([r.permutation(n) for r in rng]) if per_model else rng.permutation(n)
     steps = -(-n // batch_size)
     if graph is not None:
         buffers = graph.epoch(order)  # the graph's fixed perm, losses and hits, on its stream
     else:
-        buffers = contextlib.nullcontext((ops.asarray(order), xp.zeros(steps, model.dtype), xp.zeros(steps, np.int32)))
+        shape = (steps,) + model.stack
+        buffers = contextlib.nullcontext((ops.asarray(order), xp.zeros(shape, model.dtype), xp.zeros(shape, np.int32)))
     with buffers as (perm, losses, hits):
         for s in range(steps):
             b = min(batch_size, n - s * batch_size)
             if graph is not None and b == batch_size:
                 graph.replay()
             else:
-                train_step(model, opt, x_dev, y_dev, model.workspace(b), perm[s * batch_size:s * batch_size + b],
-                           losses[s:s + 1], hits[s:s + 1], w_dev)
+                train_step(model, opt, x_dev, y_dev, model.workspace(b, per_model),
+                           perm[..., s * batch_size:s * batch_size + b], losses[s:s + 1], hits[s:s + 1], w_dev)
             if progress is not None:
                 progress(b)
-        loss = float(ops.to_host(losses.astype(np.float64).sum())) / n
-        acc = int(ops.to_host(hits.sum())) / n
+        loss = ops.to_host(losses.astype(np.float64).sum(axis=0)) / n
+        acc = ops.to_host(hits.sum(axis=0)) / n
+    if not model.stack:
+        loss, acc = float(loss), float(acc)
     return {"train_loss": loss, "train_accuracy": acc, "seconds": time.perf_counter() - t0}
 
 

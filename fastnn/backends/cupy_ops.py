@@ -9,7 +9,8 @@ as a CUDA graph (CuPy refuses cuBLAS calls on a capturing stream) and its sums
 run in a fixed order. ``CupyOps(gemm="cublas")`` computes the products with
 cuBLAS instead (faster for wide layers, not capturable). Anything not overridden
 runs the generic ``Ops`` code on CuPy arrays, the reference these kernels are
-tested against.
+tested against. A stack of models (``fastnn.stack.ModelStack``, arrays with a leading
+model axis) runs that generic code: batched cuBLAS GEMMs and CuPy elementwise kernels.
 """
 
 from __future__ import annotations
@@ -86,19 +87,23 @@ class CupyOps(Ops):
 
     # ------------------------------------------------------------ data access
     def gather_rows(self, src, idx, out, scale, shift):
+        if out.ndim != 2:  # one batch per model of a stack
+            return super().gather_rows(src, idx, out, scale, shift)
         b, d = out.shape
         t = out.dtype.type
         fn = _typed("gather_rows_u8" if src.dtype == np.uint8 else "gather_rows", out.dtype)
         fn(_blocks(b * d), (THREADS,), (src, idx, np.int64(b), np.int64(d), t(scale), t(shift), out))
 
     def gather_labels(self, src, idx, out):
+        if out.ndim != 1:
+            return super().gather_labels(src, idx, out)
         b = out.shape[0]
         kernel("gather_labels")(_blocks(b), (THREADS,), (src, idx, np.int64(b), out))
 
     # ------------------------------------------------------------ dense layer
     def _dropout_args(self, drop, dtype) -> tuple:
         """(thr, scale, seed, step, layer) as kernels.cu takes them; thr 0 is no dropout."""
-        if drop is None or not drop.threshold:
+        if drop is None or not drop.active:
             return np.int32(0), dtype.type(1), np.uint32(0), self.constant("zeros", 1, np.int32), np.int32(0)
         return (np.int32(drop.threshold), dtype.type(drop.scale), np.uint32(drop.seed), drop.step,
                 np.int32(drop.layer))
@@ -110,6 +115,8 @@ class CupyOps(Ops):
             *arrays, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act), *self._dropout_args(drop, out.dtype)))
 
     def linear_act(self, a, W, b, out, act, drop=None):
+        if W.ndim == 3:
+            return super().linear_act(a, W, b, out, act, drop)
         if self.gemm == "cublas":
             cp.matmul(a, W, out=out)
             self.bias_act(out, b, act, drop)
@@ -117,6 +124,8 @@ class CupyOps(Ops):
         self._layer_gemm("linear_act", (a, W, b), out, a.shape[0], W.shape[1], a.shape[1], act, drop)
 
     def input_grad(self, d, W, a, out, act, drop=None):
+        if W.ndim == 3:
+            return super().input_grad(d, W, a, out, act, drop)
         if self.gemm == "cublas":
             cp.matmul(d, W.T, out=out)
             self.act_backward(out, a, act, drop)
@@ -124,6 +133,8 @@ class CupyOps(Ops):
         self._layer_gemm("input_grad", (d, W, a), out, d.shape[0], d.shape[1], W.shape[0], act, drop)
 
     def param_grads(self, a, d, gW, gb):
+        if gW.ndim == 3:
+            return super().param_grads(a, d, gW, gb)
         if self.gemm == "cublas":
             cp.matmul(a.T, d, out=gW)
             cp.matmul(self.constant("ones", d.shape[0], d.dtype), d, out=gb)  # one GEMV
@@ -134,11 +145,15 @@ class CupyOps(Ops):
                                         (a, d, gW, gb, np.int32(m), np.int32(k), np.int32(n)))
 
     def bias_act(self, h, b, act, drop=None):
+        if h.ndim == 3:
+            return super().bias_act(h, b, act, drop)
         rows, n = h.shape
         _typed("bias_act", h.dtype)(_blocks(rows * n), (THREADS,), (
             h, b, np.int64(rows), np.int64(n), _act_code(act), *self._dropout_args(drop, h.dtype)))
 
     def act_backward(self, d, a, act, drop=None):
+        if d.ndim == 3:
+            return super().act_backward(d, a, act, drop)
         _typed("act_backward", d.dtype)(_blocks(d.size), (THREADS,), (
             d, a, np.int64(d.size), _act_code(act), *self._dropout_args(drop, d.dtype)))
 
@@ -155,22 +170,32 @@ class CupyOps(Ops):
             np.int32(mse), np.int32(w is not None)))
 
     def xent(self, logits, y, grad, loss_out, hits_out, w=None):
+        if logits.ndim == 3:
+            return super().xent(logits, y, grad, loss_out, hits_out, w)
         self._row_loss(logits, y, grad, loss_out, hits_out, 0, w)
 
     def mse(self, out, y, grad, loss_out, hits_out, w=None):
+        if out.ndim == 3:
+            return super().mse(out, y, grad, loss_out, hits_out, w)
         self._row_loss(out, y, grad, loss_out, hits_out, 1, w)
 
     # ------------------------------------------------------------- optimizers
     def sgd(self, p, g, lr, wd):
+        if p.ndim != 1:  # a stack's (K, P) arena, per-model hyperparameters
+            return super().sgd(p, g, lr, wd)
         t = p.dtype.type
         _typed("sgd", p.dtype)(_blocks(p.size), (THREADS,), (p, g, np.int64(p.size), t(lr), t(wd)))
 
     def momentum(self, p, g, v, lr, mu, wd, nesterov):
+        if p.ndim != 1:
+            return super().momentum(p, g, v, lr, mu, wd, nesterov)
         t = p.dtype.type
         _typed("momentum", p.dtype)(_blocks(p.size), (THREADS,),
                                     (p, g, v, np.int64(p.size), t(lr), t(mu), t(wd), np.int32(nesterov)))
 
     def adam(self, p, g, m, v, t, lr, b1, b2, eps, wd):
+        if p.ndim != 1:
+            return super().adam(p, g, m, v, t, lr, b1, b2, eps, wd)
         f = p.dtype.type
         _typed("adam", p.dtype)(_blocks(p.size), (THREADS,),
                                 (p, g, m, v, t, np.int64(p.size), f(lr), f(b1), f(b2), f(eps), f(wd)))

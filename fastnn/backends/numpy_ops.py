@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import Ops
+from .ops import Ops, applies
 
 
 class NumpyOps(Ops):
@@ -14,7 +14,9 @@ class NumpyOps(Ops):
     buffers, since at the sizes of an MNIST MLP the allocator and the extra passes
     over memory cost as much as the arithmetic. The exceptions are ``xent`` and
     ``mse``, which make a few (B,)-sized temporaries (argmax, row maxima, row sums).
-    The generic ``Ops`` they override is their test oracle.
+    The generic ``Ops`` they override is their test oracle. A stack's (K, ...) arrays
+    take the stacked forms of the same calls (``np.matmul`` over the leading axis), and the
+    generic losses.
     """
 
     name = "cpu"
@@ -64,11 +66,18 @@ class NumpyOps(Ops):
     def weight_grad(self, a, d, out):
         # np.dot goes to BLAS even for B = 1 (an outer product), where np.matmul takes a
         # loop 6x slower and a broadcast multiply 2x slower.
-        np.dot(a.T, d, out=out)
+        if d.ndim == 3:
+            np.matmul(a.swapaxes(-1, -2), d, out=out)
+        else:
+            np.dot(a.T, d, out=out)
 
     def sum_rows(self, d, out):
         # ones @ d runs as one BLAS GEMV: 3x faster than d.sum(axis=0) at B=128.
-        np.dot(self.constant("ones", d.shape[0], d.dtype), d, out=out)
+        ones = self.constant("ones", d.shape[-2], d.dtype)
+        if d.ndim == 3:
+            np.matmul(ones, d, out=out[:, 0, :])
+        else:
+            np.dot(ones, d, out=out)
 
     def act_backward(self, d, a, act, drop=None):
         if drop is not None:
@@ -91,9 +100,9 @@ class NumpyOps(Ops):
             super().act_backward(d, a, act)
 
     def xent(self, logits, y, grad, loss_out, hits_out, w=None):
-        b, k = logits.shape
-        if w is not None:  # weighted batches: the generic kernel (a few temporaries)
+        if w is not None or logits.ndim == 3:  # weighted batches, stacks: the generic kernel
             return super().xent(logits, y, grad, loss_out, hits_out, w)
+        b, k = logits.shape
         if b == 1:
             return self._xent_one(logits[0], int(y[0]), grad, loss_out, hits_out)
         rows = self.constant("arange", b, None)
@@ -129,7 +138,7 @@ class NumpyOps(Ops):
             e[t] -= 1.0
 
     def mse(self, out, y, grad, loss_out, hits_out, w=None):
-        if w is not None:
+        if w is not None or out.ndim == 3:
             return super().mse(out, y, grad, loss_out, hits_out, w)
         b, k = out.shape
         rows = self.constant("arange", b, None)
@@ -147,13 +156,13 @@ class NumpyOps(Ops):
             grad *= 2.0 / (b * k)
 
     def sgd(self, p, g, lr, wd):
-        if wd:
+        if applies(wd):
             p *= 1.0 - lr * wd
         g *= lr
         p -= g
 
     def momentum(self, p, g, v, lr, mu, wd, nesterov):
-        if wd:
+        if applies(wd):
             t = self.scratch(p.shape, p.dtype)
             np.multiply(p, wd, out=t)
             g += t
@@ -186,7 +195,7 @@ class NumpyOps(Ops):
         w *= 1.0 / np.sqrt(c2)
         w += eps
         np.divide(m, w, out=w)  # w = m_hat / (sqrt(v_hat) + eps), up to the 1/c1 below
-        if wd:
+        if applies(wd):
             p *= 1.0 - lr * wd
         w *= lr / c1
         p -= w

@@ -7,6 +7,10 @@ in ``numpy_ops.NumpyOps`` and ``cupy_ops.CupyOps`` are tested against.
 Conventions for every kernel:
 
 * batches are row-major ``(B, D)``; weights are ``(fan_in, fan_out)``;
+* a stack of K models (``fastnn.stack.ModelStack``) adds a leading axis to every weight,
+  activation and gradient: ``(K, B, N)``, ``(K, M, N)``, biases ``(K, 1, N)``, labels ``(B,)``
+  (one batch order for all) or ``(K, B)``, loss sums ``(K,)``; the generic kernels take both
+  forms, and the optimizers take per-model hyperparameters as ``(K, 1)`` arrays;
 * floating arrays share one dtype (float32 by default, float64 on request) and
   scalars are passed as Python floats, which never promote an array's dtype;
 * results go into caller-given buffers (``out``), so a training step at a fixed
@@ -30,7 +34,9 @@ GEMMS = ("fastnn", "cublas")  # the GPU backend's GEMMs: its own fused kernels, 
 class Dropout(NamedTuple):
     """Inverted dropout of one layer's output: each element is zeroed with probability ``p``
     and the kept ones scaled by ``1 / (1 - p)``. The mask is a hash of (seed, the value of the
-    1-element int32 device counter ``step``, layer, element index), as in ``kernels.cu``."""
+    1-element int32 device counter ``step``, layer, element index), as in ``kernels.cu``.
+    In a stack, ``p`` and ``seed`` are host arrays (K, 1, 1), one per model, and the element
+    index counts within each model's (B, N) output."""
 
     p: float
     seed: int
@@ -38,13 +44,24 @@ class Dropout(NamedTuple):
     layer: int
 
     @property
-    def threshold(self) -> int:
-        """Kept when the top 24 bits of the element's hash are >= this."""
-        return int(round(self.p * (1 << 24)))
+    def threshold(self):
+        """Kept when the top 24 bits of the element's hash are >= this (an int, or an int64 array)."""
+        t = np.round(np.asarray(self.p, np.float64) * (1 << 24)).astype(np.int64)
+        return int(t) if t.ndim == 0 else t
 
     @property
-    def scale(self) -> float:
-        return 1.0 / (1.0 - self.p)
+    def scale(self):
+        s = 1.0 / (1.0 - np.asarray(self.p, np.float64))
+        return float(s) if s.ndim == 0 else s
+
+    @property
+    def active(self) -> bool:
+        return bool(np.any(self.threshold))
+
+
+def applies(v) -> bool:
+    """Whether an optimizer term with coefficient ``v`` (a float, or a per-model array) must run."""
+    return not isinstance(v, (int, float)) or v != 0
 
 
 def _mix32(x):
@@ -121,19 +138,22 @@ class Ops:
 
     def weight_grad(self, a, d, out) -> None:
         """``out = a.T @ d``: the weight gradient. a: (B, M), d: (B, N), out: (M, N)."""
-        self.xp.matmul(a.T, d, out=out)
+        self.xp.matmul(a.swapaxes(-1, -2), d, out=out)
 
     def dropout_keep(self, shape, drop: Dropout):
-        """The dropout mask (bool, ``shape``) of a layer's output (B, N): True where kept."""
-        n = int(np.prod(shape))
+        """The dropout mask (bool, ``shape``) of a layer's output (B, N) or (K, B, N): True where kept."""
+        n = int(np.prod(shape[-2:]))
         h = self._consts.get(("element_hash", n))  # the part of the hash that depends on the index only
         if h is None:
             e = self.xp.arange(n, dtype=np.uint64)
             h = _mix32((e & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ _mix32((e >> np.uint64(32)).astype(np.uint32)))
             self._consts[("element_hash", n)] = h
         step = np.uint32(int(self.to_host(drop.step)[0]) & 0xFFFFFFFF)
-        h = _mix32(np.uint32(drop.seed) ^ _mix32(step ^ _mix32(np.uint32(drop.layer) ^ h)))
-        return ((h >> np.uint32(8)) >= drop.threshold).reshape(shape)
+        seed, thr = np.asarray(drop.seed, np.uint32), drop.threshold
+        if seed.ndim:  # one per model (K, 1, 1)
+            seed, thr = self.asarray(seed), self.asarray(thr)
+        h = _mix32(seed ^ _mix32(step ^ _mix32(np.uint32(drop.layer) ^ h.reshape(shape[-2:]))))
+        return (h >> np.uint32(8)) >= thr
 
     def bias_act(self, h, b, act: str, drop: Dropout | None = None) -> None:
         """In place: ``h = act(h + b)``, then dropout if given. h: (B, N), b: (N,); act in
@@ -148,9 +168,9 @@ class Ops:
             xp.tanh(h, out=h)
         elif act != "linear":
             raise ConfigError(f"unknown activation {act!r}")
-        if drop is not None and drop.threshold:
+        if drop is not None and drop.active:
             h *= self.dropout_keep(h.shape, drop)
-            h *= drop.scale
+            h *= self.asarray(drop.scale, h.dtype)
 
     def _sigmoid_inplace(self, h) -> None:
         # 1/(1+e^-x) = (1 + tanh(x/2)) / 2: no overflow for any x, no warnings.
@@ -165,9 +185,10 @@ class Ops:
 
         d: (B, N) upstream gradient dL/da; a: (B, N) the activation from the forward pass.
         """
-        if drop is not None and drop.threshold:
-            d *= drop.scale
-            self.act_backward(d, a / drop.scale, act)
+        if drop is not None and drop.active:
+            scale = self.asarray(drop.scale, d.dtype)
+            d *= scale
+            self.act_backward(d, a / scale, act)
             d *= self.dropout_keep(d.shape, drop)
             return
         if act == "relu":
@@ -180,8 +201,8 @@ class Ops:
             raise ConfigError(f"unknown activation {act!r}")
 
     def sum_rows(self, d, out) -> None:
-        """``out = d.sum(axis=0)``: the bias gradient. d: (B, N), out: (N,)."""
-        self.xp.sum(d, axis=0, out=out)
+        """``out = d.sum(axis=0)``: the bias gradient. d: (B, N), out: (N,); or d (K, B, N), out (K, 1, N)."""
+        self.xp.sum(d, axis=-2, out=out[..., 0, :] if d.ndim == 3 else out)
 
     # The three products of a layer with what follows them, the calls the model makes.
     # Here they are composed of the kernels above; the CuPy backend fuses each one.
@@ -196,7 +217,7 @@ class Ops:
         d: (B, N) dL/dz of this layer; W: (M, N); a, out: (B, M) the previous layer's
         activation and its dL/dz; drop: the previous layer's dropout.
         """
-        self.matmul(d, W.T, out)
+        self.matmul(d, W.swapaxes(-1, -2), out)
         self.act_backward(out, a, act, drop)
 
     def param_grads(self, a, d, gW, gb) -> None:
@@ -205,6 +226,15 @@ class Ops:
         self.sum_rows(d, gb)
 
     # ----------------------------------------------------------------- losses
+    def _at_labels(self, z, y) -> tuple:
+        """The index of each row's label entry in z (B, K) or (K_models, B, K); y (B,) or (K_models, B)."""
+        rows = self.xp.arange(z.shape[-2])
+        if z.ndim == 2:
+            return rows, y
+        if y.ndim == 1:
+            return slice(None), rows, y
+        return self.xp.arange(z.shape[0])[:, None], rows, y
+
     def xent(self, logits, y, grad, loss_out, hits_out, w=None) -> None:
         """Softmax cross-entropy from logits, by log-sum-exp.
 
@@ -213,20 +243,21 @@ class Ops:
         hits_out: 0-d or 1-element arrays that receive the *sum* over the batch
         of the per-sample losses and the number of argmax hits. w: optional (B,)
         per-sample weights: row i's loss and gradient are multiplied by w[i].
+        A stack's logits (K_models, B, K) give sums (K_models,), one per model.
         """
         xp = self.xp
-        rows = xp.arange(logits.shape[0])
-        m = logits.max(axis=1, keepdims=True)
+        at = self._at_labels(logits, y)
+        m = logits.max(axis=-1, keepdims=True)
         z = logits - m
         e = xp.exp(z)
-        s = e.sum(axis=1, keepdims=True)
-        losses = xp.log(s)[:, 0] - z[rows, y]
-        loss_out[...] = (losses if w is None else losses * w).sum()
-        hits_out[...] = (logits.argmax(axis=1) == y).sum()
+        s = e.sum(axis=-1, keepdims=True)
+        losses = xp.log(s)[..., 0] - z[at]
+        loss_out[...] = (losses if w is None else losses * w).sum(axis=-1)
+        hits_out[...] = (logits.argmax(axis=-1) == y).sum(axis=-1)
         if grad is not None:
             xp.divide(e, s, out=grad)
-            grad[rows, y] -= 1.0
-            grad *= 1.0 / logits.shape[0]
+            grad[at] -= 1.0
+            grad *= 1.0 / logits.shape[-2]
             if w is not None:
                 grad *= w[:, None]
 
@@ -236,18 +267,16 @@ class Ops:
         out: (B, K) sigmoid activations; y: (B,) int32. The per-sample loss is
         ``mean_k (out_k - onehot_k)^2``; grad (B, K) receives dL/dz of the batch
         mean, through the sigmoid: ``2 (out - t) out (1 - out) / (B K)``.
-        loss_out/hits_out/w as in ``xent``.
+        loss_out/hits_out/w and stacks as in ``xent``.
         """
-        xp = self.xp
-        b, k = out.shape
-        rows = xp.arange(b)
+        b, k = out.shape[-2:]
         diff = out.copy()
-        diff[rows, y] -= 1.0
-        losses = (diff * diff).sum(axis=1) / k
-        loss_out[...] = (losses if w is None else losses * w).sum()
-        hits_out[...] = (out.argmax(axis=1) == y).sum()
+        diff[self._at_labels(out, y)] -= 1.0
+        losses = (diff * diff).sum(axis=-1) / k
+        loss_out[...] = (losses if w is None else losses * w).sum(axis=-1)
+        hits_out[...] = (out.argmax(axis=-1) == y).sum(axis=-1)
         if grad is not None:
-            xp.multiply(diff, out * (1.0 - out), out=grad)
+            self.xp.multiply(diff, out * (1.0 - out), out=grad)
             grad *= 2.0 / (b * k)
             if w is not None:
                 grad *= w[:, None]
@@ -257,11 +286,12 @@ class Ops:
         t += 1
 
     # ------------------------------------------------------------- optimizers
-    # Each takes the whole flat parameter arena p and gradient arena g (1-D) and
-    # updates p (and its state arrays) in place. g may be overwritten (consumed).
+    # Each takes the whole flat parameter arena p and gradient arena g (1-D; (K, P) for a
+    # stack, whose lr, mu and wd may then be (K, 1) arrays) and updates p (and its state
+    # arrays) in place. g may be overwritten (consumed).
     def sgd(self, p, g, lr: float, wd: float) -> None:
         """``p -= lr * (g + wd * p)``."""
-        p -= lr * (g + wd * p) if wd else lr * g
+        p -= lr * (g + wd * p) if applies(wd) else lr * g
 
     def momentum(self, p, g, v, lr: float, mu: float, wd: float, nesterov: bool) -> None:
         """Heavy-ball or Nesterov momentum, PyTorch's convention.
@@ -269,7 +299,7 @@ class Ops:
         ``v = mu v + (g + wd p)``; ``p -= lr v`` or, with Nesterov,
         ``p -= lr ((g + wd p) + mu v)``.
         """
-        gg = g + wd * p if wd else g
+        gg = g + wd * p if applies(wd) else g
         v *= mu
         v += gg
         p -= lr * (gg + mu * v) if nesterov else lr * v
@@ -292,6 +322,6 @@ class Ops:
         v *= b2
         v += (1.0 - b2) * (g * g)
         upd = (m / c1) / (xp.sqrt(v / c2) + eps)
-        if wd:
+        if applies(wd):
             upd += wd * p
         p -= lr * upd

@@ -5,6 +5,10 @@
     history = fastnn.fit(model, x_train, y_train, epochs=10, batch_size=128, lr=0.1,
                          optimizer="momentum", validation_split=0.1)
     print(model.evaluate(x_test, y_test))  # the test set, once, at the end
+
+    stack = fastnn.ModelStack([784, 128, 64, 10], seeds=range(16))  # 16 models, trained at once
+    fastnn.fit_many(stack, x_train, y_train, lr=np.geomspace(0.01, 0.3, 16), validation_split=0.1)
+    best = stack.model(stack.best())
 """
 
 from . import datasets
@@ -16,12 +20,13 @@ from .lrfind import lr_find
 from .model import MLP
 from .optim import SGD, Adam, Momentum, Optimizer, make_optimizer
 from .preprocessing import Preprocessing
+from .stack import ModelStack, fit_many
 from .train import fit, train_epoch, train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MLP", "Preprocessing", "fit", "train_epoch", "train_step", "datasets",
+    "MLP", "Preprocessing", "fit", "train_epoch", "train_step", "datasets", "ModelStack", "fit_many",
     "diagnose", "Finding", "EpochMonitor", "gradcheck", "check_gradients", "GradReport", "lr_find",
     "Ops", "NumpyOps", "get_ops", "cuda_status", "set_tf32",
     "Optimizer", "SGD", "Momentum", "Adam", "make_optimizer",

@@ -321,8 +321,9 @@ class MLP:
         ws = self.workspace(n)
         self.load_batch(ws, xd, yd, self.ops.xp.arange(n), wd)
         self.forward_backward(ws)
-        loss = float(self.ops.to_host(ws.loss)[0]) / n
-        return loss, [self.ops.to_host(g).copy() for g in self.param_list((self.gW, self.gb))]
+        loss = self.ops.to_host(ws.loss).astype(np.float64) / n  # (1,), or (K,) for a stack
+        return (loss if self.stack else float(loss[0])), [self.ops.to_host(g).copy()
+                                                          for g in self.param_list((self.gW, self.gb))]
 
     def _batches(self, x, y, batch_size):
         return self._batches_device(*self.to_device(x, y), batch_size)
@@ -337,9 +338,9 @@ class MLP:
             yield ws
 
     def outputs(self, x, batch_size=10000) -> np.ndarray:
-        """Network outputs (N, K) as NumPy: logits (xent) or sigmoid outputs (mse)."""
+        """Network outputs (N, K) as NumPy: logits (xent) or sigmoid outputs (mse); a stack's (K_models, N, K)."""
         parts = [self.ops.to_host(self.forward(ws)).copy() for ws in self._batches(x, None, batch_size)]
-        return np.concatenate(parts)
+        return np.concatenate(parts, axis=-2)
 
     def predict(self, x, batch_size=10000) -> np.ndarray:
         """Predicted labels (N,) int64 for inputs x (N, D); uint8 pixels are scaled first."""
@@ -352,11 +353,11 @@ class MLP:
         (xent), or the sigmoid outputs scaled to sum to 1 (mse)."""
         out = self.outputs(x, batch_size).astype(np.float64)
         if self.loss == "xent":
-            out -= out.max(axis=1, keepdims=True)
+            out -= out.max(axis=-1, keepdims=True)
             np.exp(out, out=out)
         else:
             out = np.maximum(out, np.finfo(np.float64).tiny)  # an all-zero row would divide by 0
-        out /= out.sum(axis=1, keepdims=True)
+        out /= out.sum(axis=-1, keepdims=True)
         return out
 
     def evaluate(self, x, y, batch_size=10000) -> dict:

@@ -1,0 +1,326 @@
+"""Hyperparameter sweeps on Optuna, trained as stacks of models (``fastnn sweep``).
+
+A worker asks the study for up to ``stack`` trials at a time (Optuna's ask-and-tell),
+groups them by network shape, trains each group as one ``ModelStack`` with per-model
+learning rate, weight decay, momentum, dropout and seed, reports every model's validation
+accuracy after each epoch to its trial (the pruner's input; a pruned model leaves the
+stack) and tells the study each result. Workers share the study through Optuna's storage:
+a journal file for many processes on one machine, a database URL (PostgreSQL) for many
+machines; each is a plain process, so any scheduler can start them.
+
+A search space is given per hyperparameter as text: ``0.1`` (fixed), ``0.01,0.1,0.3``
+(choices) or ``1e-4..1e-2`` (a range: log-uniform for the learning rate and weight decay
+when it starts above 0, uniform otherwise). Hidden sizes are a list of shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, DataError
+from .stack import ModelStack, fit_many
+
+LOG_SCALE = ("lr", "weight_decay")  # ranges of these are searched on a log scale when they start above 0
+SCALARS = ("lr", "weight_decay", "momentum", "dropout", "seed")  # searched as numbers; hidden as shapes
+OVER_BUDGET = "asked after the study's last trial: not run"
+SPACE_KEYS = ("lr", "weight_decay", "momentum", "dropout", "hidden", "seed")
+
+
+def optuna():
+    """The optuna module, or a ConfigError saying how to install it."""
+    try:
+        import optuna as o
+    except ImportError:
+        raise ConfigError("fastnn sweep needs Optuna: pip install 'fastnn[sweep]'") from None
+    o.logging.set_verbosity(o.logging.WARNING)
+    return o
+
+
+def parse_space(name: str, text: str, kind=float):
+    """``"0.1"`` -> [0.1]; ``"0.01,0.1"`` -> [0.01, 0.1]; ``"1e-4..1e-2"`` -> (1e-4, 1e-2). ConfigError if bad."""
+    text = str(text).strip()
+    try:
+        if ".." in text:
+            lo, hi = (kind(t) for t in text.split(".."))
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError
+            return (lo, hi)
+        values = [kind(t) for t in text.split(",") if t.strip()]
+        if not values or not all(math.isfinite(v) for v in values):
+            raise ValueError
+        return values
+    except ValueError:
+        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: expected a value (0.1), choices (0.01,0.1) "
+                          "or a range (1e-4..1e-2)") from None
+
+
+@dataclass
+class SearchSpace:
+    """Per hyperparameter: a list of choices or a (low, high) range; hidden: a list of shapes."""
+
+    lr: list | tuple
+    weight_decay: list | tuple = (0.0,)
+    momentum: list | tuple = (0.9,)
+    dropout: list | tuple = (0.0,)
+    seed: list = field(default_factory=lambda: [0])
+    hidden: list = field(default_factory=lambda: [[256, 128]])
+
+    def check(self) -> None:
+        rules = {"lr": (0, math.inf, False), "weight_decay": (0, math.inf, False), "momentum": (0, 1, True),
+                 "dropout": (0, 1, True), "seed": (0, 2**32 - 1, False)}
+        for name, (lo, hi, open_hi) in rules.items():
+            vals = getattr(self, name)
+            bad = [v for v in vals if not (lo <= v < hi if open_hi else lo <= v <= hi)]
+            if name == "lr" and any(v <= 0 for v in vals):
+                bad = [v for v in vals if v <= 0]
+            if bad:
+                raise ConfigError(f"--{name.replace('_', '-')}: {bad[0]} is out of range")
+        if not self.hidden:
+            raise ConfigError("--hidden: give at least one shape")
+
+    def distributions(self) -> dict:
+        """The Optuna distributions of this space (hidden shapes as the strings "256,128")."""
+        o = optuna()
+        out = {}
+        for name in SCALARS:
+            v = getattr(self, name)
+            if isinstance(v, tuple):
+                if name == "seed":
+                    out[name] = o.distributions.IntDistribution(int(v[0]), int(v[1]))
+                else:
+                    out[name] = o.distributions.FloatDistribution(v[0], v[1], log=name in LOG_SCALE and v[0] > 0)
+            else:
+                out[name] = o.distributions.CategoricalDistribution(list(v))
+        out["hidden"] = o.distributions.CategoricalDistribution([shape_text(h) for h in self.hidden])
+        return out
+
+    def grid(self) -> dict:
+        """The grid of a space made only of choices; ConfigError for a range."""
+        ranges = [k for k in SCALARS if isinstance(getattr(self, k), tuple)]
+        if ranges:
+            raise ConfigError(f"--sampler grid needs lists of values, not ranges (--{ranges[0].replace('_', '-')})")
+        g = {k: list(getattr(self, k)) for k in SCALARS}
+        g["hidden"] = [shape_text(h) for h in self.hidden]
+        return g
+
+
+def shape_text(hidden) -> str:
+    return ",".join(str(int(n)) for n in hidden)
+
+
+@dataclass
+class Settings:
+    """What every trial of a sweep shares."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr_schedule: str = "cosine"
+    activation: str = "relu"
+    loss: str = "xent"
+    dtype: str = "float32"
+    device: str = "cpu"
+    stack: int = 16  # models trained at once
+    trials: int = 32  # in the whole study, over all workers
+
+
+def make_sampler(kind: str, space: SearchSpace, seed: int | None):
+    o = optuna()
+    if kind == "grid":
+        return o.samplers.GridSampler(space.grid(), seed=seed)
+    if kind == "random":
+        return o.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        return o.samplers.TPESampler(seed=seed)
+    raise ConfigError(f"unknown sampler {kind!r}: choose grid, random or tpe")
+
+
+def make_storage(spec: str | None):
+    """None: in memory; a URL (``postgresql://...``, ``sqlite:///...``): a database; else a journal file."""
+    o = optuna()
+    if spec is None:
+        return None
+    if "://" in spec:
+        try:
+            return o.storages.RDBStorage(spec)
+        except Exception as exc:  # no driver, no server, bad credentials
+            raise ConfigError(f"--storage {spec}: cannot open the database ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0]})") from None
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(spec)))
+
+
+def open_study(name: str, storage, sampler, pruner):
+    return optuna().create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                 direction="maximize", load_if_exists=True)
+
+
+def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Path | None = None,
+               log=print) -> int:
+    """Ask, train stacked, tell, until the study holds ``settings.trials`` trials. Returns the
+    number of trials this worker ran.
+
+    data: ``(x_train, y_train, x_val, y_val, preprocessing, classes)``. out_dir: where the model
+    of a trial that beats the study's best so far is saved (``trial-<number>.npz``).
+    """
+    o = optuna()
+    dists = space.distributions()
+    ran = 0
+    while True:
+        trials = []
+        while len(trials) < settings.stack:
+            if len(study.get_trials(deepcopy=False)) >= settings.trials:
+                break
+            t = study.ask(dists)
+            if t.number >= settings.trials:  # another worker took the last ones meanwhile
+                t.set_user_attr("reason", OVER_BUDGET)
+                study.tell(t, state=o.trial.TrialState.FAIL)
+                break
+            trials.append(t)
+        if not trials:
+            return ran
+        groups: dict[str, list] = {}
+        for t in trials:
+            groups.setdefault(t.params["hidden"], []).append(t)
+        for hidden, group in groups.items():
+            _train_group(study, group, hidden, settings, data, out_dir, log)
+            ran += len(group)
+
+
+def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, log) -> None:
+    """Train trials of one shape as one stack; report epochs, prune, tell results."""
+    o = optuna()
+    x, y, x_val, y_val, preprocessing, classes = data
+    p = [t.params for t in trials]
+    sizes = [x.shape[1], *[int(n) for n in hidden.split(",")], len(classes)]
+    stack = ModelStack(sizes, [int(q["seed"]) for q in p], settings.activation, settings.loss, device=settings.device,
+                       dtype=settings.dtype, dropout=[float(q["dropout"]) for q in p])
+    stack.preprocessing, stack.classes = preprocessing, classes
+    pruned: set[int] = set()
+
+    def on_epoch(records):
+        stop = []
+        for rec in records:
+            t = trials[rec["model"]]
+            t.report(rec["val_accuracy"], rec["epoch"])
+            if rec["epoch"] < settings.epochs and t.should_prune():
+                pruned.add(rec["model"])
+                stop.append(rec["model"])
+        return stop
+
+    t0 = time.perf_counter()
+    hist = fit_many(stack, x, y, epochs=settings.epochs, batch_size=settings.batch_size,
+                    lr=[q["lr"] for q in p], optimizer=settings.optimizer, momentum=[q["momentum"] for q in p],
+                    weight_decay=[q["weight_decay"] for q in p], x_val=x_val, y_val=y_val,
+                    seed=[int(q["seed"]) for q in p], lr_schedule=settings.lr_schedule, on_epoch=on_epoch)
+    seconds = time.perf_counter() - t0
+    for k, t in enumerate(trials):
+        last = hist[k][-1]
+        for key in ("train_loss", "train_accuracy", "val_loss"):
+            t.set_user_attr(key, last[key])
+        t.set_user_attr("epochs", last["epoch"])
+        t.set_user_attr("stack_size", len(trials))
+        t.set_user_attr("stack_seconds", seconds)
+        if last.get("diverged"):
+            t.set_user_attr("reason", f"diverged in epoch {last['epoch']}")
+            study.tell(t, state=o.trial.TrialState.FAIL)
+        elif k in pruned:
+            study.tell(t, state=o.trial.TrialState.PRUNED)
+        else:
+            best_before = _best_value(study)
+            study.tell(t, last["val_accuracy"])
+            if out_dir is not None and (best_before is None or last["val_accuracy"] > best_before):
+                stack.model(stack.ids.index(k)).save(Path(out_dir) / f"trial-{t.number}.npz")
+    done = [k for k in range(len(trials)) if k not in pruned and not hist[k][-1].get("diverged")]
+    best = max(done, key=lambda k: hist[k][-1]["val_accuracy"], default=None)
+    log(f"trials {','.join(str(t.number) for t in trials)}: {len(trials)} x {'-'.join(map(str, sizes))} stacked, "
+        f"{seconds:.1f} s, {len(pruned)} pruned"
+        + ("" if best is None else f"; best val accuracy {hist[best][-1]['val_accuracy']:.4f} "
+                                   f"(trial {trials[best].number})"))
+
+
+def _best_value(study) -> float | None:
+    done = study.get_trials(deepcopy=False, states=(optuna().trial.TrialState.COMPLETE,))
+    return max((t.value for t in done), default=None)
+
+
+# ------------------------------------------------------------------ leaderboard
+def leaderboard(study) -> list[dict]:
+    """Every trial that ran, best first: ``{trial, state, val_accuracy, params..., epochs, reason}``."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        reason = t.user_attrs.get("reason", "")
+        if reason == OVER_BUDGET:
+            continue
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_accuracy": t.value,
+                     **{k: t.params.get(k) for k in SPACE_KEYS}, "epochs": t.user_attrs.get("epochs"),
+                     "reason": reason or None})
+    rank = {"complete": 0, "pruned": 1}  # a pruned trial's value is its last epoch's, not a final one
+    rows.sort(key=lambda r: (rank.get(r["state"], 2), -(r["val_accuracy"] or 0), r["trial"]))
+    return rows
+
+
+def format_leaderboard(rows: list[dict], top: int = 10) -> str:
+    head = f"{'rank':>4} {'trial':>5} {'val acc':>8} {'lr':>9} {'wd':>9} {'mom':>5} {'drop':>5} {'seed':>4} " \
+           f"{'hidden':<12} {'epochs':>6}  state"
+    lines = [head]
+    for i, r in enumerate(rows[:top], 1):
+        acc = "" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}"
+        lines.append(f"{i:>4} {r['trial']:>5} {acc:>8} {_g(r['lr']):>9} {_g(r['weight_decay']):>9} "
+                     f"{_g(r['momentum']):>5} {_g(r['dropout']):>5} {_g(r['seed']):>4} {r['hidden'] or '':<12} "
+                     f"{r['epochs'] or '':>6}  {r['state']}{' (' + r['reason'] + ')' if r['reason'] else ''}")
+    if len(rows) > top:
+        lines.append(f"     ... {len(rows) - top} more in the JSONL file")
+    return "\n".join(lines)
+
+
+def _g(v) -> str:
+    return "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def write_leaderboard(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def plot_leaderboard(rows: list[dict], path: Path) -> bool:
+    """Validation accuracy against learning rate, one colour per hidden shape; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    done = [r for r in rows if r["val_accuracy"] is not None]
+    for shape in sorted({r["hidden"] for r in done}):
+        pts = [r for r in done if r["hidden"] == shape]
+        ax.scatter([r["lr"] for r in pts], [r["val_accuracy"] for r in pts], label=shape, s=18)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{len(done)} completed trials")
+    if done:
+        ax.legend(title="hidden", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def best_model_file(study, out_dir: Path) -> tuple[object, Path | None]:
+    """The study's best trial and its saved model in out_dir (None when another machine trained it)."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise DataError(f"study {study.study_name!r} has no completed trial") from None
+    path = Path(out_dir) / f"trial-{best.number}.npz"
+    return best, (path if path.exists() else None)

@@ -132,7 +132,11 @@ class Settings:
 def make_sampler(kind: str, space: SearchSpace, seed: int | None):
     o = optuna()
     if kind == "grid":
-        return o.samplers.GridSampler(space.grid(), seed=seed)
+        class AskTellGrid(o.samplers.GridSampler):
+            def after_trial(self, study, trial, state, values):
+                pass  # GridSampler stops an optimize() loop when the grid is done; here the trial budget does
+
+        return AskTellGrid(space.grid(), seed=seed)
     if kind == "random":
         return o.samplers.RandomSampler(seed=seed)
     if kind == "tpe":

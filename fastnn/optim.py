@@ -20,15 +20,15 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
 
 def hyperparameter(model: MLP, name: str, value, ok, rule: str):
-    """A validated hyperparameter: a float, or for a stack of K models (``model.stack``) a
-    (K, 1) device array of the model dtype from one value for all or K values."""
+    """A validated hyperparameter: a float, or for a stack of K models (``model.stack``) given K
+    different values, a (K, 1) device array of the model dtype."""
     v, stack = np.asarray(value, np.float64), getattr(model, "stack", ())
     if v.ndim > 1 or (v.ndim == 1 and v.shape != stack) or not np.all(ok(v)):
         per = f" (one, or one per model: {stack[0]})" if stack else ""
         raise ConfigError(f"{name} must be {rule}{per}, got {value!r}")
-    if not stack:
-        return float(v)
-    return model.ops.asarray(np.broadcast_to(v, stack).reshape(-1, 1), model.dtype)
+    if not stack or v.ndim == 0 or (v == v.flat[0]).all():  # one value for all: a float, as for one model
+        return float(v.flat[0])
+    return model.ops.asarray(v.reshape(-1, 1), model.dtype)
 
 
 class Optimizer:

@@ -214,7 +214,8 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
         with np.errstate(over="ignore", invalid="ignore"):
             res = train_epoch(stack, opt, x_dev, y_dev, int(batch_size), rngs if per_model_order else rngs[0])
             val = stack.evaluate_device(*val_dev) if val_dev is not None else None
-        lrs = stack.ops.to_host(opt.lr).reshape(-1)
+        lrs = np.broadcast_to(opt.lr if isinstance(opt.lr, float) else stack.ops.to_host(opt.lr),
+                              (stack.n_models, 1))[:, 0]
         records = []
         for k, i in enumerate(stack.ids):
             rec = {"model": i, "epoch": epoch, "lr": float(lrs[k]), "train_loss": float(res["train_loss"][k]),
@@ -236,7 +237,7 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
         if stop:
             rows = [k for k, i in enumerate(stack.ids) if i not in stop]
             _keep(stack, opt, rows)
-            base_lr = base_lr[stack.ops.asarray(np.array(rows))]
+            base_lr = base_lr if isinstance(base_lr, float) else base_lr[stack.ops.asarray(np.array(rows))]
             if per_model_order:
                 rngs = [rngs[k] for k in rows]
     return history

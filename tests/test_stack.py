@@ -65,6 +65,17 @@ def test_stacked_models_equal_separate_fits(data, dtype, tol, optimizer, order):
             assert a["train_accuracy"] == b["train_accuracy"] and a["val_accuracy"] == b["val_accuracy"]
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_stack_of_one_equals_one_model(data, dtype):
+    x, y = data
+    st = ModelStack(SIZES, [4], dtype=dtype)
+    hs = fit_many(st, x, y, epochs=2, batch_size=32, lr=0.1, optimizer="momentum", seed=3, x_val=x[:60], y_val=y[:60])
+    m = MLP(SIZES, seed=4, dtype=dtype)
+    h = fit(m, x, y, epochs=2, batch_size=32, lr=0.1, optimizer="momentum", seed=3, x_val=x[:60], y_val=y[:60])
+    np.testing.assert_array_equal(flat(st.get_params(0)), flat(m.get_params()))
+    assert [r["val_loss"] for r in hs[0]] == pytest.approx([r["val_loss"] for r in h], rel=1e-6)
+
+
 def test_each_models_hyperparameters_reach_it_and_no_other(data):
     x, y = data
     base = dict(epochs=2, batch_size=32, optimizer="momentum", seed=1, dtype="float64")
@@ -109,7 +120,8 @@ def test_stopped_and_diverged_models_leave_the_others_unchanged(data):
     hist = fit_many(st, x, y, epochs=3, batch_size=32, lr=[0.1, 1e300, 0.1], seed=2,  # model 1 diverges
                     on_epoch=lambda recs: [2] if recs[0]["epoch"] == 1 else [])  # a pruner stops model 2
     assert st.ids == [0] and len(hist[2]) == 1 and hist[1][-1].get("diverged")
-    np.testing.assert_array_equal(flat(st.get_params(0)), flat(full.get_params(0)))
+    # to rounding: a stack of one takes the single-model loss kernel
+    np.testing.assert_allclose(flat(st.get_params(0)), flat(full.get_params(0)), rtol=0, atol=1e-13)
     assert len(hist[0]) == 3
 
 

@@ -49,7 +49,27 @@ def table(data) -> str:
                 f"{e['torch_epoch_seconds']:.3f} s, the GEMMs alone {e['gemm_epoch_seconds']:.3f} s: "
                 f"fastnn is {e['naive_over_fastnn']:.1f}x the naive loop, {e['torch_over_fastnn']:.2f}x "
                 f"PyTorch, and takes {e['fastnn_over_gemm']:.2f}x its GEMM time.")
+    lines += stack_table(benches)
     return "\n".join(lines) + "\n"
+
+
+STACK_CASES = ("stacked", "sequential", "one_model", "torch_loop", "torch_vmap", "jax_vmap")
+
+
+def stack_table(benches) -> list[str]:
+    """K models at once (benchmarks/test_stack_speed.py): seconds per epoch of all K, each case."""
+    rows = [b for b in benches if "models_per_s" in b.get("extra_info", {})]
+    if not rows:
+        return []
+    out = ["", "| device | K | " + " | ".join(STACK_CASES) + " | sequential / stacked | stacked / one model |",
+           "| --- | ---: |" + " ---: |" * (len(STACK_CASES) + 2)]
+    for b in rows:
+        e = b["extra_info"]
+        cells = [f"{e[c + '_epoch_seconds']:.2f}" if c + "_epoch_seconds" in e else "" for c in STACK_CASES]
+        out.append(f"| {b['group'].removeprefix('stack-')} | {e['models']} | " + " | ".join(cells)
+                   + f" | {e['sequential_over_stacked']:.2f}x | {e['stacked_over_one_model']:.1f}x |")
+    return out + ["", "Seconds per epoch of 60000 samples for all K models (slices scaled; medians of rounds "
+                      "alternating in one process)."]
 
 
 def chart(data, path):

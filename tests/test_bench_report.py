@@ -16,6 +16,11 @@ def test_table_and_speedups(tmp_path):
                 {"name": "test_fastnn_batched_cpu[128]", "group": "epoch-cpu",
                  "extra_info": {"impl": "fastnn batch 128", "epoch_seconds": 0.3, "samples_per_s": 200000.0,
                                 "gflops": 60.0}},
+                {"name": "test_stacked[16-cpu]", "group": "stack-cpu",
+                 "extra_info": {"models": 16, "models_per_s": 2.0, "stacked_epoch_seconds": 8.0,
+                                "sequential_epoch_seconds": 10.0, "one_model_epoch_seconds": 0.5,
+                                "torch_vmap_epoch_seconds": 9.0, "sequential_over_stacked": 1.25,
+                                "stacked_over_one_model": 16.0}},
                 {"name": "test_gemm_peak[cpu]", "group": "gemm-peak",
                  "extra_info": {"gflops": 170.0, "shape": "2048x2048x2048"}},
             ]}
@@ -30,6 +35,7 @@ def test_table_and_speedups(tmp_path):
     assert "| epoch-cpu | naive | 12.000 | 5,000 | 2.0 | 1.0x | timed 3000 samples |" in text
     assert "GEMM peak (test_gemm_peak[cpu]): 170.0 GFLOP/s" in text
     assert "Test CPU, 2 cores" in text
+    assert "| cpu | 16 | 8.00 | 10.00 | 0.50 |  | 9.00 |  | 1.25x | 16.0x |" in text
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_report.py"), str(bad)],

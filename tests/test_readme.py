@@ -27,3 +27,20 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     # CI installs the test extra (and cuda-check, for the kernel compile tests), then runs that command
     assert 'python -m pip install -q -e ".[test,cuda-check]"' in ci and "\npython -m pytest\n" in ci
+
+
+def test_readme_many_models_example_runs(tmp_path, monkeypatch, synthetic):
+    """The "Many models at once" example, on 600 synthetic samples: 16 models, an ensemble, a saved stack."""
+    import numpy as np
+
+    import fastnn
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Many models at once")
+    code = text[text.index("```python", start) + len("```python"):text.index("```\n", text.index("```python", start))]
+    monkeypatch.chdir(tmp_path)
+    scope = {"fastnn": fastnn, "np": np, "x": synthetic[0][:600], "y": synthetic[1][:600], "x_test": synthetic[2]}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["proba"].shape == (len(synthetic[2]), 10) and len(scope["hist"]) == 16
+    assert isinstance(scope["best"], fastnn.MLP)
+    assert fastnn.ModelStack.load(tmp_path / "stack.npz").n_models == 16

@@ -301,6 +301,7 @@ def plot_leaderboard(rows: list[dict], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -309,6 +310,7 @@ def plot_leaderboard(rows: list[dict], path: Path) -> bool:
         pts = [r for r in done if r["hidden"] == shape]
         ax.scatter([r["lr"] for r in pts], [r["val_accuracy"] for r in pts], label=shape, s=18)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels collide
     ax.set_xlabel("learning rate")
     ax.set_ylabel("validation accuracy")
     ax.set_title(f"{len(done)} completed trials")

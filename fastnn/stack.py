@@ -23,6 +23,7 @@ from . import npzfile
 from .backends import Dropout
 from .errors import ConfigError, DataError
 from .model import MLP, _dropout_rates
+from .optim import make_optimizer
 from .preprocessing import Preprocessing
 from .train import _check_fit_args, _hold_out, train_epoch
 
@@ -202,8 +203,6 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     _check_fit_args(int(batch_size), epochs, lr_schedule, x_val, y_val, None)
     x_dev, y_dev = stack.to_device(x, y)
     val_dev = None if x_val is None else stack.to_device(x_val, y_val, name="x_val")
-    from .optim import make_optimizer
-
     opt = make_optimizer(optimizer, stack, lr, momentum, weight_decay)
     base_lr = opt.lr
     rngs = [np.random.default_rng(s) for s in seeds]
@@ -214,19 +213,9 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
         with np.errstate(over="ignore", invalid="ignore"):
             res = train_epoch(stack, opt, x_dev, y_dev, int(batch_size), rngs if per_model_order else rngs[0])
             val = stack.evaluate_device(*val_dev) if val_dev is not None else None
-        lrs = np.broadcast_to(opt.lr if isinstance(opt.lr, float) else stack.ops.to_host(opt.lr),
-                              (stack.n_models, 1))[:, 0]
-        records = []
-        for k, i in enumerate(stack.ids):
-            rec = {"model": i, "epoch": epoch, "lr": float(lrs[k]), "train_loss": float(res["train_loss"][k]),
-                   "train_accuracy": float(res["train_accuracy"][k]),
-                   "val_loss": None if val is None else float(val["loss"][k]),
-                   "val_accuracy": None if val is None else float(val["accuracy"][k]),
-                   "seconds": res["seconds"]}
-            if not math.isfinite(rec["train_loss"]):
-                rec["diverged"] = True
-            history[i].append(rec)
-            records.append(rec)
+        records = _epoch_records(stack, opt, epoch, res, val)
+        for rec in records:
+            history[rec["model"]].append(rec)
         if verbose:
             _print_epoch(records, epoch, epochs)
         stop = {r["model"] for r in records if r.get("diverged")}
@@ -241,6 +230,21 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
             if per_model_order:
                 rngs = [rngs[k] for k in rows]
     return history
+
+
+def _epoch_records(stack: ModelStack, opt, epoch: int, res: dict, val: dict | None) -> list[dict]:
+    """One history record per model still in the stack, from train_epoch's and evaluate's (K,) arrays."""
+    lrs = np.broadcast_to(opt.lr if isinstance(opt.lr, float) else stack.ops.to_host(opt.lr), (stack.n_models, 1))
+    records = []
+    for k, i in enumerate(stack.ids):
+        rec = {"model": i, "epoch": epoch, "lr": float(lrs[k, 0]), "train_loss": float(res["train_loss"][k]),
+               "train_accuracy": float(res["train_accuracy"][k]),
+               "val_loss": None if val is None else float(val["loss"][k]),
+               "val_accuracy": None if val is None else float(val["accuracy"][k]), "seconds": res["seconds"]}
+        if not math.isfinite(rec["train_loss"]):
+            rec["diverged"] = True
+        records.append(rec)
+    return records
 
 
 def _keep(stack: ModelStack, opt, rows: list[int]) -> None:

@@ -125,10 +125,11 @@ def test_stopped_and_diverged_models_leave_the_others_unchanged(data):
     assert len(hist[0]) == 3
 
 
-def test_ensemble_prediction_best_model_and_saving(data, tmp_path):
+def test_ensemble_prediction_best_model_and_saving(data, tmp_path, capsys):
     x, y = data
     st = ModelStack(SIZES, SEEDS, dropout=DROPOUT)
-    fit_many(st, x, y, epochs=2, batch_size=32, lr=[0.3, 0.0, 0.1], validation_split=0.2)
+    fit_many(st, x, y, epochs=2, batch_size=32, lr=[0.3, 0.0, 0.1], validation_split=0.2, verbose=1)
+    assert "epoch 2/2  3 models  val accuracy: best" in capsys.readouterr().out
     each = st.predict_proba(x, each=True)
     assert each.shape == (3, 300, 4)
     np.testing.assert_allclose(st.predict_proba(x), each.mean(axis=0))

@@ -25,7 +25,7 @@ from .errors import ConfigError, DataError
 from .model import MLP, _dropout_rates
 from .optim import make_optimizer
 from .preprocessing import Preprocessing
-from .train import _check_fit_args, _hold_out, train_epoch
+from .train import _check_fit_args, _graph_or_none, _hold_out, train_epoch
 
 STACK_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
@@ -177,7 +177,7 @@ def _seed(s) -> int:
 
 def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9,
              weight_decay=0.0, x_val=None, y_val=None, validation_split=None, seed=0, lr_schedule="constant",
-             on_epoch=None, verbose=0) -> dict[int, list[dict]]:
+             on_epoch=None, verbose=0, cuda_graph=False) -> dict[int, list[dict]]:
     """Train every model of ``stack`` on x (N, D), y (N,) at once, as ``fit`` trains one.
 
     lr, momentum, weight_decay: one value for all models or one per model (K values).
@@ -189,6 +189,7 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     ``model`` id) after each epoch; the ids it returns stop training (a pruner's decision).
     A model whose training loss becomes NaN or infinite stops with ``diverged: True`` in its
     last record; the others go on. Stopped models are dropped from the stack (``stack.ids``).
+    cuda_graph: on the GPU, replay the captured stacked step per batch, as ``fit`` does.
     Returns (and keeps in ``stack.history``) ``{model id: [record per epoch]}``; a record has
     ``epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, seconds`` for that model.
     """
@@ -198,20 +199,21 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     seeds = [_seed(s) for s in (seed if per_model_order else [seed])]
     if per_model_order and len(seeds) != stack.n_models:
         raise ConfigError(f"seed must be one int, or one per model ({stack.n_models}), got {len(seeds)}")
-    if validation_split:
-        x, y, x_val, y_val, _ = _hold_out(x, y, x_val, validation_split, seeds[0], None)
-    _check_fit_args(int(batch_size), epochs, lr_schedule, x_val, y_val, None)
-    x_dev, y_dev = stack.to_device(x, y)
-    val_dev = None if x_val is None else stack.to_device(x_val, y_val, name="x_val")
+    x_dev, y_dev, val_dev = _upload(stack, x, y, x_val, y_val, validation_split, seeds[0], batch_size, epochs,
+                                    lr_schedule)
     opt = make_optimizer(optimizer, stack, lr, momentum, weight_decay)
     base_lr = opt.lr
     rngs = [np.random.default_rng(s) for s in seeds]
     history = stack.history = {i: [] for i in stack.ids}
+    graph = None
     for epoch in range(1, int(epochs) + 1):
+        if cuda_graph and graph is None:  # again after models leave the stack: its arrays are new
+            graph = _graph_or_none(stack, opt, x_dev, y_dev, int(batch_size), per_model=per_model_order)
         factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs)) if lr_schedule == "cosine" else 1.0
         opt.lr = base_lr * factor
         with np.errstate(over="ignore", invalid="ignore"):
-            res = train_epoch(stack, opt, x_dev, y_dev, int(batch_size), rngs if per_model_order else rngs[0])
+            res = train_epoch(stack, opt, x_dev, y_dev, int(batch_size), rngs if per_model_order else rngs[0],
+                              graph=graph)
             val = stack.evaluate_device(*val_dev) if val_dev is not None else None
         records = _epoch_records(stack, opt, epoch, res, val)
         for rec in records:
@@ -226,10 +228,20 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
         if stop:
             rows = [k for k, i in enumerate(stack.ids) if i not in stop]
             _keep(stack, opt, rows)
+            graph = None
             base_lr = base_lr if isinstance(base_lr, float) else base_lr[stack.ops.asarray(np.array(rows))]
             if per_model_order:
                 rngs = [rngs[k] for k in rows]
     return history
+
+
+def _upload(stack, x, y, x_val, y_val, validation_split, split_seed, batch_size, epochs, lr_schedule) -> tuple:
+    """The training and validation data on the stack's device, checked as ``fit`` checks them."""
+    if validation_split:
+        x, y, x_val, y_val, _ = _hold_out(x, y, x_val, validation_split, split_seed, None)
+    _check_fit_args(int(batch_size), epochs, lr_schedule, x_val, y_val, None)
+    val_dev = None if x_val is None else stack.to_device(x_val, y_val, name="x_val")
+    return (*stack.to_device(x, y), val_dev)
 
 
 def _epoch_records(stack: ModelStack, opt, epoch: int, res: dict, val: dict | None) -> list[dict]:

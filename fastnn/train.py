@@ -296,9 +296,9 @@ def _optimizer(optimizer, model: MLP, lr, momentum, weight_decay) -> Optimizer:
                           0.0 if weight_decay is None else weight_decay)
 
 
-def _graph_or_none(model: MLP, opt: Optimizer, x_dev, y_dev, batch: int, w_dev=None):
+def _graph_or_none(model: MLP, opt: Optimizer, x_dev, y_dev, batch: int, w_dev=None, per_model=False):
     """A ``CapturedStep`` for this run, or None: no full batch to capture, or (with a
-    warning) the capture failed on this GPU."""
+    warning) the capture failed on this GPU. per_model: a stack with one batch order per model."""
     if model.ops.name != "gpu":
         raise ConfigError("CUDA graphs need the GPU backend (device='gpu')")
     if x_dev.shape[0] < batch:
@@ -306,7 +306,7 @@ def _graph_or_none(model: MLP, opt: Optimizer, x_dev, y_dev, batch: int, w_dev=N
     from .backends.cuda_graph import CapturedStep
 
     step = functools.partial(train_step, model, opt, x_dev, y_dev, w_dev=w_dev)
-    graph = CapturedStep(step, model, opt, x_dev.shape[0], batch)
+    graph = CapturedStep(step, model, opt, x_dev.shape[0], batch, per_model)
     try:
         graph.capture()
     except Exception as exc:  # the driver or CuPy refused the capture

@@ -13,9 +13,13 @@ Everything the step reads or writes lives at a fixed device address:
   step's loss sum and hit count into ``losses[counter]`` / ``hits[counter]``;
 * the batch workspace, the parameter, gradient and optimizer arenas.
 
+For a stack of models (``fastnn.stack``) the same holds with a model axis: ``perm``
+is (K, n) with one order per model, losses and hits are (steps, K).
+
 The optimizer's hyperparameters and the input preprocessing are constants of the
 graph, which is captured again when any of them changes (the learning rate once
-per epoch under a schedule); Adam's step count is a device counter, so its bias
+per epoch under a schedule; a stack's per-model hyperparameters are device arrays,
+and a new array is a change); Adam's step count is a device counter, so its bias
 correction stays right on replay. The graph's stream waits for the work queued
 on the caller's stream before each capture and epoch, and the caller's stream
 waits for the graph's afterwards.
@@ -45,32 +49,45 @@ class CapturedStep:
     """The training step at batch size ``batch`` over ``n`` device samples, as a CUDA graph.
 
     step: the eager step (``fastnn.train.train_step`` bound to the model, optimizer
-    and data); model, opt: what it updates (their state is restored after the warm-up).
+    and data); model, opt: what it updates (their state is restored after the warm-up);
+    per_model: a stack trained with one batch order per model.
     """
 
-    def __init__(self, step: StepFn, model: MLP, opt: Optimizer, n: int, batch: int):
-        self.step, self.model, self.opt, self.batch = step, model, opt, batch
+    def __init__(self, step: StepFn, model: MLP, opt: Optimizer, n: int, batch: int, per_model: bool = False):
+        self.step, self.model, self.opt, self.batch, self.n = step, model, opt, batch, n
         steps = -(-n // batch)
-        self.perm = cp.zeros(n, cp.int64)
+        lead = model.stack if per_model else ()
+        self.perm = cp.zeros(lead + (n,), cp.int64)
         self.counter = cp.zeros(1, cp.int32)
-        self.losses = cp.zeros(steps, model.dtype)
-        self.hits = cp.zeros(steps, cp.int32)
-        self.idx = cp.zeros(batch, cp.int64)
-        self.ws = model.workspace(batch)  # held here: the graph writes into these buffers
+        self.losses = cp.zeros((steps,) + model.stack, model.dtype)
+        self.hits = cp.zeros((steps,) + model.stack, cp.int32)
+        self.idx = cp.zeros(lead + (batch,), cp.int64)
+        self.ws = model.workspace(batch, per_model)  # held here: the graph writes into these buffers
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graph, self.key = None, None
         self._stage = kernel("stage")  # idx = perm[counter * batch:][:batch]
         self._record = kernel("record_f32" if model.dtype == np.float32 else "record_f64")
 
     def _key(self) -> tuple:
-        """What the captured kernels hold as constants; a change means a new capture."""
+        """What the captured kernels hold as constants, or the device arrays they read (a stack's
+        per-model hyperparameters); a change means a new capture."""
         return self.opt.hyperparameters() + self.model.preprocessing.astuple()
 
+    def _stale(self) -> bool:
+        """Whether the graph was captured with other constants or other arrays than now."""
+        if self.graph is None:
+            return True
+        now = self._key()
+        return len(now) != len(self.key) or any(
+            a is not b and (isinstance(a, cp.ndarray) or isinstance(b, cp.ndarray) or a != b)
+            for a, b in zip(now, self.key))
+
     def _captured_region(self) -> None:
-        b, ws = self.batch, self.ws
-        self._stage(((b + 255) // 256,), (256,), (self.perm, self.counter, np.int32(b), self.idx))
+        b, ws, total = self.batch, self.ws, self.idx.size
+        self._stage(((total + 255) // 256,), (256,), (self.perm, self.counter, np.int32(b), np.int64(self.n),
+                                                      np.int32(total), self.idx))
         self.step(ws, self.idx)
-        self._record((1,), (1,), (ws.loss, ws.hits, self.counter, self.losses, self.hits))
+        self._record((1,), (1,), (ws.loss, ws.hits, self.counter, np.int32(ws.loss.size), self.losses, self.hits))
 
     def capture(self) -> None:
         """Warm up twice on batch 0 (parameters, optimizer state and the model's step counter are
@@ -113,9 +130,10 @@ class CapturedStep:
         """Run an epoch in the order ``order`` (N,) int64 on the graph's stream.
 
         Yields ``(perm, losses, hits)``: the device permutation and the per-step
-        loss sums and hit counts, all at the addresses the graph was captured with.
+        loss sums and hit counts, all at the addresses the graph was captured with
+        (order (K, N) and losses (steps, K) for a stack).
         """
-        if self.graph is None or self._key() != self.key:
+        if self._stale():
             self.capture()
         outer = cp.cuda.get_current_stream()
         self.stream.wait_event(outer.record())

@@ -10,7 +10,10 @@ run in a fixed order. ``CupyOps(gemm="cublas")`` computes the products with
 cuBLAS instead (faster for wide layers, not capturable). Anything not overridden
 runs the generic ``Ops`` code on CuPy arrays, the reference these kernels are
 tested against. A stack of models (``fastnn.stack.ModelStack``, arrays with a leading
-model axis) runs that generic code: batched cuBLAS GEMMs and CuPy elementwise kernels.
+model axis) runs the same kernels with the models on grid axis z (one block per model in
+the loss), and its (K, P) arena is updated by the ``*_stack`` optimizer kernels with
+per-model hyperparameters; with ``gemm="cublas"`` a stack runs the generic code (batched
+cuBLAS GEMMs).
 """
 
 from __future__ import annotations
@@ -87,62 +90,83 @@ class CupyOps(Ops):
 
     # ------------------------------------------------------------ data access
     def gather_rows(self, src, idx, out, scale, shift):
-        if out.ndim != 2:  # one batch per model of a stack
-            return super().gather_rows(src, idx, out, scale, shift)
-        b, d = out.shape
+        d = out.shape[-1]
+        rows = out.size // d  # a stack's per-model batches (K, B, D): K * B rows, idx (K, B) flattened
+        idx = _flat(idx)
         t = out.dtype.type
         fn = _typed("gather_rows_u8" if src.dtype == np.uint8 else "gather_rows", out.dtype)
-        fn(_blocks(b * d), (THREADS,), (src, idx, np.int64(b), np.int64(d), t(scale), t(shift), out))
+        fn(_blocks(rows * d), (THREADS,), (src, idx, np.int64(rows), np.int64(d), t(scale), t(shift), out))
 
     def gather_labels(self, src, idx, out):
-        if out.ndim != 1:
-            return super().gather_labels(src, idx, out)
-        b = out.shape[0]
-        kernel("gather_labels")(_blocks(b), (THREADS,), (src, idx, np.int64(b), out))
+        idx = _flat(idx)
+        kernel("gather_labels")(_blocks(out.size), (THREADS,), (src, idx, np.int64(out.size), out))
 
     # ------------------------------------------------------------ dense layer
     def _dropout_args(self, drop, dtype) -> tuple:
-        """(thr, scale, seed, step, layer) as kernels.cu takes them; thr 0 is no dropout."""
+        """(thr, scale, seed, step, layer) as the cuBLAS epilogues take them; thr 0 is no dropout."""
         if drop is None or not drop.active:
             return np.int32(0), dtype.type(1), np.uint32(0), self.constant("zeros", 1, np.int32), np.int32(0)
         return (np.int32(drop.threshold), dtype.type(drop.scale), np.uint32(drop.seed), drop.step,
                 np.int32(drop.layer))
 
-    def _layer_gemm(self, name, arrays, out, m, n, k, act, drop):
-        """Launch linear_act or input_grad: (arrays..., out, M, N, K, act, dropout args)."""
+    def _dropout_arrays(self, drop, dtype) -> tuple:
+        """(thr, scale, seed, sdrop, step, layer) as the fused layer GEMMs take them: device arrays of
+        one value (sdrop 0) or of one per model of a stack (sdrop 1), made once per value."""
+        if drop is None or not drop.active:
+            host = np.zeros(1, np.int32), np.ones(1, dtype), np.zeros(1, np.uint32)
+            step, layer = self.constant("zeros", 1, np.int32), 0
+        else:
+            host = (np.asarray(drop.threshold, np.int32).reshape(-1), np.asarray(drop.scale, dtype).reshape(-1),
+                    np.asarray(drop.seed, np.uint32).reshape(-1))
+            step, layer = drop.step, drop.layer
+        key = ("dropout",) + tuple(a.tobytes() for a in host) + (dtype.str,)
+        arrays = self._consts.get(key)
+        if arrays is None:
+            arrays = self._consts[key] = tuple(cp.asarray(a) for a in host)
+        return (*arrays, np.int32(host[0].size > 1), step, np.int32(layer))
+
+    def _layer_gemm(self, name, arrays, out, m, n, k, act, drop, strides, models):
+        """Launch linear_act or input_grad: (arrays..., out, M, N, K, act, dropout args, strides); grid z: models."""
         rows, cols = out.shape
-        _typed(name, out.dtype)(_gemm_grid(rows, cols), (TILE, TILE), (
-            *arrays, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act), *self._dropout_args(drop, out.dtype)))
+        _typed(name, out.dtype)(_gemm_grid(rows, cols) + (models,), (TILE, TILE), (
+            *arrays, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act),
+            *self._dropout_arrays(drop, out.dtype), *(np.int64(s) for s in strides)))
 
     def linear_act(self, a, W, b, out, act, drop=None):
-        if W.ndim == 3:
-            return super().linear_act(a, W, b, out, act, drop)
         if self.gemm == "cublas":
+            if W.ndim == 3:
+                return super().linear_act(a, W, b, out, act, drop)
             cp.matmul(a, W, out=out)
             self.bias_act(out, b, act, drop)
             return
-        self._layer_gemm("linear_act", (a, W, b), out, a.shape[0], W.shape[1], a.shape[1], act, drop)
+        (a0, sa), (W0, sw), (o0, so) = _part(a, 2), _part(W, 2), _part(out, 2)
+        self._layer_gemm("linear_act", (a0, W0, _part(b, 1)[0]), o0, a0.shape[0], W0.shape[1], a0.shape[1], act,
+                         drop, (sa, sw, so), _models(W))
 
     def input_grad(self, d, W, a, out, act, drop=None):
-        if W.ndim == 3:
-            return super().input_grad(d, W, a, out, act, drop)
         if self.gemm == "cublas":
+            if W.ndim == 3:
+                return super().input_grad(d, W, a, out, act, drop)
             cp.matmul(d, W.T, out=out)
             self.act_backward(out, a, act, drop)
             return
-        self._layer_gemm("input_grad", (d, W, a), out, d.shape[0], d.shape[1], W.shape[0], act, drop)
+        (d0, sd), (W0, sw), (a0, sa) = _part(d, 2), _part(W, 2), _part(a, 2)
+        self._layer_gemm("input_grad", (d0, W0, a0), _part(out, 2)[0], d0.shape[0], d0.shape[1], W0.shape[0], act,
+                         drop, (sd, sw, sa), _models(W))
 
     def param_grads(self, a, d, gW, gb):
-        if gW.ndim == 3:
-            return super().param_grads(a, d, gW, gb)
         if self.gemm == "cublas":
+            if gW.ndim == 3:
+                return super().param_grads(a, d, gW, gb)
             cp.matmul(a.T, d, out=gW)
             cp.matmul(self.constant("ones", d.shape[0], d.dtype), d, out=gb)  # one GEMV
             return
-        m, k = a.shape
-        n = d.shape[1]
-        _typed("weight_grad", gW.dtype)(_gemm_grid(k + 1, n), (TILE, TILE),
-                                        (a, d, gW, gb, np.int32(m), np.int32(k), np.int32(n)))
+        (a0, sa), (d0, sd), (gW0, sg) = _part(a, 2), _part(d, 2), _part(gW, 2)
+        m, k = a0.shape
+        n = d0.shape[1]
+        _typed("weight_grad", gW.dtype)(_gemm_grid(k + 1, n) + (_models(gW),), (TILE, TILE), (
+            a0, d0, gW0, _part(gb, 1)[0], np.int32(m), np.int32(k), np.int32(n), np.int64(sa), np.int64(sd),
+            np.int64(sg)))
 
     def bias_act(self, h, b, act, drop=None):
         if h.ndim == 3:
@@ -162,44 +186,88 @@ class CupyOps(Ops):
 
     # ----------------------------------------------------------------- losses
     def _row_loss(self, z, y, grad, loss_out, hits_out, mse: int, w):
-        b, k = z.shape
-        g = grad if grad is not None else z  # never written when want_grad == 0
-        weights = w if w is not None else z  # never read when weighted == 0
-        _typed("row_loss", z.dtype)((1,), (THREADS,), (
-            z, y, weights, g, loss_out, hits_out, np.int32(b), np.int32(k), np.int32(grad is not None),
-            np.int32(mse), np.int32(w is not None)))
+        """One block per model: a stack's z (K, B, C) and y (B,) or (K, B) give loss_out, hits_out (K,)."""
+        (z0, sz), (y0, sy) = _part(z, 2), _part(y, 1)
+        b, k = z0.shape
+        g = _part(grad, 2)[0] if grad is not None else z0  # never written when want_grad == 0
+        weights = w if w is not None else z0  # never read when weighted == 0
+        _typed("row_loss", z.dtype)((_models(z),), (THREADS,), (
+            z0, y0, weights, g, loss_out, hits_out, np.int32(b), np.int32(k), np.int32(grad is not None),
+            np.int32(mse), np.int32(w is not None), np.int64(sz), np.int64(sy)))
 
     def xent(self, logits, y, grad, loss_out, hits_out, w=None):
-        if logits.ndim == 3:
+        if logits.ndim == 3 and w is not None:
             return super().xent(logits, y, grad, loss_out, hits_out, w)
         self._row_loss(logits, y, grad, loss_out, hits_out, 0, w)
 
     def mse(self, out, y, grad, loss_out, hits_out, w=None):
-        if out.ndim == 3:
+        if out.ndim == 3 and w is not None:
             return super().mse(out, y, grad, loss_out, hits_out, w)
         self._row_loss(out, y, grad, loss_out, hits_out, 1, w)
 
     # ------------------------------------------------------------- optimizers
+    def _hyper(self, v, dtype) -> tuple:
+        """(device array, stride) of a stack's hyperparameter: its (K,) values, or one value for all."""
+        if isinstance(v, float):
+            return self.constant_value(v, dtype), np.int32(0)
+        return v.reshape(-1), np.int32(1)
+
+    def constant_value(self, v: float, dtype):
+        """A cached 1-element device array holding v."""
+        key = ("value", v, np.dtype(dtype).str)
+        c = self._consts.get(key)
+        if c is None:
+            c = self._consts[key] = cp.full(1, v, dtype)
+        return c
+
     def sgd(self, p, g, lr, wd):
         if p.ndim != 1:  # a stack's (K, P) arena, per-model hyperparameters
-            return super().sgd(p, g, lr, wd)
+            _typed("sgd_stack", p.dtype)(_blocks(p.size), (THREADS,), (
+                p, g, np.int64(p.size), np.int64(p.shape[1]), *self._hyper(lr, p.dtype), *self._hyper(wd, p.dtype)))
+            return
         t = p.dtype.type
         _typed("sgd", p.dtype)(_blocks(p.size), (THREADS,), (p, g, np.int64(p.size), t(lr), t(wd)))
 
     def momentum(self, p, g, v, lr, mu, wd, nesterov):
         if p.ndim != 1:
-            return super().momentum(p, g, v, lr, mu, wd, nesterov)
+            _typed("momentum_stack", p.dtype)(_blocks(p.size), (THREADS,), (
+                p, g, v, np.int64(p.size), np.int64(p.shape[1]), *self._hyper(lr, p.dtype), *self._hyper(mu, p.dtype),
+                *self._hyper(wd, p.dtype), np.int32(nesterov)))
+            return
         t = p.dtype.type
         _typed("momentum", p.dtype)(_blocks(p.size), (THREADS,),
                                     (p, g, v, np.int64(p.size), t(lr), t(mu), t(wd), np.int32(nesterov)))
 
     def adam(self, p, g, m, v, t, lr, b1, b2, eps, wd):
-        if p.ndim != 1:
-            return super().adam(p, g, m, v, t, lr, b1, b2, eps, wd)
         f = p.dtype.type
+        if p.ndim != 1:
+            _typed("adam_stack", p.dtype)(_blocks(p.size), (THREADS,), (
+                p, g, m, v, t, np.int64(p.size), np.int64(p.shape[1]), *self._hyper(lr, p.dtype), f(b1), f(b2),
+                f(eps), *self._hyper(wd, p.dtype)))
+            self.count(t)
+            return
         _typed("adam", p.dtype)(_blocks(p.size), (THREADS,),
                                 (p, g, m, v, t, np.int64(p.size), f(lr), f(b1), f(b2), f(eps), f(wd)))
         self.count(t)
+
+
+def _part(x, ndim: int) -> tuple:
+    """``(model 0's part, elements between models)`` of a stack's array with one more axis than
+    ``ndim``; ``(x, 0)`` for an array of ``ndim`` axes, which every model shares."""
+    if x.ndim > ndim:
+        return x[0], x.strides[0] // x.itemsize
+    return x, 0
+
+
+def _flat(idx):
+    """A stack's per-model batch indices (K, B), a slice of its (K, N) order, as one contiguous (K * B,)."""
+    if idx.ndim == 1:
+        return idx
+    return (idx if idx.flags.c_contiguous else cp.ascontiguousarray(idx)).reshape(-1)  # a graph's staged idx: a view
+
+
+def _models(x) -> int:
+    return x.shape[0] if x.ndim == 3 else 1
 
 
 def device_problem() -> str | None:

@@ -15,6 +15,12 @@
 // then row_loss, then per layer weight_grad (+ input_grad), then one optimizer
 // kernel over the whole parameter arena (and step_count for Adam's and dropout's
 // device step counters).
+//
+// A stack of models (fastnn.stack.ModelStack) runs the same GEMM and loss kernels with
+// one more grid axis: model k is blockIdx.z (blockIdx.x for row_loss), and each array
+// argument comes with a stride, the elements between two models' parts (0 for an array
+// all models share, such as the input batch of a shared batch order). Dropout's
+// threshold, scale and seed are arrays read at [k * sdrop] (sdrop 0: one for all).
 
 #define TILE 16  // GEMM tiles are TILE x TILE; GEMM kernels run with TILE x TILE threads
 
@@ -102,34 +108,47 @@ __device__ T tile_dot(const T* __restrict__ A, const T* __restrict__ B, int M, i
 }
 
 // out (M, N) = dropout(act(x (M, K) @ W (K, N) + b (N,))): a layer's forward pass
+// (model blockIdx.z of a stack: strides sx, sw (W and b), so between models)
 template <typename T>
-__device__ void linear_act(const T* x, const T* W, const T* b, T* out, int M, int N, int K, int act, int thr,
-                           T scale, unsigned int seed, const int* step, int layer) {
+__device__ void linear_act(const T* x, const T* W, const T* b, T* out, int M, int N, int K, int act, const int* thr,
+                           const T* scale, const unsigned int* seed, int sdrop, const int* step, int layer,
+                           long long sx, long long sw, long long so) {
+    const long long k = blockIdx.z;
+    x += k * sx; W += k * sw; b += k * sw; out += k * so;
     const T acc = tile_dot<T, false, false>(x, W, M, N, K, M, K, N);
     const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
     if (i < M && j < N) {
-        const long long e = (long long)i * N + j;
-        out[e] = dropout_keep(e, thr, seed, step[0], layer) ? activate(acc + b[j], act) * scale : (T)0;
+        const long long e = (long long)i * N + j, r = k * sdrop;
+        out[e] = dropout_keep(e, thr[r], seed[r], step[0], layer) ? activate(acc + b[j], act) * scale[r] : (T)0;
     }
 }
 
 // out (M, K) = (d (M, N) @ W (K, N)^T) * act'(z), the gradient of the layer's input, where
 // a (M, K) = dropout(act(z)) is the previous layer's output (its dropout: thr, scale, layer)
+// (a stack: strides sd for d and a and out, sw for W)
 template <typename T>
-__device__ void input_grad(const T* d, const T* W, const T* a, T* out, int M, int N, int K, int act, int thr,
-                           T scale, unsigned int seed, const int* step, int layer) {
+__device__ void input_grad(const T* d, const T* W, const T* a, T* out, int M, int N, int K, int act, const int* thr,
+                           const T* scale, const unsigned int* seed, int sdrop, const int* step, int layer,
+                           long long sd, long long sw, long long sa) {
+    const long long k = blockIdx.z;
+    d += k * sd; W += k * sw; a += k * sa; out += k * sa;
     const T acc = tile_dot<T, false, true>(d, W, M, K, N, M, N, N);
     const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
     if (i < M && j < K) {
-        const long long e = (long long)i * K + j;
-        out[e] = dropout_keep(e, thr, seed, step[0], layer) ? act_grad(acc * scale, a[e] / scale, act) : (T)0;
+        const long long e = (long long)i * K + j, r = k * sdrop;
+        out[e] = dropout_keep(e, thr[r], seed[r], step[0], layer) ? act_grad(acc * scale[r], a[e] / scale[r], act)
+                                                                   : (T)0;
     }
 }
 
 // gW (K, N) = a (M, K)^T @ d (M, N) and gb (N,) = the column sums of d, as one
 // GEMM of K + 1 output rows (row K of op(A) is all ones): grid (ceil(N/TILE), ceil((K+1)/TILE))
+// (a stack: strides sa, sd, sg (gW and gb) between models)
 template <typename T>
-__device__ void weight_grad(const T* a, const T* d, T* gW, T* gb, int M, int K, int N) {
+__device__ void weight_grad(const T* a, const T* d, T* gW, T* gb, int M, int K, int N, long long sa, long long sd,
+                            long long sg) {
+    const long long k = blockIdx.z;
+    a += k * sa; d += k * sd; gW += k * sg; gb += k * sg;
     const T acc = tile_dot<T, true, false>(a, d, K + 1, N, M, K, K, N);
     const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
     if (j < N) {
@@ -138,30 +157,25 @@ __device__ void weight_grad(const T* a, const T* d, T* gW, T* gb, int M, int K, 
     }
 }
 
-extern "C" __global__ void linear_act_f32(const float* x, const float* W, const float* b, float* out, int M, int N,
-                                          int K, int act, int thr, float scale, unsigned int seed, const int* step,
-                                          int layer) {
-    linear_act<float>(x, W, b, out, M, N, K, act, thr, scale, seed, step, layer);
+#define LAYER_GEMM_ARGS(T) int M, int N, int K, int act, const int* thr, const T* scale, const unsigned int* seed, \
+    int sdrop, const int* step, int layer, long long s1, long long s2, long long s3
+#define LAYER_GEMM_PASS M, N, K, act, thr, scale, seed, sdrop, step, layer, s1, s2, s3
+extern "C" __global__ void linear_act_f32(const float* x, const float* W, const float* b, float* out,
+                                          LAYER_GEMM_ARGS(float)) { linear_act<float>(x, W, b, out, LAYER_GEMM_PASS); }
+extern "C" __global__ void linear_act_f64(const double* x, const double* W, const double* b, double* out,
+                                          LAYER_GEMM_ARGS(double)) { linear_act<double>(x, W, b, out, LAYER_GEMM_PASS); }
+extern "C" __global__ void input_grad_f32(const float* d, const float* W, const float* a, float* out,
+                                          LAYER_GEMM_ARGS(float)) { input_grad<float>(d, W, a, out, LAYER_GEMM_PASS); }
+extern "C" __global__ void input_grad_f64(const double* d, const double* W, const double* a, double* out,
+                                          LAYER_GEMM_ARGS(double)) { input_grad<double>(d, W, a, out, LAYER_GEMM_PASS); }
+extern "C" __global__ void weight_grad_f32(const float* a, const float* d, float* gW, float* gb, int M, int K, int N,
+                                           long long sa, long long sd, long long sg) {
+    weight_grad<float>(a, d, gW, gb, M, K, N, sa, sd, sg);
 }
-extern "C" __global__ void linear_act_f64(const double* x, const double* W, const double* b, double* out, int M,
-                                          int N, int K, int act, int thr, double scale, unsigned int seed,
-                                          const int* step, int layer) {
-    linear_act<double>(x, W, b, out, M, N, K, act, thr, scale, seed, step, layer);
-}
-extern "C" __global__ void input_grad_f32(const float* d, const float* W, const float* a, float* out, int M, int N,
-                                          int K, int act, int thr, float scale, unsigned int seed, const int* step,
-                                          int layer) {
-    input_grad<float>(d, W, a, out, M, N, K, act, thr, scale, seed, step, layer);
-}
-extern "C" __global__ void input_grad_f64(const double* d, const double* W, const double* a, double* out, int M,
-                                          int N, int K, int act, int thr, double scale, unsigned int seed,
-                                          const int* step, int layer) {
-    input_grad<double>(d, W, a, out, M, N, K, act, thr, scale, seed, step, layer);
-}
-extern "C" __global__ void weight_grad_f32(const float* a, const float* d, float* gW, float* gb, int M, int K,
-                                           int N) { weight_grad<float>(a, d, gW, gb, M, K, N); }
 extern "C" __global__ void weight_grad_f64(const double* a, const double* d, double* gW, double* gb, int M, int K,
-                                           int N) { weight_grad<double>(a, d, gW, gb, M, K, N); }
+                                           int N, long long sa, long long sd, long long sg) {
+    weight_grad<double>(a, d, gW, gb, M, K, N, sa, sd, sg);
+}
 
 // ----------------------------------------------- epilogues for a cuBLAS GEMM
 // (CupyOps(gemm="cublas"): cuBLAS computes the products, these add the rest)
@@ -207,10 +221,13 @@ extern "C" __global__ void act_backward_f64(double* d, const double* a, long lon
 // hit count. z (B, K) logits or sigmoid outputs, y (B,) labels, g (B, K) dL/dz
 // of the batch-mean loss (written when want_grad), loss_out / hits_out (1,). With
 // weighted, row r's loss and gradient are multiplied by w[r] (the batch loss is
-// sum_r w[r] loss_r / B); otherwise w is not read.
+// sum_r w[r] loss_r / B); otherwise w is not read. A stack launches one block per
+// model: block k reads z and writes g at k * sz, reads y at k * sy, writes loss_out[k], hits_out[k].
 template <typename T>
 __device__ void row_loss(const T* z, const int* y, const T* w, T* g, T* loss_out, int* hits_out, int B, int K,
-                         int want_grad, int mse, int weighted) {
+                         int want_grad, int mse, int weighted, long long sz, long long sy) {
+    const long long model = blockIdx.x;
+    z += model * sz; g += model * sz; y += model * sy; loss_out += model; hits_out += model;
     __shared__ T s_loss[256];
     __shared__ int s_hits[256];
     T my_loss = 0;
@@ -258,12 +275,12 @@ __device__ void row_loss(const T* z, const int* y, const T* w, T* g, T* loss_out
 }
 
 extern "C" __global__ void row_loss_f32(const float* z, const int* y, const float* w, float* g, float* l, int* h,
-                                        int B, int K, int want_grad, int mse, int weighted) {
-    row_loss<float>(z, y, w, g, l, h, B, K, want_grad, mse, weighted);
+                                        int B, int K, int want_grad, int mse, int weighted, long long sz, long long sy) {
+    row_loss<float>(z, y, w, g, l, h, B, K, want_grad, mse, weighted, sz, sy);
 }
 extern "C" __global__ void row_loss_f64(const double* z, const int* y, const double* w, double* g, double* l, int* h,
-                                        int B, int K, int want_grad, int mse, int weighted) {
-    row_loss<double>(z, y, w, g, l, h, B, K, want_grad, mse, weighted);
+                                        int B, int K, int want_grad, int mse, int weighted, long long sz, long long sy) {
+    row_loss<double>(z, y, w, g, l, h, B, K, want_grad, mse, weighted, sz, sy);
 }
 
 // --------------------------------------------------------------- data access
@@ -350,30 +367,95 @@ extern "C" __global__ void adam_f64(double* p, const double* g, double* m, doubl
                                     double lr, double b1, double b2, double eps, double wd) {
     adam<double>(p, g, m, v, t, n, lr, b1, b2, eps, wd);
 }
+// A stack's (K, P) arena: the same updates with per-model hyperparameters, read at
+// [(e / P) * s] from (K,) arrays (s = 1) or from one value for all (s = 0).
+#define HYPER(x) x[(e / P) * s_##x]
+template <typename T>
+__device__ void sgd_stack(T* p, const T* g, long long n, long long P, const T* lr, int s_lr, const T* wd, int s_wd) {
+    FOR_EACH(e, n) p[e] -= HYPER(lr) * (g[e] + HYPER(wd) * p[e]);
+}
+
+template <typename T>
+__device__ void momentum_stack(T* p, const T* g, T* v, long long n, long long P, const T* lr, int s_lr, const T* mu,
+                               int s_mu, const T* wd, int s_wd, int nesterov) {
+    FOR_EACH(e, n) {
+        const T m = HYPER(mu), gg = g[e] + HYPER(wd) * p[e];
+        const T ve = m * v[e] + gg;
+        v[e] = ve;
+        p[e] -= HYPER(lr) * (nesterov ? gg + m * ve : ve);
+    }
+}
+
+template <typename T>
+__device__ void adam_stack(T* p, const T* g, T* m, T* v, const int* t, long long n, long long P, const T* lr, int s_lr,
+                           T b1, T b2, T eps, const T* wd, int s_wd) {
+    const double step = t[0] + 1.0;
+    const T c1 = (T)(1.0 - pow((double)b1, step)), c2 = (T)(1.0 - pow((double)b2, step));
+    FOR_EACH(e, n) {
+        const T ge = g[e];
+        const T me = b1 * m[e] + ((T)1 - b1) * ge, ve = b2 * v[e] + ((T)1 - b2) * ge * ge;
+        m[e] = me;
+        v[e] = ve;
+        p[e] -= HYPER(lr) * ((me / c1) / (sqrt(ve / c2) + eps) + HYPER(wd) * p[e]);
+    }
+}
+
+extern "C" __global__ void sgd_stack_f32(float* p, const float* g, long long n, long long P, const float* lr, int s_lr,
+                                         const float* wd, int s_wd) { sgd_stack<float>(p, g, n, P, lr, s_lr, wd, s_wd); }
+extern "C" __global__ void sgd_stack_f64(double* p, const double* g, long long n, long long P, const double* lr,
+                                         int s_lr, const double* wd, int s_wd) {
+    sgd_stack<double>(p, g, n, P, lr, s_lr, wd, s_wd);
+}
+extern "C" __global__ void momentum_stack_f32(float* p, const float* g, float* v, long long n, long long P,
+                                              const float* lr, int s_lr, const float* mu, int s_mu, const float* wd,
+                                              int s_wd, int nesterov) {
+    momentum_stack<float>(p, g, v, n, P, lr, s_lr, mu, s_mu, wd, s_wd, nesterov);
+}
+extern "C" __global__ void momentum_stack_f64(double* p, const double* g, double* v, long long n, long long P,
+                                              const double* lr, int s_lr, const double* mu, int s_mu,
+                                              const double* wd, int s_wd, int nesterov) {
+    momentum_stack<double>(p, g, v, n, P, lr, s_lr, mu, s_mu, wd, s_wd, nesterov);
+}
+extern "C" __global__ void adam_stack_f32(float* p, const float* g, float* m, float* v, const int* t, long long n,
+                                          long long P, const float* lr, int s_lr, float b1, float b2, float eps,
+                                          const float* wd, int s_wd) {
+    adam_stack<float>(p, g, m, v, t, n, P, lr, s_lr, b1, b2, eps, wd, s_wd);
+}
+extern "C" __global__ void adam_stack_f64(double* p, const double* g, double* m, double* v, const int* t, long long n,
+                                          long long P, const double* lr, int s_lr, double b1, double b2, double eps,
+                                          const double* wd, int s_wd) {
+    adam_stack<double>(p, g, m, v, t, n, P, lr, s_lr, b1, b2, eps, wd, s_wd);
+}
+
 // t (1,) += 1, after the Adam kernel has read it (one thread)
 extern "C" __global__ void step_count(int* t) {
     if (blockIdx.x == 0 && threadIdx.x == 0) t[0] += 1;
 }
 
 // --------------------------------------------------------- CUDA-graph helpers
-// idx (B,) = perm[counter * B : counter * B + B]: the batch of step `counter` of the epoch
-extern "C" __global__ void stage(const long long* perm, const int* counter, int B, long long* idx) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < B) idx[i] = perm[(long long)counter[0] * B + i];
+// idx (B,) = perm[counter * B : counter * B + B]: the batch of step `counter` of the epoch;
+// for a stack with one order per model, perm (K, n) and idx (K, B): every model's row (total = K * B)
+extern "C" __global__ void stage(const long long* perm, const int* counter, int B, long long n, int total,
+                                 long long* idx) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < total) idx[e] = perm[(long long)(e / B) * n + (long long)counter[0] * B + e % B];
 }
 
-// losses[counter] = loss, hits[counter] = hit, counter += 1 (one thread)
+// losses[counter] = loss, hits[counter] = hit, counter += 1 (one thread); a stack's K models
+// each file theirs: losses[counter * K + k] = loss[k]
 template <typename T>
-__device__ void record(const T* loss, const int* hit, int* counter, T* losses, int* hits) {
+__device__ void record(const T* loss, const int* hit, int* counter, int K, T* losses, int* hits) {
     const int c = counter[0];
-    losses[c] = loss[0];
-    hits[c] = hit[0];
+    for (int k = 0; k < K; ++k) {
+        losses[(long long)c * K + k] = loss[k];
+        hits[(long long)c * K + k] = hit[k];
+    }
     counter[0] = c + 1;
 }
 
-extern "C" __global__ void record_f32(const float* l, const int* h, int* c, float* ls, int* hs) {
-    record<float>(l, h, c, ls, hs);
+extern "C" __global__ void record_f32(const float* l, const int* h, int* c, int K, float* ls, int* hs) {
+    record<float>(l, h, c, K, ls, hs);
 }
-extern "C" __global__ void record_f64(const double* l, const int* h, int* c, double* ls, int* hs) {
-    record<double>(l, h, c, ls, hs);
+extern "C" __global__ void record_f64(const double* l, const int* h, int* c, int K, double* ls, int* hs) {
+    record<double>(l, h, c, K, ls, hs);
 }

@@ -4,6 +4,7 @@ Per K and device, the cases run in turn, round after round, in one process (the 
 speed drifts over minutes; alternating keeps the ratios fair), and the medians are reported:
 
 * ``stacked``: one ``ModelStack`` of K models, one shared batch order (``fit_many``'s step);
+* ``stacked_graph`` (GPU): the same step captured as a CUDA graph, replayed per batch;
 * ``sequential``: K separate fastnn models, one epoch each;
 * ``one_model``: a single fastnn model's epoch (the goal on a GPU: K = 64 stacked within 10x);
 * ``torch_loop``: K PyTorch models, one eager epoch each;
@@ -23,22 +24,24 @@ import pytest
 from conftest import N_EPOCH, require_gpu
 
 import fastnn
+from fastnn.train import _graph_or_none
 
 SIZES = [784, 128, 64, 10]
 BATCH = 128
 KS = [1, 4, 16, 64]
-SLICE_SAMPLES = {"cpu": {1: 60032, 4: 15104, 16: 6016, 64: 2048}, "gpu": {1: 60032, 4: 60032, 16: 60032, 64: 60032}}
+SLICE_SAMPLES = {"cpu": {1: 60032, 4: 15104, 16: 6016, 64: 2048}, "gpu": {1: 60032, 4: 30080, 16: 15104, 64: 6016}}
 
 
 class StackEpoch:
-    def __init__(self, device, k, x, y):
+    def __init__(self, device, k, x, y, cuda_graph=False):
         self.stack = fastnn.ModelStack(SIZES, list(range(k)), device=device)
         self.opt = fastnn.make_optimizer("sgd", self.stack, 0.01)
         self.x, self.y = self.stack.to_device(x, y)
         self.rng = np.random.default_rng(0)
+        self.graph = _graph_or_none(self.stack, self.opt, self.x, self.y, BATCH) if cuda_graph else None
 
     def __call__(self):  # one synchronisation at the end, when it reads the losses
-        fastnn.train_epoch(self.stack, self.opt, self.x, self.y, BATCH, self.rng)
+        fastnn.train_epoch(self.stack, self.opt, self.x, self.y, BATCH, self.rng, graph=self.graph)
 
 
 class SequentialEpochs:
@@ -172,6 +175,8 @@ def test_stacked_against_sequential_pytorch_and_jax(benchmark, epoch_data, devic
     y = np.concatenate([y_all] * (-(-n // len(y_all))))[:n]
     cases = {"stacked": StackEpoch(device, k, x, y), "sequential": SequentialEpochs(device, k, x, y),
              "one_model": SequentialEpochs(device, 1, x, y)}
+    if device == "gpu":
+        cases["stacked_graph"] = StackEpoch(device, k, x, y, cuda_graph=True)
     torch, jax = _optional("torch"), _optional("jax")
     tdev = "cuda" if device == "gpu" else "cpu"
     if torch is not None and (device == "cpu" or torch.cuda.is_available()):
@@ -201,3 +206,5 @@ def test_stacked_against_sequential_pytorch_and_jax(benchmark, epoch_data, devic
     for name in ("torch_loop", "torch_vmap", "jax_vmap"):
         if name in med:
             info[f"{name}_over_stacked"] = med[name] / med["stacked"]
+    if "stacked_graph" in med:  # the goal on an H100: K = 64 within 10x one model's epoch
+        info["stacked_graph_over_one_model"] = med["stacked_graph"] / med["one_model"]

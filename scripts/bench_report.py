@@ -29,8 +29,9 @@ def table(data) -> str:
     machine = data.get("machine_info", {})
     lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
              f"{machine.get('cpu', {}).get('count', '?')} cores; run {data.get('datetime', '?')}", ""]
-    lines += ["| group | case | seconds per epoch | samples/s | GFLOP/s | speedup over naive | note |",
-              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    if any("epoch_seconds" in b.get("extra_info", {}) for b in benches):
+        lines += ["| group | case | seconds per epoch | samples/s | GFLOP/s | speedup over naive | note |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for b in benches:
         e = b.get("extra_info", {})
         if "epoch_seconds" not in e:

@@ -69,8 +69,8 @@ class ModelStack(MLP):
     def _drop(self, l: int) -> Dropout | None:
         if l >= self.dropouts.shape[1] or not self.dropouts[:, l].any():
             return None
-        return Dropout(self.dropouts[:, l].reshape(-1, 1, 1), np.array(self.seeds, np.uint32).reshape(-1, 1, 1),
-                       self.step, l)
+        seeds = np.array([s & 0xFFFFFFFF for s in self.seeds], np.uint32).reshape(-1, 1, 1)  # as MLP._drop
+        return Dropout(self.dropouts[:, l].reshape(-1, 1, 1), seeds, self.step, l)
 
     # ------------------------------------------------------------ parameters
     def set_params(self, params, model=None) -> None:
@@ -84,16 +84,25 @@ class ModelStack(MLP):
                 raise ConfigError(f"parameter {i} has shape {tuple(p.shape)}, expected {shape}")
             view[rows] = self.ops.asarray(p, self.dtype).reshape(view.shape[1:])
 
-    def get_params(self, model: int = 0) -> list[np.ndarray]:
-        """``[W1, b1, ...]`` of model ``model`` (index in the stack) as NumPy copies."""
-        return [self.ops.to_host(v[model]).copy().reshape(s) for v, s in zip(self.param_list(), self.shapes)]
+    def row(self, model_id: int) -> int:
+        """The row in the stack of the model with this id; ConfigError if it has left the stack."""
+        if model_id not in self.ids:
+            raise ConfigError(f"model {model_id} is not in the stack (it has {self.ids}): it stopped training "
+                              "(pruned or diverged), or never was")
+        return self.ids.index(model_id)
 
-    def model(self, k: int) -> MLP:
-        """Model ``k`` (index in the stack) as a standalone ``MLP``, on the same device."""
+    def get_params(self, model_id: int = 0) -> list[np.ndarray]:
+        """``[W1, b1, ...]`` of the model with this id as NumPy copies."""
+        k = self.row(model_id)
+        return [self.ops.to_host(v[k]).copy().reshape(s) for v, s in zip(self.param_list(), self.shapes)]
+
+    def model(self, model_id: int) -> MLP:
+        """The model with this id (``ids``; ``best()`` returns one) as a standalone ``MLP``, on the same device."""
+        k = self.row(model_id)
         m = MLP(self.sizes, self.activation, self.loss, self.init, device=self.device, dtype=self.dtype.name,
                 seed=_seed(self.seeds[k]), dropout=[float(p) for p in self.dropouts[k]])
         m.preprocessing, m.classes = self.preprocessing, self.classes
-        m.set_params(self.get_params(k))
+        m.set_params(self.get_params(model_id))
         m.step[...] = m.ops.asarray(self.ops.to_host(self.step))
         return m
 
@@ -123,7 +132,7 @@ class ModelStack(MLP):
     # ----------------------------------------------------------- prediction
     def predict_proba(self, x, batch_size=10000, each: bool = False) -> np.ndarray:
         """Class probabilities (N, C) float64 averaged over the models (an ensemble); with
-        ``each``, every model's own (K, N, C)."""
+        ``each``, every model's own (K, N, C), in the order of ``ids``."""
         p = super().predict_proba(x, batch_size)
         return p if each else p.mean(axis=0)
 

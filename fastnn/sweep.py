@@ -240,7 +240,7 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
             best_before = _best_value(study)
             study.tell(t, last["val_accuracy"])
             if out_dir is not None and (best_before is None or last["val_accuracy"] > best_before):
-                stack.model(stack.ids.index(k)).save(Path(out_dir) / f"trial-{t.number}.npz")
+                stack.model(k).save(Path(out_dir) / f"trial-{t.number}.npz")
     done = [k for k in range(len(trials)) if k not in pruned and not hist[k][-1].get("diverged")]
     best = max(done, key=lambda k: hist[k][-1]["val_accuracy"], default=None)
     log(f"trials {','.join(str(t.number) for t in trials)}: {len(trials)} x {'-'.join(map(str, sizes))} stacked, "

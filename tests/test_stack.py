@@ -120,6 +120,8 @@ def test_stopped_and_diverged_models_leave_the_others_unchanged(data):
     hist = fit_many(st, x, y, epochs=3, batch_size=32, lr=[0.1, 1e300, 0.1], seed=2,  # model 1 diverges
                     on_epoch=lambda recs: [2] if recs[0]["epoch"] == 1 else [])  # a pruner stops model 2
     assert st.ids == [0] and len(hist[2]) == 1 and hist[1][-1].get("diverged")
+    with pytest.raises(ConfigError, match="model 2 is not in the stack"):
+        st.model(2)
     # to rounding: a stack of one takes the single-model loss kernel
     np.testing.assert_allclose(flat(st.get_params(0)), flat(full.get_params(0)), rtol=0, atol=1e-13)
     assert len(hist[0]) == 3

@@ -600,6 +600,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     add(g, "--activation", choices=ACTIVATIONS, default=S)
     add(g, "--loss", choices=LOSSES, default=S)
     add(g, "--dtype", choices=["float32", "float64"], default=S)
+    g.add_argument("--cuda-graph", action="store_true", help="GPU: capture each stack's step as a CUDA graph")
     g = p.add_argument_group("study and workers")
     g.add_argument("--study", default="fastnn", help="the study's name in the storage (default: fastnn)")
     g.add_argument("--storage", help="a journal file shared by processes on one machine, or a database URL "
@@ -633,7 +634,9 @@ def run_sweep(argv=None) -> int:
     settings = sweep.Settings(epochs=args.epochs, batch_size=cfg["batch_size"], optimizer=cfg["optimizer"],
                               lr_schedule=cfg["lr_schedule"], activation=cfg["activation"], loss=cfg["loss"],
                               dtype=cfg["dtype"], device="gpu" if devices else cfg["device"], stack=args.stack,
-                              trials=trials)
+                              trials=trials, cuda_graph=args.cuda_graph)
+    if args.cuda_graph and not devices and get_ops(cfg["device"]).name != "gpu":
+        raise ConfigError("--cuda-graph needs the GPU: add --device gpu (or --devices)")
     out = Path(args.out)
     _probe_folder(out, "--out", out, create=True)
     storage_spec = args.storage or str(out / "sweep.journal")

@@ -64,9 +64,9 @@ class SearchSpace:
     """Per hyperparameter: a list of choices or a (low, high) range; hidden: a list of shapes."""
 
     lr: list | tuple
-    weight_decay: list | tuple = (0.0,)
-    momentum: list | tuple = (0.9,)
-    dropout: list | tuple = (0.0,)
+    weight_decay: list | tuple = field(default_factory=lambda: [0.0])
+    momentum: list | tuple = field(default_factory=lambda: [0.9])
+    dropout: list | tuple = field(default_factory=lambda: [0.0])
     seed: list = field(default_factory=lambda: [0])
     hidden: list = field(default_factory=lambda: [[256, 128]])
 
@@ -127,6 +127,7 @@ class Settings:
     device: str = "cpu"
     stack: int = 16  # models trained at once
     trials: int = 32  # in the whole study, over all workers
+    cuda_graph: bool = False  # replay the captured stacked step (GPU)
 
 
 def make_sampler(kind: str, space: SearchSpace, seed: int | None):
@@ -193,7 +194,12 @@ def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Pat
         for t in trials:
             groups.setdefault(t.params["hidden"], []).append(t)
         for hidden, group in groups.items():
-            _train_group(study, group, hidden, settings, data, out_dir, log)
+            try:
+                _train_group(study, group, hidden, settings, data, out_dir, log)
+            except BaseException as exc:  # Ctrl-C, SIGTERM, an error: no trial is left RUNNING
+                for t in trials:
+                    study.tell(t, state=o.trial.TrialState.FAIL, skip_if_finished=True)
+                raise exc
             ran += len(group)
 
 
@@ -222,7 +228,8 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
     hist = fit_many(stack, x, y, epochs=settings.epochs, batch_size=settings.batch_size,
                     lr=[q["lr"] for q in p], optimizer=settings.optimizer, momentum=[q["momentum"] for q in p],
                     weight_decay=[q["weight_decay"] for q in p], x_val=x_val, y_val=y_val,
-                    seed=[int(q["seed"]) for q in p], lr_schedule=settings.lr_schedule, on_epoch=on_epoch)
+                    seed=[int(q["seed"]) for q in p], lr_schedule=settings.lr_schedule, on_epoch=on_epoch,
+                    cuda_graph=settings.cuda_graph)
     seconds = time.perf_counter() - t0
     for k, t in enumerate(trials):
         last = hist[k][-1]

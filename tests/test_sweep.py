@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastnn import MLP, ConfigError, cli, fit
+from fastnn import MLP, ConfigError, Preprocessing, cli, fit, sweep
 from fastnn.sweep import parse_space
 
 optuna = pytest.importorskip("optuna", reason="Optuna is not installed (the sweep extra)")
@@ -45,6 +45,7 @@ def test_search_space_text():
     (["--sampler", "grid", "--lr", "1e-3..1e-2"], "--sampler grid needs lists"),
     (["--val-split", "0"], "--val-split must be above 0"),
     (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the database"),
+    (["--cuda-graph"], "--cuda-graph needs the GPU"),
 ])
 def test_bad_sweep_flags_are_one_line_errors(flags, match, data_args, tmp_path, capsys):
     assert cli.main(["sweep", *data_args, *SMALL, "--out", str(tmp_path / "o"), *flags]) == 2
@@ -170,3 +171,18 @@ def test_without_optuna_the_sweep_says_how_to_install_it(data_args, tmp_path, mo
     monkeypatch.setitem(sys.modules, "optuna", None)
     assert cli.main(["sweep", *data_args, *SMALL, "--out", str(tmp_path / "o")]) == 2
     assert "pip install 'fastnn[sweep]'" in capsys.readouterr().err
+
+
+def test_a_worker_that_fails_leaves_no_trial_running(monkeypatch, synthetic):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sweep, "fit_many", boom)
+    study = optuna.create_study(direction="maximize")
+    space = sweep.SearchSpace(lr=(1e-3, 1e-2), hidden=[[8], [16]])
+    x, y = synthetic[0], synthetic[1]
+    data = (x[:100], y[:100], x[100:150], y[100:150], Preprocessing(), list("0123456789"))
+    with pytest.raises(RuntimeError, match="boom"):
+        sweep.run_worker(study, space, sweep.Settings(epochs=1, stack=4, trials=8), data, log=lambda m: None)
+    states = {t.state for t in study.get_trials()}
+    assert len(study.get_trials()) == 4 and states == {optuna.trial.TrialState.FAIL}

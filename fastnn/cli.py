@@ -574,10 +574,11 @@ def sweep_parser() -> argparse.ArgumentParser:
                              "log scale for --lr and --weight-decay)")
     g.add_argument("--lr", dest="lr_space", metavar="SPACE", help="(default: 3e-4..3e-3 for adam, 0.01..0.3 otherwise)")
     g.add_argument("--weight-decay", dest="weight_decay_space", metavar="SPACE", default="0", help="(default: 0)")
-    g.add_argument("--momentum", dest="momentum_space", metavar="SPACE", default="0.9", help="momentum and nesterov (default: 0.9)")
+    g.add_argument("--momentum", dest="momentum_space", metavar="SPACE", default="0.9",
+                   help="momentum and nesterov (default: 0.9)")
     g.add_argument("--dropout", dest="dropout_space", metavar="SPACE", default="0", help="(default: 0)")
-    g.add_argument("--seeds", dest="seed_space", metavar="SPACE", default="0", help="init and batch-order seeds of the models, "
-                   "e.g. 0..9 (default: 0)")
+    g.add_argument("--seeds", dest="seed_space", metavar="SPACE", default="0",
+                   help="init and batch-order seeds of the models, e.g. 0..9 (default: 0)")
     g.add_argument("--hidden", dest="hidden_space", nargs="+", type=_hidden, default=[[256, 128]],
                    metavar="WIDTHS", help="one or more shapes, e.g. 128,64 256,128 (default: 256,128)")
     g = p.add_argument_group("search")

@@ -9,11 +9,13 @@ Writes into DIR: ``env.txt`` (nvidia-smi, Python, NumPy, CuPy, CUDA and PyTorch 
 1, 255, 256, 257 and 10000, float32 and float64, cross-entropy and MSE, every optimizer),
 ``bench-gpu.json``, ``bench-gpu.md`` and ``bench-gpu.png`` (the GPU cases of ``benchmarks/``: fastnn eager and
 captured, PyTorch eager and captured, per-sample, batch sizes 32-2048, the width sweep, the
-GEMM peak), and ``summary.md`` with each part's exit status and duration. ``--data`` names
+GEMM peak), ``bench-stack-gpu.json`` and ``.md`` (the ``stack`` part: K = 1, 4, 16, 64 models
+stacked, captured, sequential, against PyTorch and JAX), and ``summary.md`` with each part's
+exit status and duration. ``--data`` names
 the folder holding ``fashion-mnist/`` (default: ``$FASTNN_DATA`` or ``../shared/data``).
 ``--kernels`` is the sanitizers' workload, run under compute-sanitizer by the ``sanitize`` part.
-Within a 10-minute limit per command, run ``--parts env,tests,bench`` and ``--parts sanitize``
-as two commands.
+Within a 10-minute limit per command, run ``--parts env,tests,bench``, ``--parts stack`` and
+``--parts sanitize`` as three commands.
 """
 
 import argparse
@@ -29,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PARTS = ("env", "tests", "sanitize", "bench")
+PARTS = ("env", "tests", "sanitize", "bench", "stack")
 BATCHES = (1, 255, 256, 257, 10000)
 
 
@@ -54,8 +56,16 @@ def run_kernels() -> None:
         m = fastnn.MLP([784, 33, 10], device=CupyOps("cublas"), dtype=dtype)  # the cuBLAS epilogues
         for b in BATCHES:
             fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3)
+        for opt in ("sgd", "momentum", "adam"):  # stacks: models on grid z, per-model hyperparameters and dropout
+            for seed in (0, [0, 1, 2]):  # one shared batch order, one per model
+                st = fastnn.ModelStack([784, 33, 10], [0, 1, 2], device="gpu", dtype=dtype, dropout=[0.0, 0.2, 0.5])
+                for b in BATCHES:
+                    fastnn.fit_many(st, x[:b], y[:b], epochs=1, batch_size=b, lr=[1e-3, 2e-3, 3e-3], optimizer=opt,
+                                    seed=seed, x_val=x[:b], y_val=y[:b])
+                fastnn.fit_many(st, x[:1000], y[:1000], epochs=1, batch_size=256, lr=[1e-3, 2e-3, 3e-3],
+                                optimizer=opt, seed=seed, cuda_graph=True)
     m.ops.synchronize()
-    print("kernels ran:", len(BATCHES), "batch sizes x 2 dtypes x 2 losses x 3 optimizers, and cuBLAS GEMMs")
+    print("kernels ran:", len(BATCHES), "batch sizes x 2 dtypes x 2 losses x 3 optimizers, cuBLAS GEMMs, and stacks")
 
 
 def sh(cmd, log: Path, env=None, timeout=480) -> int:
@@ -130,15 +140,18 @@ def main() -> int:
             codes = {f"sanitizer-{tool}.log": sh(["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
                                                   py, __file__, "--kernels"], a.out / f"sanitizer-{tool}.log", env)
                      for tool in ("memcheck", "racecheck")}
-        else:
-            js = a.out / "bench-gpu.json"
-            codes = {"bench-gpu.json": sh([py, "-m", "pytest", "benchmarks/", "--benchmark-only", "-k", "gpu",
-                                           "-p", "no:cacheprovider", f"--benchmark-json={js}"],
-                                          a.out / "bench-gpu.log", env)}
+        else:  # bench: one model's cases; stack: K models at once (benchmarks/test_stack_speed.py)
+            name = "bench-gpu" if part == "bench" else "bench-stack-gpu"
+            js = a.out / f"{name}.json"
+            files = ["benchmarks/", "--ignore=benchmarks/test_stack_speed.py"] if part == "bench" else \
+                ["benchmarks/test_stack_speed.py"]
+            codes = {f"{name}.json": sh([py, "-m", "pytest", *files, "--benchmark-only", "-k", "gpu",
+                                         "-p", "no:cacheprovider", f"--benchmark-json={js}"],
+                                        a.out / f"{name}.log", env)}
             if js.exists():
-                report = [py, "scripts/bench_report.py", str(js), "--out", str(a.out / "bench-gpu.md"),
-                          "--png", str(a.out / "bench-gpu.png")]
-                codes["bench-gpu.md"] = sh(report, a.out / "bench-report.log", env)
+                report = [py, "scripts/bench_report.py", str(js), "--out", str(a.out / f"{name}.md")]
+                report += ["--png", str(a.out / f"{name}.png")] if part == "bench" else []
+                codes[f"{name}.md"] = sh(report, a.out / f"{name}-report.log", env)
         for name, code in codes.items():
             results.append(f"| {part} | {name} | {code} | {time.perf_counter() - t0:.0f} s |")
             print(results[-1], flush=True)

@@ -125,8 +125,8 @@ class MLP:
             self.shapes += [(fi, fo), (fo,)]
         self.size = sum(int(np.prod(s)) for s in self.shapes)
         xp = self.ops.xp
-        self.params = xp.zeros(self.stack + (self.size,), self.dtype)  # (P,) the parameter arena
-        self.grads = xp.zeros(self.stack + (self.size,), self.dtype)  # (P,) the gradient arena, same layout
+        self.params = xp.zeros(self.stack + (self.size,), self.dtype)  # (P,) the parameter arena ((K, P) in a stack)
+        self.grads = xp.zeros(self.stack + (self.size,), self.dtype)  # the gradient arena, same layout
         self.W, self.b = self._views(self.params)  # W[l]: (n_l, n_{l+1}); b[l]: (n_{l+1},)
         self.gW, self.gb = self._views(self.grads)  # dL/dW[l], dL/db[l]
         self._workspaces: dict[int, Workspace] = {}

@@ -112,18 +112,18 @@ class CupyOps(Ops):
     def _dropout_arrays(self, drop, dtype) -> tuple:
         """(thr, scale, seed, sdrop, step, layer) as the fused layer GEMMs take them: device arrays of
         one value (sdrop 0) or of one per model of a stack (sdrop 1), made once per value."""
-        if drop is None or not drop.active:
-            host = np.zeros(1, np.int32), np.ones(1, dtype), np.zeros(1, np.uint32)
-            step, layer = self.constant("zeros", 1, np.int32), 0
-        else:
-            host = (np.asarray(drop.threshold, np.int32).reshape(-1), np.asarray(drop.scale, dtype).reshape(-1),
-                    np.asarray(drop.seed, np.uint32).reshape(-1))
-            step, layer = drop.step, drop.layer
-        key = ("dropout",) + tuple(a.tobytes() for a in host) + (dtype.str,)
+        key = ("dropout", dtype.str) + (() if drop is None else (_key(drop.p), _key(drop.seed)))
         arrays = self._consts.get(key)
         if arrays is None:
-            arrays = self._consts[key] = tuple(cp.asarray(a) for a in host)
-        return (*arrays, np.int32(host[0].size > 1), step, np.int32(layer))
+            if drop is None or not drop.active:
+                host = np.zeros(1, np.int32), np.ones(1, dtype), np.zeros(1, np.uint32)
+            else:
+                host = (np.asarray(drop.threshold, np.int32).reshape(-1), np.asarray(drop.scale, dtype).reshape(-1),
+                        np.asarray(drop.seed, np.uint32).reshape(-1))
+            arrays = self._consts[key] = (*(cp.asarray(a) for a in host), np.int32(host[0].size > 1))
+        if drop is None:
+            return (*arrays, self.constant("zeros", 1, np.int32), np.int32(0))
+        return (*arrays, drop.step, np.int32(drop.layer))
 
     def _layer_gemm(self, name, arrays, out, m, n, k, act, drop, strides, models):
         """Launch linear_act or input_grad: (arrays..., out, M, N, K, act, dropout args, strides); grid z: models."""
@@ -257,6 +257,11 @@ def _part(x, ndim: int) -> tuple:
     if x.ndim > ndim:
         return x[0], x.strides[0] // x.itemsize
     return x, 0
+
+
+def _key(v):
+    """A dict key for a dropout rate or seed: the number, or a stack's array as bytes."""
+    return v.tobytes() if isinstance(v, np.ndarray) else v
 
 
 def _flat(idx):

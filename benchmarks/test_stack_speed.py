@@ -5,6 +5,7 @@ speed drifts over minutes; alternating keeps the ratios fair), and the medians a
 
 * ``stacked``: one ``ModelStack`` of K models, one shared batch order (``fit_many``'s step);
 * ``stacked_graph`` (GPU): the same step captured as a CUDA graph, replayed per batch;
+* ``stacked_cublas`` (GPU): the stack's GEMMs as cuBLAS batched GEMMs (``gemm="cublas"``);
 * ``sequential``: K separate fastnn models, one epoch each;
 * ``one_model``: a single fastnn model's epoch (the goal on a GPU: K = 64 stacked within 10x);
 * ``torch_loop``: K PyTorch models, one eager epoch each;
@@ -177,6 +178,7 @@ def test_stacked_against_sequential_pytorch_and_jax(benchmark, epoch_data, devic
              "one_model": SequentialEpochs(device, 1, x, y)}
     if device == "gpu":
         cases["stacked_graph"] = StackEpoch(device, k, x, y, cuda_graph=True)
+        cases["stacked_cublas"] = StackEpoch(fastnn.get_ops("gpu", gemm="cublas"), k, x, y)
     torch, jax = _optional("torch"), _optional("jax")
     tdev = "cuda" if device == "gpu" else "cpu"
     if torch is not None and (device == "cpu" or torch.cuda.is_available()):

@@ -54,7 +54,8 @@ def table(data) -> str:
     return "\n".join(lines) + "\n"
 
 
-STACK_CASES = ("stacked", "stacked_graph", "sequential", "one_model", "torch_loop", "torch_vmap", "jax_vmap")
+STACK_CASES = ("stacked", "stacked_graph", "stacked_cublas", "sequential", "one_model", "torch_loop", "torch_vmap",
+               "jax_vmap")
 
 
 def stack_table(benches) -> list[str]:

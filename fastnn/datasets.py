@@ -441,8 +441,7 @@ def read_pickle(path, allow_pickle=False):
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        for _ in pickletools.genops(raw):  # every length field checked against the data first: the
-            pass  # unpickler would allocate what a corrupt one claims before finding it missing
+        _check_pickle_ops(raw)
         obj = _ArrayUnpickler(io.BytesIO(raw)).load()
     except Exception as exc:
         raise DataError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc})") from None
@@ -450,6 +449,20 @@ def read_pickle(path, allow_pickle=False):
         return np.asarray([np.asarray(o).reshape(-1) if np.ndim(o) > 1 else o for o in obj])
     except (TypeError, ValueError) as exc:
         raise DataError(f"{path}: not a list of equally sized images or labels ({exc})") from None
+
+
+def _check_pickle_ops(raw: bytes) -> None:
+    """Walk the opcodes before unpickling: every length field is checked against the data (the
+    unpickler would allocate what a corrupt one claims before finding it missing), and memo
+    indices must come in sequence (the unpickler sizes its memo table by the largest index)."""
+    memo = 0
+    for op, arg, _ in pickletools.genops(raw):
+        if op.name == "MEMOIZE":
+            memo += 1
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if int(arg) > memo:
+                raise pickle.UnpicklingError(f"memo index {arg} out of sequence (next is {memo})")
+            memo = max(memo, int(arg) + 1)
 
 
 class _CheckedArray(np.ndarray):

@@ -15,6 +15,13 @@ import pytest
 
 import fastnn
 
+try:  # here, not in the test module: pytest's hypothesis plugin looks the profile up before it imports tests
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("fuzz-long", max_examples=20000, deadline=None)
+except ImportError:
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -30,8 +30,7 @@ def read_image(path):
 
     return read(path)
 
-settings.register_profile("fuzz-long", max_examples=20000, deadline=None)
-EXAMPLES = 500  # per reader, unless a profile says otherwise
+EXAMPLES = max(500, settings.default.max_examples)  # per reader; 20000 with --hypothesis-profile=fuzz-long
 MEMORY_LIMIT = 64 << 20  # bytes; the valid files are a few kB
 FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=10),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -164,3 +163,13 @@ def test_random_bytes_as_csv_for_prediction(tmp_path, data):
 def test_an_idx_header_claiming_4_billion_images_allocates_nothing(tmp_path):
     header = bytes([0, 0, 8, 3]) + np.array([2 ** 32 - 1, 28, 28], ">u4").tobytes()
     check(datasets.read_idx, tmp_path / "huge.idx", header + bytes(100))
+
+
+def test_a_pickle_memo_index_of_millions_allocates_nothing(tmp_path):
+    # EMPTY_LIST, LONG_BINPUT 16777215, STOP: the unpickler would size its memo table for 16.7M entries
+    # (found by the fuzzer: one REDUCE byte turned into a LONG_BINPUT)
+    data = b"\x80\x02]r\xff\xff\xff\x00."
+    check(read_pickle, tmp_path / "memo.pkl", data)  # within the memory limit
+    with pytest.raises(fastnn.DataError, match="memo index 16777215 out of sequence"):
+        read_pickle(tmp_path / "memo.pkl")
+    check(read_pickle, tmp_path / "ok.pkl", pickle.dumps([np.arange(3)] * 3))  # memo puts in sequence: read

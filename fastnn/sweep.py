@@ -213,6 +213,9 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
                        dtype=settings.dtype, dropout=[float(q["dropout"]) for q in p])
     stack.preprocessing, stack.classes = preprocessing, classes
     pruned: set[int] = set()
+    log(f"trials {','.join(str(t.number) for t in trials)}: {_models(len(trials))} {'-'.join(map(str, sizes))} "
+        "trained stacked")
+    t0 = time.perf_counter()
 
     def on_epoch(records):
         stop = []
@@ -222,9 +225,12 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
             if rec["epoch"] < settings.epochs and t.should_prune():
                 pruned.add(rec["model"])
                 stop.append(rec["model"])
+        best = max(records, key=lambda r: r["val_accuracy"])
+        log(f"  epoch {best['epoch']}/{settings.epochs}: {_models(len(records))}, best val accuracy "
+            f"{best['val_accuracy']:.4f} (trial {trials[best['model']].number}), {len(pruned)} pruned, "
+            f"{time.perf_counter() - t0:.0f} s")
         return stop
 
-    t0 = time.perf_counter()
     hist = fit_many(stack, x, y, epochs=settings.epochs, batch_size=settings.batch_size,
                     lr=[q["lr"] for q in p], optimizer=settings.optimizer, momentum=[q["momentum"] for q in p],
                     weight_decay=[q["weight_decay"] for q in p], x_val=x_val, y_val=y_val,
@@ -250,10 +256,13 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
                 stack.model(k).save(Path(out_dir) / f"trial-{t.number}.npz")
     done = [k for k in range(len(trials)) if k not in pruned and not hist[k][-1].get("diverged")]
     best = max(done, key=lambda k: hist[k][-1]["val_accuracy"], default=None)
-    log(f"trials {','.join(str(t.number) for t in trials)}: {len(trials)} x {'-'.join(map(str, sizes))} stacked, "
-        f"{seconds:.1f} s, {len(pruned)} pruned"
+    log(f"  done in {seconds:.1f} s, {len(pruned)} pruned"
         + ("" if best is None else f"; best val accuracy {hist[best][-1]['val_accuracy']:.4f} "
                                    f"(trial {trials[best].number})"))
+
+
+def _models(n: int) -> str:
+    return f"{n} model{'' if n == 1 else 's'}"
 
 
 def _best_value(study) -> float | None:

@@ -62,7 +62,7 @@ def test_grid_sweep_trains_every_point_once_and_each_trial_is_its_own_model(data
     rows = [json.loads(line) for line in (out / "leaderboard.jsonl").read_text().splitlines()]
     points = {(r["lr"], r["dropout"], r["seed"]) for r in rows}
     assert len(rows) == 8 and len(points) == 8 and all(r["state"] == "complete" for r in rows)
-    assert "4 x 784-32-10 stacked" in text and "test accuracy" in text
+    assert "4 models 784-32-10 trained stacked" in text and "  epoch 3/3: 4 models" in text and "test accuracy" in text
     best = json.loads((out / "best.json").read_text())
     assert best["val_accuracy"] == max(r["val_accuracy"] for r in rows)
     # the best trial, trained on its own with its hyperparameters, gives its reported validation accuracy

@@ -88,7 +88,7 @@ def worker_trials(output: str) -> dict[str, list[int]]:
 
 
 def run_two_workers(data_args, tmp_path, storage, trials=16):
-    cmd = [sys.executable, "-m", "fastnn", "sweep", *data_args, "--limit", "3000", "--hidden", "32", "--epochs", "4",
+    cmd = [sys.executable, "-m", "fastnn", "sweep", *data_args, "--limit", "3000", "--hidden", "32", "--epochs", "6",
            "--device", "cpu", "--trials", str(trials), "--stack", "2", "--lr", "1e-3..3e-2", "--seeds", "0..3",
            "--workers", "2", "--storage", storage, "--out", str(tmp_path / "out")]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")

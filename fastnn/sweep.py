@@ -28,6 +28,8 @@ from .stack import ModelStack, fit_many
 LOG_SCALE = ("lr", "weight_decay")  # ranges of these are searched on a log scale when they start above 0
 SCALARS = ("lr", "weight_decay", "momentum", "dropout", "seed")  # searched as numbers; hidden as shapes
 OVER_BUDGET = "asked after the study's last trial: not run"
+UNFINISHED = "unfinished: its worker stopped"  # Ctrl-C, SIGTERM or an error; a later run replaces it
+NOT_COUNTED = (OVER_BUDGET, UNFINISHED)  # failed trials that do not use up the study's budget
 SPACE_KEYS = ("lr", "weight_decay", "momentum", "dropout", "hidden", "seed")
 
 
@@ -168,7 +170,8 @@ def open_study(name: str, storage, sampler, pruner):
 
 def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Path | None = None,
                log=print) -> int:
-    """Ask, train stacked, tell, until the study holds ``settings.trials`` trials. Returns the
+    """Ask, train stacked, tell, until the study holds ``settings.trials`` trials (trials a stopped
+    worker left unfinished do not count: a later run trains others in their place). Returns the
     number of trials this worker ran.
 
     data: ``(x_train, y_train, x_val, y_val, preprocessing, classes)``. out_dir: where the model
@@ -180,10 +183,11 @@ def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Pat
     while True:
         trials = []
         while len(trials) < settings.stack:
-            if len(study.get_trials(deepcopy=False)) >= settings.trials:
+            if len(_counted(study)) >= settings.trials:
                 break
             t = study.ask(dists)
-            if t.number >= settings.trials:  # another worker took the last ones meanwhile
+            # another worker may have asked for the last ones meanwhile: the lower numbers keep theirs
+            if sorted(c.number for c in _counted(study)).index(t.number) >= settings.trials:
                 t.set_user_attr("reason", OVER_BUDGET)
                 study.tell(t, state=o.trial.TrialState.FAIL)
                 break
@@ -193,18 +197,21 @@ def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Pat
         groups: dict[str, list] = {}
         for t in trials:
             groups.setdefault(t.params["hidden"], []).append(t)
+        told: set[int] = set()  # the trial numbers told their result
         for hidden, group in groups.items():
             try:
-                _train_group(study, group, hidden, settings, data, out_dir, log)
+                _train_group(study, group, hidden, settings, data, out_dir, log, told)
             except BaseException as exc:  # Ctrl-C, SIGTERM, an error: no trial is left RUNNING
                 for t in trials:
-                    study.tell(t, state=o.trial.TrialState.FAIL, skip_if_finished=True)
+                    if t.number not in told:
+                        t.set_user_attr("reason", UNFINISHED)
+                        study.tell(t, state=o.trial.TrialState.FAIL)
                 raise exc
             ran += len(group)
 
 
-def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, log) -> None:
-    """Train trials of one shape as one stack; report epochs, prune, tell results."""
+def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, log, told: set) -> None:
+    """Train trials of one shape as one stack; report epochs, prune, tell results (adding to ``told``)."""
     o = optuna()
     x, y, x_val, y_val, preprocessing, classes = data
     p = [t.params for t in trials]
@@ -251,9 +258,10 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
             study.tell(t, state=o.trial.TrialState.PRUNED)
         else:
             best_before = _best_value(study)
-            study.tell(t, last["val_accuracy"])
             if out_dir is not None and (best_before is None or last["val_accuracy"] > best_before):
-                stack.model(k).save(Path(out_dir) / f"trial-{t.number}.npz")
+                stack.model(k).save(Path(out_dir) / f"trial-{t.number}.npz")  # before the study names it best
+            study.tell(t, last["val_accuracy"])
+        told.add(t.number)
     done = [k for k in range(len(trials)) if k not in pruned and not hist[k][-1].get("diverged")]
     best = max(done, key=lambda k: hist[k][-1]["val_accuracy"], default=None)
     log(f"  done in {seconds:.1f} s, {len(pruned)} pruned"
@@ -263,6 +271,11 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
 
 def _models(n: int) -> str:
     return f"{n} model{'' if n == 1 else 's'}"
+
+
+def _counted(study) -> list:
+    """The trials that use up the study's budget: all but those failed without being run to the end."""
+    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reason") not in NOT_COUNTED]
 
 
 def _best_value(study) -> float | None:

@@ -173,16 +173,24 @@ def test_without_optuna_the_sweep_says_how_to_install_it(data_args, tmp_path, mo
     assert "pip install 'fastnn[sweep]'" in capsys.readouterr().err
 
 
-def test_a_worker_that_fails_leaves_no_trial_running(monkeypatch, synthetic):
-    def boom(*args, **kwargs):
-        raise RuntimeError("boom")
+def test_a_stopped_worker_leaves_no_trial_running_and_a_rerun_replaces_them(monkeypatch, synthetic):
+    real_fit_many = sweep.fit_many
 
-    monkeypatch.setattr(sweep, "fit_many", boom)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
     study = optuna.create_study(direction="maximize")
-    space = sweep.SearchSpace(lr=(1e-3, 1e-2), hidden=[[8], [16]])
+    space = sweep.SearchSpace(lr=(1e-3, 1e-2), hidden=[[8]])
     x, y = synthetic[0], synthetic[1]
     data = (x[:100], y[:100], x[100:150], y[100:150], Preprocessing(), list("0123456789"))
-    with pytest.raises(RuntimeError, match="boom"):
-        sweep.run_worker(study, space, sweep.Settings(epochs=1, stack=4, trials=8), data, log=lambda m: None)
-    states = {t.state for t in study.get_trials()}
-    assert len(study.get_trials()) == 4 and states == {optuna.trial.TrialState.FAIL}
+    settings = sweep.Settings(epochs=1, stack=4, trials=6)
+    monkeypatch.setattr(sweep, "fit_many", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_worker(study, space, settings, data, log=lambda m: None)
+    first = study.get_trials()
+    assert len(first) == 4 and {t.state for t in first} == {optuna.trial.TrialState.FAIL}
+    assert {t.user_attrs["reason"] for t in first} == {sweep.UNFINISHED}
+    monkeypatch.setattr(sweep, "fit_many", real_fit_many)
+    assert sweep.run_worker(study, space, settings, data, log=lambda m: None) == 6  # the budget, trained anew
+    done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.number for t in done) == list(range(4, 10))

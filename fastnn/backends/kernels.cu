@@ -320,35 +320,52 @@ extern "C" __global__ void gather_labels(const int* src, const long long* idx, l
 #define FOR_EACH(e, n) \
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < (n); e += (long long)blockDim.x * gridDim.x)
 
+// The update of element e, shared by the one-model kernels and the stack's (which read
+// per-model hyperparameters). Adam reads its step count t from the device (this step is
+// t[0] + 1; step_count advances it afterwards), so a captured step stays right on replay;
+// its bias corrections are computed in double, as NumpyOps does, for every T.
+template <typename T>
+__device__ void sgd_at(T* p, const T* g, long long e, T lr, T wd) { p[e] -= lr * (g[e] + wd * p[e]); }
+
+template <typename T>
+__device__ void momentum_at(T* p, const T* g, T* v, long long e, T lr, T mu, T wd, int nesterov) {
+    const T gg = g[e] + wd * p[e];
+    const T ve = mu * v[e] + gg;
+    v[e] = ve;
+    p[e] -= lr * (nesterov ? gg + mu * ve : ve);
+}
+
+template <typename T>
+__device__ void adam_corrections(const int* t, T b1, T b2, T* c1, T* c2) {
+    const double step = t[0] + 1.0;
+    *c1 = (T)(1.0 - pow((double)b1, step));
+    *c2 = (T)(1.0 - pow((double)b2, step));
+}
+
+template <typename T>
+__device__ void adam_at(T* p, const T* g, T* m, T* v, long long e, T lr, T b1, T b2, T c1, T c2, T eps, T wd) {
+    const T ge = g[e];
+    const T me = b1 * m[e] + ((T)1 - b1) * ge, ve = b2 * v[e] + ((T)1 - b2) * ge * ge;
+    m[e] = me;
+    v[e] = ve;
+    p[e] -= lr * ((me / c1) / (sqrt(ve / c2) + eps) + wd * p[e]);
+}
+
 template <typename T>
 __device__ void sgd(T* p, const T* g, long long n, T lr, T wd) {
-    FOR_EACH(e, n) p[e] -= lr * (g[e] + wd * p[e]);
+    FOR_EACH(e, n) sgd_at(p, g, e, lr, wd);
 }
 
 template <typename T>
 __device__ void momentum(T* p, const T* g, T* v, long long n, T lr, T mu, T wd, int nesterov) {
-    FOR_EACH(e, n) {
-        const T gg = g[e] + wd * p[e];
-        const T ve = mu * v[e] + gg;
-        v[e] = ve;
-        p[e] -= lr * (nesterov ? gg + mu * ve : ve);
-    }
+    FOR_EACH(e, n) momentum_at(p, g, v, e, lr, mu, wd, nesterov);
 }
 
-// Adam reads its step count t from the device (this step is t[0] + 1; step_count
-// advances it afterwards), so a captured step stays right on replay. The bias
-// corrections are computed in double, as NumpyOps does, for every T.
 template <typename T>
 __device__ void adam(T* p, const T* g, T* m, T* v, const int* t, long long n, T lr, T b1, T b2, T eps, T wd) {
-    const double step = t[0] + 1.0;
-    const T c1 = (T)(1.0 - pow((double)b1, step)), c2 = (T)(1.0 - pow((double)b2, step));
-    FOR_EACH(e, n) {
-        const T ge = g[e];
-        const T me = b1 * m[e] + ((T)1 - b1) * ge, ve = b2 * v[e] + ((T)1 - b2) * ge * ge;
-        m[e] = me;
-        v[e] = ve;
-        p[e] -= lr * ((me / c1) / (sqrt(ve / c2) + eps) + wd * p[e]);
-    }
+    T c1, c2;
+    adam_corrections(t, b1, b2, &c1, &c2);
+    FOR_EACH(e, n) adam_at(p, g, m, v, e, lr, b1, b2, c1, c2, eps, wd);
 }
 
 extern "C" __global__ void sgd_f32(float* p, const float* g, long long n, float lr, float wd) { sgd<float>(p, g, n, lr, wd); }
@@ -372,32 +389,21 @@ extern "C" __global__ void adam_f64(double* p, const double* g, double* m, doubl
 #define HYPER(x) x[(e / P) * s_##x]
 template <typename T>
 __device__ void sgd_stack(T* p, const T* g, long long n, long long P, const T* lr, int s_lr, const T* wd, int s_wd) {
-    FOR_EACH(e, n) p[e] -= HYPER(lr) * (g[e] + HYPER(wd) * p[e]);
+    FOR_EACH(e, n) sgd_at(p, g, e, HYPER(lr), HYPER(wd));
 }
 
 template <typename T>
 __device__ void momentum_stack(T* p, const T* g, T* v, long long n, long long P, const T* lr, int s_lr, const T* mu,
                                int s_mu, const T* wd, int s_wd, int nesterov) {
-    FOR_EACH(e, n) {
-        const T m = HYPER(mu), gg = g[e] + HYPER(wd) * p[e];
-        const T ve = m * v[e] + gg;
-        v[e] = ve;
-        p[e] -= HYPER(lr) * (nesterov ? gg + m * ve : ve);
-    }
+    FOR_EACH(e, n) momentum_at(p, g, v, e, HYPER(lr), HYPER(mu), HYPER(wd), nesterov);
 }
 
 template <typename T>
 __device__ void adam_stack(T* p, const T* g, T* m, T* v, const int* t, long long n, long long P, const T* lr, int s_lr,
                            T b1, T b2, T eps, const T* wd, int s_wd) {
-    const double step = t[0] + 1.0;
-    const T c1 = (T)(1.0 - pow((double)b1, step)), c2 = (T)(1.0 - pow((double)b2, step));
-    FOR_EACH(e, n) {
-        const T ge = g[e];
-        const T me = b1 * m[e] + ((T)1 - b1) * ge, ve = b2 * v[e] + ((T)1 - b2) * ge * ge;
-        m[e] = me;
-        v[e] = ve;
-        p[e] -= HYPER(lr) * ((me / c1) / (sqrt(ve / c2) + eps) + HYPER(wd) * p[e]);
-    }
+    T c1, c2;
+    adam_corrections(t, b1, b2, &c1, &c2);
+    FOR_EACH(e, n) adam_at(p, g, m, v, e, HYPER(lr), b1, b2, c1, c2, eps, HYPER(wd));
 }
 
 extern "C" __global__ void sgd_stack_f32(float* p, const float* g, long long n, long long P, const float* lr, int s_lr,

@@ -91,15 +91,16 @@ class CupyOps(Ops):
     # ------------------------------------------------------------ data access
     def gather_rows(self, src, idx, out, scale, shift):
         d = out.shape[-1]
-        rows = out.size // d  # a stack's per-model batches (K, B, D): K * B rows, idx (K, B) flattened
-        idx = _flat(idx)
-        t = out.dtype.type
+        rows = out.size // d  # a stack's per-model batches (K, B, D): K * B rows, idx (K, B)
+        (idx0, sidx), t = _part(idx, 1), out.dtype.type
         fn = _typed("gather_rows_u8" if src.dtype == np.uint8 else "gather_rows", out.dtype)
-        fn(_blocks(rows * d), (THREADS,), (src, idx, np.int64(rows), np.int64(d), t(scale), t(shift), out))
+        fn(_blocks(rows * d), (THREADS,), (src, idx0, np.int64(rows), np.int64(idx.shape[-1]), np.int64(sidx),
+                                          np.int64(d), t(scale), t(shift), out))
 
     def gather_labels(self, src, idx, out):
-        idx = _flat(idx)
-        kernel("gather_labels")(_blocks(out.size), (THREADS,), (src, idx, np.int64(out.size), out))
+        idx0, sidx = _part(idx, 1)
+        kernel("gather_labels")(_blocks(out.size), (THREADS,), (src, idx0, np.int64(out.size), np.int64(idx.shape[-1]),
+                                                               np.int64(sidx), out))
 
     # ------------------------------------------------------------ dense layer
     def _dropout_args(self, drop, dtype) -> tuple:
@@ -262,13 +263,6 @@ def _part(x, ndim: int) -> tuple:
 def _key(v):
     """A dict key for a dropout rate or seed: the number, or a stack's array as bytes."""
     return v.tobytes() if isinstance(v, np.ndarray) else v
-
-
-def _flat(idx):
-    """A stack's per-model batch indices (K, B), a slice of its (K, N) order, as one contiguous (K * B,)."""
-    if idx.ndim == 1:
-        return idx
-    return (idx if idx.flags.c_contiguous else cp.ascontiguousarray(idx)).reshape(-1)  # a graph's staged idx: a view
 
 
 def _models(x) -> int:

@@ -284,35 +284,39 @@ extern "C" __global__ void row_loss_f64(const double* z, const int* y, const dou
 }
 
 // --------------------------------------------------------------- data access
-// out (B, D) = src[idx] * scale + shift as T; src (N, D) uint8 pixels or T, idx (B,)
+// The index of row r of a gather of `rows` rows: idx (B,), or for a stack with one batch order
+// per model, B rows per model read at k * sidx (model k's part of its (K, n) order, not copied)
+__device__ long long batch_index(const long long* idx, long long r, long long B, long long sidx) {
+    return idx[(r / B) * sidx + r % B];
+}
+
+// out (rows, D) = src[idx] * scale + shift as T; src (N, D) uint8 pixels or T
 template <typename U, typename T>
-__device__ void gather_rows(const U* src, const long long* idx, long long B, long long D, T scale, T shift, T* out) {
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < B * D;
+__device__ void gather_rows(const U* src, const long long* idx, long long rows, long long B, long long sidx,
+                            long long D, T scale, T shift, T* out) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < rows * D;
          e += (long long)blockDim.x * gridDim.x)
-        out[e] = (T)src[idx[e / D] * D + e % D] * scale + shift;
+        out[e] = (T)src[batch_index(idx, e / D, B, sidx) * D + e % D] * scale + shift;
 }
 
-extern "C" __global__ void gather_rows_u8_f32(const unsigned char* src, const long long* idx, long long B,
-                                              long long D, float scale, float shift, float* out) {
-    gather_rows<unsigned char, float>(src, idx, B, D, scale, shift, out);
+#define GATHER_ARGS(U, T) const U* src, const long long* idx, long long rows, long long B, long long sidx, \
+    long long D, T scale, T shift, T* out
+#define GATHER_PASS src, idx, rows, B, sidx, D, scale, shift, out
+extern "C" __global__ void gather_rows_u8_f32(GATHER_ARGS(unsigned char, float)) {
+    gather_rows<unsigned char, float>(GATHER_PASS);
 }
-extern "C" __global__ void gather_rows_u8_f64(const unsigned char* src, const long long* idx, long long B,
-                                              long long D, double scale, double shift, double* out) {
-    gather_rows<unsigned char, double>(src, idx, B, D, scale, shift, out);
+extern "C" __global__ void gather_rows_u8_f64(GATHER_ARGS(unsigned char, double)) {
+    gather_rows<unsigned char, double>(GATHER_PASS);
 }
-extern "C" __global__ void gather_rows_f32(const float* src, const long long* idx, long long B, long long D,
-                                           float scale, float shift, float* out) {
-    gather_rows<float, float>(src, idx, B, D, scale, shift, out);
-}
-extern "C" __global__ void gather_rows_f64(const double* src, const long long* idx, long long B, long long D,
-                                           double scale, double shift, double* out) {
-    gather_rows<double, double>(src, idx, B, D, scale, shift, out);
-}
+extern "C" __global__ void gather_rows_f32(GATHER_ARGS(float, float)) { gather_rows<float, float>(GATHER_PASS); }
+extern "C" __global__ void gather_rows_f64(GATHER_ARGS(double, double)) { gather_rows<double, double>(GATHER_PASS); }
 
-// out (B,) = src[idx]: the batch's labels
-extern "C" __global__ void gather_labels(const int* src, const long long* idx, long long B, int* out) {
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < B; e += (long long)blockDim.x * gridDim.x)
-        out[e] = src[idx[e]];
+// out (rows,) = src[idx]: the batch's labels (idx as in gather_rows)
+extern "C" __global__ void gather_labels(const int* src, const long long* idx, long long rows, long long B,
+                                         long long sidx, int* out) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < rows;
+         e += (long long)blockDim.x * gridDim.x)
+        out[e] = src[batch_index(idx, e, B, sidx)];
 }
 
 // ---------------------------------------------------------------- optimizers

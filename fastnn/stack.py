@@ -25,7 +25,7 @@ from .errors import ConfigError, DataError
 from .model import MLP, _dropout_rates
 from .optim import make_optimizer
 from .preprocessing import Preprocessing
-from .train import _check_fit_args, _graph_or_none, _hold_out, train_epoch
+from .train import _check_fit_args, _graph_or_none, _hold_out, cosine_lr, train_epoch
 
 STACK_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
@@ -55,6 +55,7 @@ class ModelStack(MLP):
         self.seeds = seeds
         self.ids = list(range(len(seeds)))
         self.history: dict[int, list[dict]] = {}
+        self._make_drops()
         for k, s in enumerate(seeds):
             self.set_params(self._init_params(np.random.default_rng(_seed(s))), k)
 
@@ -67,10 +68,14 @@ class ModelStack(MLP):
         return bool(self.dropouts.any())
 
     def _drop(self, l: int) -> Dropout | None:
-        if l >= self.dropouts.shape[1] or not self.dropouts[:, l].any():
-            return None
+        return self._drops[l] if l < len(self._drops) else None
+
+    def _make_drops(self) -> None:
+        """Each hidden layer's Dropout (per-model rates and seeds), or None where no model drops:
+        made when the stack's models change, not per step."""
         seeds = np.array([s & 0xFFFFFFFF for s in self.seeds], np.uint32).reshape(-1, 1, 1)  # as MLP._drop
-        return Dropout(self.dropouts[:, l].reshape(-1, 1, 1), seeds, self.step, l)
+        self._drops = [Dropout(p.reshape(-1, 1, 1), seeds, self.step, l) if p.any() else None
+                       for l, p in enumerate(self.dropouts.T)]
 
     # ------------------------------------------------------------ parameters
     def set_params(self, params, model=None) -> None:
@@ -120,6 +125,7 @@ class ModelStack(MLP):
         self.dropouts = self.dropouts[rows]
         self.seeds = [self.seeds[r] for r in rows]
         self.ids = [self.ids[r] for r in rows]
+        self._make_drops()
 
     def best(self, metric: str = "val_accuracy") -> int:
         """The id of the model with the highest ``metric`` in its last epoch of ``fit_many``."""
@@ -218,8 +224,7 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     for epoch in range(1, int(epochs) + 1):
         if cuda_graph and graph is None:  # again after models leave the stack: its arrays are new
             graph = _graph_or_none(stack, opt, x_dev, y_dev, int(batch_size), per_model=per_model_order)
-        factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs)) if lr_schedule == "cosine" else 1.0
-        opt.lr = base_lr * factor
+        opt.lr = cosine_lr(base_lr, epoch, epochs) if lr_schedule == "cosine" else base_lr
         with np.errstate(over="ignore", invalid="ignore"):
             res = train_epoch(stack, opt, x_dev, y_dev, int(batch_size), rngs if per_model_order else rngs[0],
                               graph=graph)

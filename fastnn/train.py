@@ -152,7 +152,7 @@ def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", m
     printer = EpochPrinter(int(epochs), x_dev.shape[0], progress) if verbose else None
     progress = printer.progress if printer else progress  # it calls the caller's hook too
     for epoch in range(int(start_epoch), int(epochs) + 1):
-        opt.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs)) if lr_schedule == "cosine" else opt.lr
+        opt.lr = cosine_lr(base_lr, epoch, epochs) if lr_schedule == "cosine" else opt.lr
         rec = {"epoch": epoch, "lr": opt.lr}
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
             rec.update(train_epoch(model, opt, x_dev, y_dev, batch_size, rng, progress, graph, w_dev))
@@ -168,6 +168,12 @@ def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", m
             break
     stopper.restore_best()
     return history
+
+
+def cosine_lr(base_lr, epoch: int, epochs: int):
+    """The cosine schedule's rate in epoch ``epoch`` (1-based) of ``epochs``: base_lr down toward 0
+    (base_lr a float, or a stack's (K, 1) per-model rates)."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
 class EarlyStopping:

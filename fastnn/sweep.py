@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ LOG_SCALE = ("lr", "weight_decay")  # ranges of these are searched on a log scal
 SCALARS = ("lr", "weight_decay", "momentum", "dropout", "seed")  # searched as numbers; hidden as shapes
 OVER_BUDGET = "asked after the study's last trial: not run"
 UNFINISHED = "unfinished: its worker stopped"  # Ctrl-C, SIGTERM or an error; a later run replaces it
-NOT_COUNTED = (OVER_BUDGET, UNFINISHED)  # failed trials that do not use up the study's budget
+ABANDONED = "unfinished: its worker process was gone"  # SIGKILL, the OOM killer: found by the next worker
+NOT_COUNTED = (OVER_BUDGET, UNFINISHED, ABANDONED)  # failed trials that do not use up the study's budget
 SPACE_KEYS = ("lr", "weight_decay", "momentum", "dropout", "hidden", "seed")
 
 
@@ -180,12 +182,15 @@ def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Pat
     o = optuna()
     dists = space.distributions()
     ran = 0
+    me = _this_process()
     while True:
+        fail_abandoned(study, log)
         trials = []
         while len(trials) < settings.stack:
             if len(_counted(study)) >= settings.trials:
                 break
             t = study.ask(dists)
+            t.set_user_attr("worker", me)
             # another worker may have asked for the last ones meanwhile: the lower numbers keep theirs
             if sorted(c.number for c in _counted(study)).index(t.number) >= settings.trials:
                 t.set_user_attr("reason", OVER_BUDGET)
@@ -267,6 +272,57 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
     log(f"  done in {seconds:.1f} s, {len(pruned)} pruned"
         + ("" if best is None else f"; best val accuracy {hist[best][-1]['val_accuracy']:.4f} "
                                    f"(trial {trials[best].number})"))
+
+
+def _this_process() -> dict:
+    """Who trains a trial: ``{"host", "pid", "started"}`` (started: the process's start time, where the
+    system tells it, so that a later process given the same pid is not taken for this one)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks after boot (Linux's /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
+    except (OSError, IndexError):
+        return None
+
+
+def _gone(worker: dict) -> bool:
+    """Whether the worker process that asked a trial on this machine no longer runs."""
+    if worker.get("host") != socket.gethostname():
+        return False  # another machine's: nothing to tell from here
+    try:
+        os.kill(int(worker["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # a process of another user holds the pid
+    started = worker.get("started")
+    return started is not None and _start_time(int(worker["pid"])) not in (None, started)
+
+
+def fail_abandoned(study, log=print) -> int:
+    """Tell FAIL, with the reason ABANDONED, every running trial whose worker process on this machine is
+    gone (killed by SIGKILL or the OOM killer, which leave no time to tell the study): such trials do not
+    use up the budget, and this worker trains others in their place. Returns how many it found."""
+    o = optuna()
+    found = 0
+    for t in study.get_trials(deepcopy=False, states=(o.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if not worker or not _gone(worker):
+            continue
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "reason", ABANDONED)
+            study.tell(t.number, state=o.trial.TrialState.FAIL)
+        except (o.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+            continue  # another worker found it first
+        found += 1
+    if found:
+        log(f"{found} trial{'' if found == 1 else 's'} left running by a worker process that is gone: failed, "
+            "to be replaced")
+    return found
 
 
 def _models(n: int) -> str:

@@ -194,3 +194,60 @@ def test_a_stopped_worker_leaves_no_trial_running_and_a_rerun_replaces_them(monk
     assert sweep.run_worker(study, space, settings, data, log=lambda m: None) == 6  # the budget, trained anew
     done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.number for t in done) == list(range(4, 10))
+
+
+def test_a_killed_worker_s_trials_are_failed_and_replaced_by_the_next_worker(data_args, tmp_path):
+    """SIGKILL leaves a worker no time to tell the study: the next worker on this machine sees that the
+    process that asked the trials is gone, fails them, and trains the whole budget in their place."""
+    journal = tmp_path / "sweep.journal"
+    cmd = [sys.executable, "-m", "fastnn", "sweep", *data_args, "--limit", "2000", "--hidden", "16", "--device", "cpu",
+           "--trials", "4", "--stack", "2", "--pruner", "none", "--storage", str(journal), "--out", str(tmp_path / "o")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    worker = subprocess.Popen(cmd + ["--epochs", "100000", "--worker", "0"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    def study():
+        return optuna.load_study(study_name="fastnn", storage=JournalStorage(JournalFileBackend(str(journal))))
+
+    try:
+        for _ in range(600):  # until the worker trains its first stack
+            if worker.poll() is not None:
+                pytest.fail(f"the worker exited early: {worker.stdout.read()}")
+            if journal.exists() and journal.stat().st_size and any("worker" in t.user_attrs for t in study().trials):
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        worker.kill()
+        worker.wait()
+    running = study().get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert [t.number for t in running] == [0, 1] and running[0].user_attrs["worker"]["pid"] == worker.pid
+    r = subprocess.run(cmd + ["--epochs", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "2 trials left running by a worker process that is gone: failed, to be replaced" in r.stdout
+    trials = {t.number: t for t in study().trials}
+    assert [trials[n].user_attrs["reason"] for n in (0, 1)] == [sweep.ABANDONED] * 2
+    assert trials[0].state == trials[1].state == optuna.trial.TrialState.FAIL
+    done = [n for n, t in trials.items() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(done) == [2, 3, 4, 5]  # the budget of 4, trained anew
+    assert "unfinished: its worker process was gone" in r.stdout  # the leaderboard says why
+
+
+def test_a_running_trial_of_a_live_worker_or_another_machine_is_left_alone(monkeypatch):
+    study = optuna.create_study(direction="maximize")
+    mine, other_host, dead = study.ask(), study.ask(), study.ask()
+    mine.set_user_attr("worker", sweep._this_process())
+    other_host.set_user_attr("worker", {"host": "elsewhere", "pid": 1, "started": None})
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that no process holds now
+    dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": child.pid, "started": None})
+    assert sweep.fail_abandoned(study, log=lambda m: None) == 1
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.RUNNING] * 2 + [optuna.trial.TrialState.FAIL]
+    # a live process that reuses a pid is told apart by its start time
+    reused = study.ask()
+    reused.set_user_attr("worker", {**sweep._this_process(), "started": "1"})
+    if sweep._start_time(os.getpid()) is not None:
+        assert sweep.fail_abandoned(study, log=lambda m: None) == 1
+        assert study.trials[-1].state == optuna.trial.TrialState.FAIL

@@ -15,10 +15,12 @@ when it starts above 0, uniform otherwise). Hidden sizes are a list of shapes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +134,8 @@ class Settings:
     stack: int = 16  # models trained at once
     trials: int = 32  # in the whole study, over all workers
     cuda_graph: bool = False  # replay the captured stacked step (GPU)
+    heartbeat_s: float = 60.0  # a worker writes the time into each of its running trials this often
+    silent_s: float = 600.0  # a running trial of another machine's worker, silent this long, is taken for lost
 
 
 def make_sampler(kind: str, space: SearchSpace, seed: int | None):
@@ -184,13 +188,14 @@ def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Pat
     ran = 0
     me = _this_process()
     while True:
-        fail_abandoned(study, log)
+        fail_abandoned(study, log, settings.silent_s)
         trials = []
         while len(trials) < settings.stack:
             if len(_counted(study)) >= settings.trials:
                 break
             t = study.ask(dists)
             t.set_user_attr("worker", me)
+            t.set_user_attr("alive", time.time())
             # another worker may have asked for the last ones meanwhile: the lower numbers keep theirs
             if sorted(c.number for c in _counted(study)).index(t.number) >= settings.trials:
                 t.set_user_attr("reason", OVER_BUDGET)
@@ -203,16 +208,18 @@ def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Pat
         for t in trials:
             groups.setdefault(t.params["hidden"], []).append(t)
         told: set[int] = set()  # the trial numbers told their result
-        for hidden, group in groups.items():
-            try:
-                _train_group(study, group, hidden, settings, data, out_dir, log, told)
-            except BaseException as exc:  # Ctrl-C, SIGTERM, an error: no trial is left RUNNING
-                for t in trials:
-                    if t.number not in told:
-                        t.set_user_attr("reason", UNFINISHED)
-                        study.tell(t, state=o.trial.TrialState.FAIL)
-                raise exc
-            ran += len(group)
+        with Heartbeat(trials, settings.heartbeat_s):
+            for hidden, group in groups.items():
+                try:
+                    _train_group(study, group, hidden, settings, data, out_dir, log, told)
+                except BaseException as exc:  # Ctrl-C, SIGTERM, an error: no trial is left RUNNING
+                    for t in trials:
+                        if t.number not in told:
+                            with contextlib.suppress(o.exceptions.UpdateFinishedTrialError):  # failed meanwhile
+                                t.set_user_attr("reason", UNFINISHED)
+                                study.tell(t, state=o.trial.TrialState.FAIL)
+                    raise exc
+                ran += len(group)
 
 
 def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, log, told: set) -> None:
@@ -225,6 +232,7 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
                        dtype=settings.dtype, dropout=[float(q["dropout"]) for q in p])
     stack.preprocessing, stack.classes = preprocessing, classes
     pruned: set[int] = set()
+    lost: set[int] = set()  # trials that another worker failed meanwhile (this one was silent too long)
     log(f"trials {','.join(str(t.number) for t in trials)}: {_models(len(trials))} {'-'.join(map(str, sizes))} "
         "trained stacked")
     t0 = time.perf_counter()
@@ -233,7 +241,13 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
         stop = []
         for rec in records:
             t = trials[rec["model"]]
-            t.report(rec["val_accuracy"], rec["epoch"])
+            try:
+                t.report(rec["val_accuracy"], rec["epoch"])
+            except o.exceptions.UpdateFinishedTrialError:
+                log(f"  trial {t.number} was failed by another worker meanwhile: stopped")
+                lost.add(rec["model"])
+                stop.append(rec["model"])
+                continue
             if rec["epoch"] < settings.epochs and t.should_prune():
                 pruned.add(rec["model"])
                 stop.append(rec["model"])
@@ -250,28 +264,39 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
                     cuda_graph=settings.cuda_graph)
     seconds = time.perf_counter() - t0
     for k, t in enumerate(trials):
-        last = hist[k][-1]
-        for key in ("train_loss", "train_accuracy", "val_loss"):
-            t.set_user_attr(key, last[key])
-        t.set_user_attr("epochs", last["epoch"])
-        t.set_user_attr("stack_size", len(trials))
-        t.set_user_attr("stack_seconds", seconds)
-        if last.get("diverged"):
-            t.set_user_attr("reason", f"diverged in epoch {last['epoch']}")
-            study.tell(t, state=o.trial.TrialState.FAIL)
-        elif k in pruned:
-            study.tell(t, state=o.trial.TrialState.PRUNED)
-        else:
-            best_before = _best_value(study)
-            if out_dir is not None and (best_before is None or last["val_accuracy"] > best_before):
-                stack.model(k).save(Path(out_dir) / f"trial-{t.number}.npz")  # before the study names it best
-            study.tell(t, last["val_accuracy"])
+        if k not in lost:
+            try:
+                _tell(study, t, hist[k][-1], k in pruned, seconds, len(trials), lambda k=k: stack.model(k), out_dir)
+            except o.exceptions.UpdateFinishedTrialError:
+                log(f"  trial {t.number} was failed by another worker meanwhile: not told")
+                lost.add(k)
         told.add(t.number)
-    done = [k for k in range(len(trials)) if k not in pruned and not hist[k][-1].get("diverged")]
+    done = [k for k in range(len(trials)) if k not in pruned | lost and not hist[k][-1].get("diverged")]
     best = max(done, key=lambda k: hist[k][-1]["val_accuracy"], default=None)
     log(f"  done in {seconds:.1f} s, {len(pruned)} pruned"
         + ("" if best is None else f"; best val accuracy {hist[best][-1]['val_accuracy']:.4f} "
                                    f"(trial {trials[best].number})"))
+
+
+def _tell(study, t, last: dict, pruned: bool, seconds: float, n_models: int, model, out_dir) -> None:
+    """Tell trial t its result: the last epoch's record ``last`` of its model (``model()`` builds it, to
+    save when it beats the study's best so far), pruned or diverged; with the stack's size and time."""
+    o = optuna()
+    for key in ("train_loss", "train_accuracy", "val_loss"):
+        t.set_user_attr(key, last[key])
+    t.set_user_attr("epochs", last["epoch"])
+    t.set_user_attr("stack_size", n_models)
+    t.set_user_attr("stack_seconds", seconds)
+    if last.get("diverged"):
+        t.set_user_attr("reason", f"diverged in epoch {last['epoch']}")
+        study.tell(t, state=o.trial.TrialState.FAIL)
+    elif pruned:
+        study.tell(t, state=o.trial.TrialState.PRUNED)
+    else:
+        best_before = _best_value(study)
+        if out_dir is not None and (best_before is None or last["val_accuracy"] > best_before):
+            model().save(Path(out_dir) / f"trial-{t.number}.npz")  # before the study names it best
+        study.tell(t, last["val_accuracy"])
 
 
 def _this_process() -> dict:
@@ -290,9 +315,7 @@ def _start_time(pid: int) -> str | None:
 
 
 def _gone(worker: dict) -> bool:
-    """Whether the worker process that asked a trial on this machine no longer runs."""
-    if worker.get("host") != socket.gethostname():
-        return False  # another machine's: nothing to tell from here
+    """Whether the worker process (on this machine) that asked a trial no longer runs."""
     try:
         os.kill(int(worker["pid"]), 0)
     except ProcessLookupError:
@@ -303,15 +326,49 @@ def _gone(worker: dict) -> bool:
     return started is not None and _start_time(int(worker["pid"])) not in (None, started)
 
 
-def fail_abandoned(study, log=print) -> int:
-    """Tell FAIL, with the reason ABANDONED, every running trial whose worker process on this machine is
-    gone (killed by SIGKILL or the OOM killer, which leave no time to tell the study): such trials do not
-    use up the budget, and this worker trains others in their place. Returns how many it found."""
+class Heartbeat:
+    """While a worker trains, a thread writes the time into each of its running trials (the user
+    attribute ``alive``) every ``interval`` seconds: how workers on other machines tell a lost one."""
+
+    def __init__(self, trials: list, interval: float):
+        self.trials, self.interval = trials, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fastnn-sweep-heartbeat", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        o = optuna()
+        while not self.stop.wait(self.interval):
+            for t in self.trials:
+                try:
+                    t.set_user_attr("alive", time.time())
+                except o.exceptions.UpdateFinishedTrialError:
+                    pass  # told already, or failed by another worker
+
+
+def fail_abandoned(study, log=print, silent_s: float = Settings.silent_s) -> int:
+    """Tell FAIL, with the reason ABANDONED, every running trial whose worker process is gone: on this
+    machine, a process that no longer runs (killed by SIGKILL or the OOM killer, which leave no time to
+    tell the study); on another, one that has not written its ``alive`` time for ``silent_s`` seconds (a
+    lost machine). Such trials do not use up the budget, and this worker trains others in their place.
+    Returns how many it found."""
     o = optuna()
-    found = 0
+    found, now = 0, time.time()
     for t in study.get_trials(deepcopy=False, states=(o.trial.TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
-        if not worker or not _gone(worker):
+        if not worker:
+            continue
+        if worker.get("host") == socket.gethostname():
+            if not _gone(worker):
+                continue
+        elif now - float(t.user_attrs.get("alive", now)) < silent_s:
             continue
         try:
             study._storage.set_trial_user_attr(t._trial_id, "reason", ABANDONED)

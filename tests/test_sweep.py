@@ -239,6 +239,7 @@ def test_a_running_trial_of_a_live_worker_or_another_machine_is_left_alone(monke
     mine, other_host, dead = study.ask(), study.ask(), study.ask()
     mine.set_user_attr("worker", sweep._this_process())
     other_host.set_user_attr("worker", {"host": "elsewhere", "pid": 1, "started": None})
+    other_host.set_user_attr("alive", time.time())
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # a pid that no process holds now
     dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": child.pid, "started": None})
@@ -251,3 +252,49 @@ def test_a_running_trial_of_a_live_worker_or_another_machine_is_left_alone(monke
     if sweep._start_time(os.getpid()) is not None:
         assert sweep.fail_abandoned(study, log=lambda m: None) == 1
         assert study.trials[-1].state == optuna.trial.TrialState.FAIL
+    # another machine's worker that has been silent too long is taken for lost
+    assert sweep.fail_abandoned(study, log=lambda m: None, silent_s=3600) == 0
+    other_host.set_user_attr("alive", time.time() - 3601)
+    assert sweep.fail_abandoned(study, log=lambda m: None, silent_s=3600) == 1
+    assert study.trials[1].state == optuna.trial.TrialState.FAIL
+    assert study.trials[1].user_attrs["reason"] == sweep.ABANDONED
+
+
+def _tiny_sweep(synthetic, trials=3):
+    x, y = synthetic[0], synthetic[1]
+    data = (x[:100], y[:100], x[100:150], y[100:150], Preprocessing(), list("0123456789"))
+    settings = sweep.Settings(epochs=2, stack=trials, trials=trials, heartbeat_s=0.05)
+    return optuna.create_study(direction="maximize"), sweep.SearchSpace(lr=(1e-3, 1e-2), hidden=[[8]]), settings, data
+
+
+def test_a_training_worker_keeps_its_trials_alive(monkeypatch, synthetic):
+    study, space, settings, data = _tiny_sweep(synthetic)
+    real_fit_many, seen = sweep.fit_many, []
+
+    def slow(*args, **kwargs):
+        asked = [t.user_attrs["alive"] for t in study.trials]
+        time.sleep(0.5)
+        seen.append([t.user_attrs["alive"] - a for t, a in zip(study.trials, asked)])
+        return real_fit_many(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "fit_many", slow)
+    assert sweep.run_worker(study, space, settings, data, log=lambda m: None) == 3
+    assert len(seen[0]) == 3 and min(seen[0]) > 0.2  # written while the stack trained
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_not_told(monkeypatch, synthetic):
+    study, space, settings, data = _tiny_sweep(synthetic)
+    real_fit_many, log = sweep.fit_many, []
+
+    def failed_elsewhere(*args, **kwargs):  # as another worker does that took this one for lost
+        if len(study.trials) == 3:
+            study._storage.set_trial_user_attr(study.trials[1]._trial_id, "reason", sweep.ABANDONED)
+            study.tell(1, state=optuna.trial.TrialState.FAIL)
+        return real_fit_many(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "fit_many", failed_elsewhere)
+    assert sweep.run_worker(study, space, settings, data, log=log.append) == 4  # trial 3 replaces trial 1
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert "  trial 1 was failed by another worker meanwhile: stopped" in log

@@ -347,3 +347,48 @@ def test_dropout_masks_are_a_deterministic_hash_of_seed_step_layer_and_element()
         return x ^ (x >> 16)
     want = [(mix(7 ^ mix(3 ^ mix(1 ^ mix(e ^ mix(0))))) >> 8) >= round(0.25 * 2 ** 24) for e in range(20)]
     np.testing.assert_array_equal(keep.ravel()[:20], want)
+
+
+def test_numpy_dropout_masks_equal_the_generic_ones_bit_for_bit():
+    """NumpyOps computes the mask in place and keeps the last step's per (shape, layer) for the backward
+    pass: every mask must still be the generic hash's, whatever was asked before."""
+    from fastnn.backends.numpy_ops import NumpyOps
+
+    fast, generic = NumpyOps(), Ops(np)
+    step = np.array([0], np.int32)
+    for shape, seed, layer, steps in (((128, 256), 0, 0, (0, 1, 1, 2)), ((7, 33), 2 ** 32 - 1, 3, (5, 2 ** 31 - 1)),
+                                      ((128, 256), 9, 0, (2, 2)), ((128, 256), 0, 1, (2,))):
+        for s in steps:
+            step[0] = s
+            for p in (0.2, 0.5):
+                d = Dropout(p, seed, step, layer)
+                keep = fast.dropout_keep(shape, d)
+                assert keep.shape == shape and keep.dtype == bool
+                np.testing.assert_array_equal(keep, generic.dropout_keep(shape, d))
+    step[0] = 1
+    first = fast.dropout_keep((128, 256), Dropout(0.2, 0, step, 0))
+    step[0] = 2
+    second = fast.dropout_keep((128, 256), Dropout(0.2, 0, step, 0))
+    assert not np.array_equal(first, second)  # a new step, a new mask: the kept one is not handed out
+    np.testing.assert_array_equal(first, generic.dropout_keep((128, 256), Dropout(0.2, 0, np.array([1]), 0)))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_numpy_relu_dropout_layer_calls_equal_the_generic_ones(p):
+    from fastnn.backends.numpy_ops import NumpyOps
+
+    fast, generic = NumpyOps(), Ops(np)
+    rng = np.random.default_rng(3)
+    a, w, b = rng.standard_normal((64, 50)), rng.standard_normal((50, 40)), rng.standard_normal(40)
+    drop = Dropout(p, 11, np.array([4], np.int32), 1)
+    h = {}
+    for name, ops in (("fast", fast), ("generic", generic)):
+        h[name] = np.empty((64, 40))
+        ops.linear_act(a, w, b, h[name], "relu", drop)
+    np.testing.assert_array_equal(h["fast"], h["generic"])
+    upstream, prev = rng.standard_normal((64, 40)), np.maximum(rng.standard_normal((64, 50)), 0)
+    d = {}
+    for name, ops in (("fast", fast), ("generic", generic)):
+        d[name] = np.empty((64, 50))
+        ops.input_grad(upstream, w, prev, d[name], "relu", drop)
+    np.testing.assert_array_equal(d["fast"], d["generic"])

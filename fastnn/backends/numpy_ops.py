@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import Ops, applies
+from .ops import Dropout, Ops, _mix32, applies
 
 
 class NumpyOps(Ops):
@@ -16,7 +16,7 @@ class NumpyOps(Ops):
     ``mse``, which make a few (B,)-sized temporaries (argmax, row maxima, row sums).
     The generic ``Ops`` they override is their test oracle. A stack's (K, ...) arrays
     take the stacked forms of the same calls (``np.matmul`` over the leading axis), and the
-    generic losses.
+    generic losses and dropout masks.
     """
 
     name = "cpu"
@@ -24,6 +24,7 @@ class NumpyOps(Ops):
     def __init__(self):
         super().__init__(np)
         self._scratch: dict[tuple, np.ndarray] = {}
+        self._masks: dict[tuple, tuple] = {}  # (shape, layer) -> (seed, step, threshold, keep)
 
     def scratch(self, shape, dtype) -> np.ndarray:
         """A reusable work array of this shape and dtype (overwritten by the next kernel)."""
@@ -50,13 +51,44 @@ class NumpyOps(Ops):
     def gather_labels(self, src, idx, out):
         np.take(src, idx, out=out, mode="clip")
 
+    def dropout_keep(self, shape, drop: Dropout):
+        """The generic mask, computed in place in uint32 work arrays, the part of the hash that
+        depends on layer and element only computed once, and the mask of the last step kept per
+        (shape, layer): the backward pass of a step reuses its forward pass's mask."""
+        if np.ndim(drop.seed):  # a stack's per-model seeds
+            return super().dropout_keep(shape, drop)
+        seed, step, thr = drop.seed & 0xFFFFFFFF, int(drop.step[0]) & 0xFFFFFFFF, drop.threshold
+        key = (tuple(shape), drop.layer)
+        hit = self._masks.get(key)
+        if hit is not None and hit[:3] == (seed, step, thr):
+            return hit[3]
+        base = self._consts.get(("layer_hash", key))
+        if base is None:  # mix32(layer ^ element hash), as in the generic mask
+            base = self._consts[("layer_hash", key)] = self._layer_hash(shape, drop.layer)
+        h = np.bitwise_xor(base, np.uint32(step), out=self.scratch(shape, np.uint32))
+        t = self.scratch((1,) + tuple(shape), np.uint32)[0]
+        _mix32_inplace(h, t)
+        h ^= np.uint32(seed)
+        _mix32_inplace(h, t)
+        h >>= np.uint32(8)
+        keep = np.greater_equal(h, thr)
+        self._masks[key] = (seed, step, thr, keep)
+        return keep
+
+    def _layer_hash(self, shape, layer: int) -> np.ndarray:
+        """``mix32(layer ^ element hash)`` (shape) uint32: the steps' common part of the mask's hash."""
+        return _mix32(np.uint32(layer) ^ self.element_hash(int(np.prod(shape))).reshape(shape))
+
     def bias_act(self, h, b, act, drop=None):
-        if act == "relu" and drop is None:
+        if act == "relu" and (drop is None or h.ndim == 2):
             # h * (h > 0) runs 2x faster than np.maximum(h, 0) on these small matrices
             h += b
             mask = self.scratch(h.shape, np.bool_)
             np.greater(h, 0, out=mask)
             h *= mask
+            if drop is not None and drop.active:
+                h *= self.dropout_keep(h.shape, drop)
+                h *= drop.scale
         else:
             super().bias_act(h, b, act, drop)
 
@@ -80,12 +112,16 @@ class NumpyOps(Ops):
             np.dot(ones, d, out=out)
 
     def act_backward(self, d, a, act, drop=None):
-        if drop is not None:
+        if drop is not None and not (act == "relu" and d.ndim == 2):
             super().act_backward(d, a, act, drop)
         elif act == "relu":
+            if drop is not None and drop.active:  # the generic order: scale, relu', mask
+                d *= drop.scale
             mask = self.scratch(a.shape, np.bool_)
             np.greater(a, 0, out=mask)
             d *= mask
+            if drop is not None and drop.active:
+                d *= self.dropout_keep(d.shape, drop)
         elif act == "sigmoid":
             t = self.scratch(a.shape, a.dtype)
             np.subtract(1.0, a, out=t)
@@ -202,3 +238,13 @@ class NumpyOps(Ops):
             p *= 1.0 - lr * wd
         w *= lr / c1
         p -= w
+
+
+def _mix32_inplace(x: np.ndarray, t: np.ndarray) -> None:
+    """lowbias32 (``ops._mix32``, kernels.cu's mix32) of uint32 array x in place; t: a work array like x."""
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        np.right_shift(x, np.uint32(shift), out=t)
+        x ^= t
+        x *= np.uint32(mul)
+    np.right_shift(x, np.uint32(16), out=t)
+    x ^= t

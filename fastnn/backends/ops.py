@@ -140,14 +140,18 @@ class Ops:
         """``out = a.T @ d``: the weight gradient. a: (B, M), d: (B, N), out: (M, N)."""
         self.xp.matmul(a.swapaxes(-1, -2), d, out=out)
 
-    def dropout_keep(self, shape, drop: Dropout):
-        """The dropout mask (bool, ``shape``) of a layer's output (B, N) or (K, B, N): True where kept."""
-        n = int(np.prod(shape[-2:]))
-        h = self._consts.get(("element_hash", n))  # the part of the hash that depends on the index only
+    def element_hash(self, n: int):
+        """The part of the dropout hash that depends on the element index only (n,) uint32, cached."""
+        h = self._consts.get(("element_hash", n))
         if h is None:
             e = self.xp.arange(n, dtype=np.uint64)
             h = _mix32((e & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ _mix32((e >> np.uint64(32)).astype(np.uint32)))
             self._consts[("element_hash", n)] = h
+        return h
+
+    def dropout_keep(self, shape, drop: Dropout):
+        """The dropout mask (bool, ``shape``) of a layer's output (B, N) or (K, B, N): True where kept."""
+        h = self.element_hash(int(np.prod(shape[-2:])))
         step = np.uint32(int(self.to_host(drop.step)[0]) & 0xFFFFFFFF)
         seed, thr = np.asarray(drop.seed, np.uint32), drop.threshold
         if seed.ndim:  # one per model (K, 1, 1)

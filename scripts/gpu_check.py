@@ -14,8 +14,16 @@ stacked, captured, sequential, against PyTorch and JAX), and ``summary.md`` with
 exit status and duration. ``--data`` names
 the folder holding ``fashion-mnist/`` (default: ``$FASTNN_DATA`` or ``../shared/data``).
 ``--kernels`` is the sanitizers' workload, run under compute-sanitizer by the ``sanitize`` part.
-Within a 10-minute limit per command, run ``--parts env,tests,bench``, ``--parts stack`` and
-``--parts sanitize`` as three commands.
+
+``--budget SECONDS`` fits every part into one command of that length: the parts run in the order
+given, each stopped when its share runs out (at least a minute is kept for each part still to
+come), and ``summary.md`` is rewritten after each part, so a command stopped from outside still
+leaves it. ``--tar FILE`` packs the result files into one ``.tar.gz`` at the end (a device
+machine hands back at most 8 files). One command for a 15-minute GPU session, with
+Fashion-MNIST copied into the ignored folder ``.data`` and carried:
+
+    python scripts/gpu_check.py --out /tmp/gpu-check --parts env,tests,bench,sanitize,stack \\
+        --budget 500 --tar $OUT/gpu-check.tar.gz --data .data
 """
 
 import argparse
@@ -23,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -33,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 PARTS = ("env", "tests", "sanitize", "bench", "stack")
 BATCHES = (1, 255, 256, 257, 10000)
+KEEP_FOR_EACH_LATER_PART = 60  # seconds of --budget that a part leaves to each part after it
 
 
 def run_kernels() -> None:
@@ -109,12 +119,37 @@ def environment(out: Path) -> int:
     return 0
 
 
+def part_timeout(budget: float | None, started: float, parts_left: int) -> float:
+    """Seconds the next part may run: 480 without a budget; else what the budget has left after
+    keeping KEEP_FOR_EACH_LATER_PART for each of the ``parts_left`` parts after it (at least 30)."""
+    if budget is None:
+        return 480
+    left = budget - (time.perf_counter() - started) - KEEP_FOR_EACH_LATER_PART * parts_left
+    return max(30.0, left)
+
+
+def write_summary(out: Path, results: list[str]) -> None:
+    summary = ["| part | file | exit status | seconds |", "| --- | --- | ---: | ---: |", *results]
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+
+
+def pack(out: Path, tar: Path) -> None:
+    """Every result file in ``out`` (the archive itself excepted) as one .tar.gz."""
+    tar.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar, "w:gz") as t:
+        for f in sorted(out.iterdir()):
+            if f.is_file() and f.resolve() != tar.resolve():
+                t.add(f, arcname=f.name)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="folder for the results")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--data", help="folder holding fashion-mnist/ (for the benchmarks)")
     p.add_argument("--kernels", action="store_true", help="run the sanitizers' workload and exit")
+    p.add_argument("--budget", type=float, help="seconds for all the parts together (one command)")
+    p.add_argument("--tar", type=Path, help="pack the result files into this .tar.gz at the end")
     a = p.parse_args()
     if a.kernels:
         run_kernels()
@@ -128,17 +163,19 @@ def main() -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     if a.data:
         env["FASTNN_DATA"] = str(Path(a.data).resolve())
-    py, results = sys.executable, []
-    for part in parts:
+    py, results, started = sys.executable, [], time.perf_counter()
+    for i, part in enumerate(parts):
         t0 = time.perf_counter()
+        limit = part_timeout(a.budget, started, len(parts) - i - 1)
         if part == "env":
             codes = {"env.txt": environment(a.out)}
         elif part == "tests":
             codes = {"pytest-gpu.log": sh([py, "-m", "pytest", "-m", "gpu", "tests/", "-q", "-rs", "-p",
-                                           "no:cacheprovider"], a.out / "pytest-gpu.log", env)}
+                                           "no:cacheprovider"], a.out / "pytest-gpu.log", env, limit)}
         elif part == "sanitize":
             codes = {f"sanitizer-{tool}.log": sh(["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
-                                                  py, __file__, "--kernels"], a.out / f"sanitizer-{tool}.log", env)
+                                                  py, __file__, "--kernels"], a.out / f"sanitizer-{tool}.log", env,
+                                                 limit / 2)
                      for tool in ("memcheck", "racecheck")}
         else:  # bench: one model's cases; stack: K models at once (benchmarks/test_stack_speed.py)
             name = "bench-gpu" if part == "bench" else "bench-stack-gpu"
@@ -147,7 +184,7 @@ def main() -> int:
                 ["benchmarks/test_stack_speed.py"]
             codes = {f"{name}.json": sh([py, "-m", "pytest", *files, "--benchmark-only", "-k", "gpu",
                                          "-p", "no:cacheprovider", f"--benchmark-json={js}"],
-                                        a.out / f"{name}.log", env)}
+                                        a.out / f"{name}.log", env, limit)}
             if js.exists():
                 report = [py, "scripts/bench_report.py", str(js), "--out", str(a.out / f"{name}.md")]
                 report += ["--png", str(a.out / f"{name}.png")] if part == "bench" else []
@@ -155,8 +192,9 @@ def main() -> int:
         for name, code in codes.items():
             results.append(f"| {part} | {name} | {code} | {time.perf_counter() - t0:.0f} s |")
             print(results[-1], flush=True)
-    summary = ["| part | file | exit status | seconds |", "| --- | --- | ---: | ---: |", *results]
-    (a.out / "summary.md").write_text("\n".join(summary) + "\n")
+        write_summary(a.out, results)
+    if a.tar:
+        pack(a.out, a.tar)
     return max(int(r.split("|")[3]) for r in results) if results else 0
 
 

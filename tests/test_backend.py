@@ -61,6 +61,12 @@ def run_kernels(ops, dtype):
             getattr(ops, name)(z[row:row + 1], t["y"][row:row + 1], None, l1, h1)
             out[f"{name}_b1_nograd_{row}"] = xp.concatenate([l1, h1.astype(dtype)])
     t = arrays(xp, dtype)
+    zero_row = xp.concatenate([xp.zeros((1, 7), dtype), t["a"][1:]])  # mse: a row of zeros is clamped
+    for name, z in (("xent", t["h"]), ("mse", zero_row), ("xent_stack", xp.stack([t["h"], 2 * t["h"]])),
+                    ("mse_stack", xp.stack([t["a"], zero_row]))):
+        proba = xp.empty_like(z)
+        ops.probabilities(z, name.split("_")[0], proba)
+        out[f"probabilities_{name}"] = proba
     rows = xp.empty((9, 7), dtype)
     ops.gather_rows(t["u8"], t["idx"], rows, 1 / 255, 0.25)
     out["gather_u8"] = rows
@@ -250,6 +256,16 @@ def test_xent(ops, b):
     np.testing.assert_allclose(host(ops, grad), (p - onehot) / b, rtol=1e-12, atol=1e-15)
     assert host(ops, loss)[0] == pytest.approx(-np.log(p[np.arange(b), y]).sum(), rel=1e-12)
     assert host(ops, hits)[0] == np.sum(z.argmax(axis=1) == y)
+
+
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+def test_probabilities(ops, loss):
+    t = arrays(ops.xp, np.float64)
+    z = host(ops, t["h"] if loss == "xent" else t["a"])
+    want = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True) if loss == "xent" else z / z.sum(axis=1, keepdims=True)
+    proba = ops.xp.empty(z.shape)
+    ops.probabilities(t["h"] if loss == "xent" else t["a"], loss, proba)
+    np.testing.assert_allclose(host(ops, proba), want, rtol=1e-12)
 
 
 def test_mse(ops):

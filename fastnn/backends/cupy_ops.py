@@ -186,15 +186,22 @@ class CupyOps(Ops):
         kernel("step_count")((1,), (1,), (t,))
 
     # ----------------------------------------------------------------- losses
-    def _row_loss(self, z, y, grad, loss_out, hits_out, mse: int, w):
-        """One block per model: a stack's z (K, B, C) and y (B,) or (K, B) give loss_out, hits_out (K,)."""
-        (z0, sz), (y0, sy) = _part(z, 2), _part(y, 1)
+    def _row_loss(self, z, y, grad, loss_out, hits_out, mse: int, w, want_grad=None):
+        """One block per model: a stack's z (K, B, C) and y (B,) or (K, B) give loss_out, hits_out (K,).
+        want_grad: 0 or 1 (by default: whether grad is given), or 2: the probabilities into grad."""
+        (z0, sz), (g0, _) = _part(z, 2), _part(grad if grad is not None else z, 2)  # g never written with 0
+        y0, sy = _part(y, 1) if y is not None else (self.constant("zeros", 1, np.int32), 0)  # not read with 2
         b, k = z0.shape
-        g = _part(grad, 2)[0] if grad is not None else z0  # never written when want_grad == 0
+        counts = self.constant("zeros", _models(z), np.int32)
         weights = w if w is not None else z0  # never read when weighted == 0
         _typed("row_loss", z.dtype)((_models(z),), (THREADS,), (
-            z0, y0, weights, g, loss_out, hits_out, np.int32(b), np.int32(k), np.int32(grad is not None),
+            z0, y0, weights, g0, z0 if loss_out is None else loss_out, counts if hits_out is None else hits_out,
+            np.int32(b), np.int32(k), np.int32(grad is not None if want_grad is None else want_grad),
             np.int32(mse), np.int32(w is not None), np.int64(sz), np.int64(sy)))
+
+    def probabilities(self, out, loss, proba):
+        """The row_loss kernel's probabilities (its want_grad == 2)."""
+        self._row_loss(out, None, proba, None, None, int(loss == "mse"), None, want_grad=2)
 
     def xent(self, logits, y, grad, loss_out, hits_out, w=None):
         if logits.ndim == 3 and w is not None:

@@ -219,10 +219,13 @@ extern "C" __global__ void act_backward_f64(double* d, const double* a, long lon
 // classes, is small): each row's softmax (or sigmoid MSE), loss, argmax and
 // gradient in one pass, then a shared-memory reduction of the loss sum and the
 // hit count. z (B, K) logits or sigmoid outputs, y (B,) labels, g (B, K) dL/dz
-// of the batch-mean loss (written when want_grad), loss_out / hits_out (1,). With
+// of the batch-mean loss (written when want_grad == 1), loss_out / hits_out (1,). With
 // weighted, row r's loss and gradient are multiplied by w[r] (the batch loss is
 // sum_r w[r] loss_r / B); otherwise w is not read. A stack launches one block per
 // model: block k reads z and writes g at k * sz, reads y at k * sy, writes loss_out[k], hits_out[k].
+// want_grad == 2 writes the class probabilities into g instead (the softmax, or the sigmoid
+// outputs, at least the smallest normal number, scaled to sum to 1), reading no y, w,
+// loss_out or hits_out: predict_proba's probabilities are this kernel's softmax.
 template <typename T>
 __device__ void row_loss(const T* z, const int* y, const T* w, T* g, T* loss_out, int* hits_out, int B, int K,
                          int want_grad, int mse, int weighted, long long sz, long long sy) {
@@ -235,12 +238,19 @@ __device__ void row_loss(const T* z, const int* y, const T* w, T* g, T* loss_out
     for (int r = threadIdx.x; r < B; r += blockDim.x) {
         const T* zr = z + (long long)r * K;
         T* gr = g + (long long)r * K;
-        const int t = y[r];
-        const T wr = weighted ? w[r] : (T)1;
         int best = 0;
         T m = zr[0];
         for (int k = 1; k < K; ++k)
             if (zr[k] > m) { m = zr[k]; best = k; }
+        if (want_grad == 2) {  // probabilities
+            const T tiny = sizeof(T) == 4 ? (T)1.17549435e-38 : (T)2.2250738585072014e-308;
+            T s = 0;
+            for (int k = 0; k < K; ++k) s += mse ? (zr[k] > tiny ? zr[k] : tiny) : exp(zr[k] - m);
+            for (int k = 0; k < K; ++k) gr[k] = (mse ? (zr[k] > tiny ? zr[k] : tiny) : exp(zr[k] - m)) / s;
+            continue;
+        }
+        const int t = y[r];
+        const T wr = weighted ? w[r] : (T)1;
         my_hits += best == t;
         if (mse) {
             T acc = 0;
@@ -271,7 +281,7 @@ __device__ void row_loss(const T* z, const int* y, const T* w, T* g, T* loss_out
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) { loss_out[0] = s_loss[0]; hits_out[0] = s_hits[0]; }
+    if (threadIdx.x == 0 && want_grad != 2) { loss_out[0] = s_loss[0]; hits_out[0] = s_hits[0]; }
 }
 
 extern "C" __global__ void row_loss_f32(const float* z, const int* y, const float* w, float* g, float* l, int* h,

@@ -259,11 +259,24 @@ class Ops:
         loss_out[...] = (losses if w is None else losses * w).sum(axis=-1)
         hits_out[...] = (logits.argmax(axis=-1) == y).sum(axis=-1)
         if grad is not None:
-            xp.divide(e, s, out=grad)
+            self.probabilities(logits, "xent", grad)
             grad[at] -= 1.0
             grad *= 1.0 / logits.shape[-2]
             if w is not None:
                 grad *= w[:, None]
+
+    def probabilities(self, out, loss: str, proba) -> None:
+        """Class probabilities from the network's outputs: ``proba = softmax(out)`` for loss "xent"
+        (out: logits), or for "mse" the sigmoid outputs, at least the dtype's smallest normal number
+        (a row of zeros would divide by 0), scaled to sum to 1. out, proba: (B, K) or a stack's
+        (K_models, B, K), of one dtype. The softmax is xent's, the one its gradient starts from."""
+        xp = self.xp
+        if loss == "xent":
+            xp.subtract(out, out.max(axis=-1, keepdims=True), out=proba)
+            xp.exp(proba, out=proba)
+        else:
+            xp.maximum(out, xp.finfo(out.dtype).tiny, out=proba)
+        proba /= proba.sum(axis=-1, keepdims=True)
 
     def mse(self, out, y, grad, loss_out, hits_out, w=None) -> None:
         """Mean squared error of sigmoid outputs against one-hot targets.

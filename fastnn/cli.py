@@ -601,6 +601,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     add(g, "--activation", choices=ACTIVATIONS, default=S)
     add(g, "--loss", choices=LOSSES, default=S)
     add(g, "--dtype", choices=["float32", "float64"], default=S)
+    add(g, "--class-weight", "balanced: weigh each class's loss by N / (K * its count), for imbalanced data",
+        choices=["balanced"], default=S)
     g.add_argument("--cuda-graph", action="store_true", help="GPU: capture each stack's step as a CUDA graph")
     g = p.add_argument_group("study and workers")
     g.add_argument("--study", default="fastnn", help="the study's name in the storage (default: fastnn)")
@@ -635,7 +637,7 @@ def run_sweep(argv=None) -> int:
     settings = sweep.Settings(epochs=args.epochs, batch_size=cfg["batch_size"], optimizer=cfg["optimizer"],
                               lr_schedule=cfg["lr_schedule"], activation=cfg["activation"], loss=cfg["loss"],
                               dtype=cfg["dtype"], device="gpu" if devices else cfg["device"], stack=args.stack,
-                              trials=trials, cuda_graph=args.cuda_graph)
+                              trials=trials, cuda_graph=args.cuda_graph, class_weight=cfg["class_weight"])
     if args.cuda_graph and not devices and get_ops(cfg["device"]).name != "gpu":
         raise ConfigError("--cuda-graph needs the GPU: add --device gpu (or --devices)")
     out = Path(args.out)

@@ -51,7 +51,7 @@ class Workspace:
     per-sample losses; hits (1,) int32: its correct argmaxes.
 
     For a stack of K models (``stack=(K,)``) acts, deltas, loss and hits get a leading K
-    axis, and so do x and y when each model has its own batch (``per_model``).
+    axis, and so do x, y and w when each model has its own batch (``per_model``).
     """
 
     def __init__(self, ops: Ops, sizes, batch: int, dtype, stack: tuple = (), per_model: bool = False):
@@ -59,7 +59,7 @@ class Workspace:
         lead = stack if per_model else ()
         self.x = xp.empty(lead + (batch, sizes[0]), dtype)
         self.y = xp.empty(lead + (batch,), np.int32)
-        self.w = xp.empty(batch, dtype)
+        self.w = xp.empty(lead + (batch,), dtype)
         self.weighted = False
         self.acts = [xp.empty(stack + (batch, n), dtype) for n in sizes[1:]]
         self.deltas = [xp.empty(stack + (batch, n), dtype) for n in sizes[1:]]
@@ -245,7 +245,7 @@ class MLP:
             self.ops.gather_labels(y_dev, idx, ws.y)
         ws.weighted = w_dev is not None
         if ws.weighted:
-            self.ops.gather_rows(w_dev, idx, ws.w.reshape(-1, 1), 1.0, 0.0)
+            self.ops.gather_rows(w_dev, idx, ws.w[..., None], 1.0, 0.0)
 
     def preprocess(self, images) -> np.ndarray:
         """Raw images (N, D) in any form -> network inputs (NumPy, model dtype); see

@@ -25,7 +25,7 @@ from .errors import ConfigError, DataError
 from .model import MLP, _dropout_rates
 from .optim import make_optimizer
 from .preprocessing import Preprocessing
-from .train import _check_fit_args, _graph_or_none, _hold_out, cosine_lr, train_epoch
+from .train import _check_fit_args, _graph_or_none, _hold_out, _sample_weights, cosine_lr, train_epoch
 
 STACK_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
@@ -192,7 +192,8 @@ def _seed(s) -> int:
 
 def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9,
              weight_decay=0.0, x_val=None, y_val=None, validation_split=None, seed=0, lr_schedule="constant",
-             on_epoch=None, verbose=0, cuda_graph=False) -> dict[int, list[dict]]:
+             on_epoch=None, verbose=0, cuda_graph=False, sample_weight=None,
+             class_weight=None) -> dict[int, list[dict]]:
     """Train every model of ``stack`` on x (N, D), y (N,) at once, as ``fit`` trains one.
 
     lr, momentum, weight_decay: one value for all models or one per model (K values).
@@ -205,6 +206,7 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     A model whose training loss becomes NaN or infinite stops with ``diverged: True`` in its
     last record; the others go on. Stopped models are dropped from the stack (``stack.ids``).
     cuda_graph: on the GPU, replay the captured stacked step per batch, as ``fit`` does.
+    sample_weight (N,) / class_weight: the same loss weights for every model, as in ``fit``.
     Returns (and keeps in ``stack.history``) ``{model id: [record per epoch]}``; a record has
     ``epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, seconds`` for that model.
     """
@@ -214,8 +216,8 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     seeds = [_seed(s) for s in (seed if per_model_order else [seed])]
     if per_model_order and len(seeds) != stack.n_models:
         raise ConfigError(f"seed must be one int, or one per model ({stack.n_models}), got {len(seeds)}")
-    x_dev, y_dev, val_dev = _upload(stack, x, y, x_val, y_val, validation_split, seeds[0], batch_size, epochs,
-                                    lr_schedule)
+    x_dev, y_dev, val_dev, w_dev = _upload(stack, x, y, x_val, y_val, validation_split, seeds[0], batch_size,
+                                           epochs, lr_schedule, sample_weight, class_weight)
     opt = make_optimizer(optimizer, stack, lr, momentum, weight_decay)
     base_lr = opt.lr
     rngs = [np.random.default_rng(s) for s in seeds]
@@ -223,11 +225,11 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     graph = None
     for epoch in range(1, int(epochs) + 1):
         if cuda_graph and graph is None:  # again after models leave the stack: its arrays are new
-            graph = _graph_or_none(stack, opt, x_dev, y_dev, int(batch_size), per_model=per_model_order)
+            graph = _graph_or_none(stack, opt, x_dev, y_dev, int(batch_size), w_dev, per_model_order)
         opt.lr = cosine_lr(base_lr, epoch, epochs) if lr_schedule == "cosine" else base_lr
         with np.errstate(over="ignore", invalid="ignore"):
             res = train_epoch(stack, opt, x_dev, y_dev, int(batch_size), rngs if per_model_order else rngs[0],
-                              graph=graph)
+                              graph=graph, w_dev=w_dev)
             val = stack.evaluate_device(*val_dev) if val_dev is not None else None
         records = _epoch_records(stack, opt, epoch, res, val)
         for rec in records:
@@ -249,13 +251,16 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     return history
 
 
-def _upload(stack, x, y, x_val, y_val, validation_split, split_seed, batch_size, epochs, lr_schedule) -> tuple:
-    """The training and validation data on the stack's device, checked as ``fit`` checks them."""
+def _upload(stack, x, y, x_val, y_val, validation_split, split_seed, batch_size, epochs, lr_schedule,
+            sample_weight, class_weight) -> tuple:
+    """The training and validation data and the loss weights (or None) on the stack's device, checked
+    as ``fit`` checks them."""
     if validation_split:
-        x, y, x_val, y_val, _ = _hold_out(x, y, x_val, validation_split, split_seed, None)
+        x, y, x_val, y_val, sample_weight = _hold_out(x, y, x_val, validation_split, split_seed, sample_weight)
     _check_fit_args(int(batch_size), epochs, lr_schedule, x_val, y_val, None)
     val_dev = None if x_val is None else stack.to_device(x_val, y_val, name="x_val")
-    return (*stack.to_device(x, y), val_dev)
+    x_dev, y_dev = stack.to_device(x, y)
+    return x_dev, y_dev, val_dev, _sample_weights(stack, np.asarray(y), sample_weight, class_weight)
 
 
 def _epoch_records(stack: ModelStack, opt, epoch: int, res: dict, val: dict | None) -> list[dict]:

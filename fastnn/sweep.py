@@ -134,6 +134,7 @@ class Settings:
     stack: int = 16  # models trained at once
     trials: int = 32  # in the whole study, over all workers
     cuda_graph: bool = False  # replay the captured stacked step (GPU)
+    class_weight: str | None = None  # "balanced": each class's loss weighed by N / (K * its count)
     heartbeat_s: float = 60.0  # a worker writes the time into each of its running trials this often
     silent_s: float = 600.0  # a running trial of another machine's worker, silent this long, is taken for lost
 
@@ -261,7 +262,7 @@ def _train_group(study, trials, hidden: str, settings: Settings, data, out_dir, 
                     lr=[q["lr"] for q in p], optimizer=settings.optimizer, momentum=[q["momentum"] for q in p],
                     weight_decay=[q["weight_decay"] for q in p], x_val=x_val, y_val=y_val,
                     seed=[int(q["seed"]) for q in p], lr_schedule=settings.lr_schedule, on_epoch=on_epoch,
-                    cuda_graph=settings.cuda_graph)
+                    cuda_graph=settings.cuda_graph, class_weight=settings.class_weight)
     seconds = time.perf_counter() - t0
     for k, t in enumerate(trials):
         if k not in lost:

@@ -214,6 +214,17 @@ def test_stacked_gpu_kernels_compute_what_numpy_computes(emulated_gpu, optimizer
         assert [r["val_loss"] for r in hg[k]] == pytest.approx([r["val_loss"] for r in hc[k]], rel=1e-10)
 
 
+@pytest.mark.parametrize("order", ["shared", "per-model"])
+def test_class_weighted_stacks_on_the_gpu_compute_what_numpy_computes(emulated_gpu, order):
+    """The weights of each model's batch gathered by the stacked gather kernel ((K, B) orders)."""
+    x, y = data(103)
+    gpu, _ = train_stack(x, y, "momentum", order, dtype="float64", class_weight={0: 3.0, 1: 0.5})
+    cpu, _ = train_stack(x, y, "momentum", order, device="cpu", dtype="float64", class_weight={0: 3.0, 1: 0.5})
+    plain, _ = train_stack(x, y, "momentum", order, device="cpu", dtype="float64")
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-12)
+    assert np.abs(plain - cpu).max() > 1e-4
+
+
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 @pytest.mark.parametrize("order", ["shared", "per-model"])
 def test_captured_stacked_step_equals_uncaptured(emulated_gpu, optimizer, order):

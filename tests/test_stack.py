@@ -65,6 +65,23 @@ def test_stacked_models_equal_separate_fits(data, dtype, tol, optimizer, order):
             assert a["train_accuracy"] == b["train_accuracy"] and a["val_accuracy"] == b["val_accuracy"]
 
 
+@pytest.mark.parametrize("order", ["shared", "per-model"])
+@pytest.mark.parametrize("weights", ["class", "sample"])
+def test_weighted_stacked_models_equal_separate_weighted_fits(data, order, weights):
+    """Loss weights reach every model, through each model's own batches with per-model orders."""
+    x, y = data
+    kw = {"class_weight": "balanced"} if weights == "class" else {
+        "sample_weight": np.random.default_rng(4).random(len(y)) * 3}
+    order_seed = 11 if order == "shared" else [11, 12, 13]
+    st, hist = stacked(x, y, "momentum", "float64", order_seed, **kw)
+    unweighted, _ = stacked(x, y, "momentum", "float64", order_seed)
+    for k in range(3):
+        m, h = separate(k, x, y, "momentum", "float64", order_seed if order == "shared" else order_seed[k], **kw)
+        np.testing.assert_allclose(flat(st.get_params(k)), flat(m.get_params()), rtol=0, atol=1e-12)
+        assert [r["train_loss"] for r in hist[k]] == pytest.approx([r["train_loss"] for r in h], rel=1e-12)
+        assert np.abs(flat(unweighted.get_params(k)) - flat(m.get_params())).max() > 1e-3  # the weights matter
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_a_stack_of_one_equals_one_model(data, dtype):
     x, y = data

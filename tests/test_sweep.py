@@ -298,3 +298,19 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_not_told(monkeypa
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "  trial 1 was failed by another worker meanwhile: stopped" in log
+
+
+def test_a_class_weighted_sweep_trains_what_fit_trains_with_those_weights(data_args, tmp_path, synthetic):
+    out = tmp_path / "sweep"
+    args = ["sweep", *data_args, *SMALL, "--sampler", "grid", "--lr", "0.01", "--stack", "1", "--pruner", "none",
+            "--dtype", "float64", "--class-weight", "balanced", "--out", str(out)]
+    assert cli.main(args) == 0
+    x, y = synthetic[0][:2000], synthetic[1][:2000]
+    tr, va = cli.stratified_split(y, 0.1, 0)
+    kw = dict(epochs=3, lr=0.01, optimizer="adam", lr_schedule="cosine", x_val=x[va], y_val=y[va])
+    weighted, plain = MLP([784, 32, 10], dtype="float64"), MLP([784, 32, 10], dtype="float64")
+    fit(weighted, x[tr], y[tr], class_weight="balanced", **kw)
+    fit(plain, x[tr], y[tr], **kw)
+    best = MLP.load(out / "best.npz")
+    np.testing.assert_allclose(best.params, weighted.params, rtol=0, atol=1e-12)
+    assert np.abs(best.params - plain.params).max() > 1e-9

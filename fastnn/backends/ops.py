@@ -263,7 +263,7 @@ class Ops:
             grad[at] -= 1.0
             grad *= 1.0 / logits.shape[-2]
             if w is not None:
-                grad *= w[:, None]
+                grad *= w[..., None]
 
     def probabilities(self, out, loss: str, proba) -> None:
         """Class probabilities from the network's outputs: ``proba = softmax(out)`` for loss "xent"
@@ -296,7 +296,7 @@ class Ops:
             self.xp.multiply(diff, out * (1.0 - out), out=grad)
             grad *= 2.0 / (b * k)
             if w is not None:
-                grad *= w[:, None]
+                grad *= w[..., None]
 
     def count(self, t) -> None:
         """``t += 1`` for a 1-element int32 device counter (Adam's and dropout's step)."""

@@ -408,3 +408,51 @@ def test_numpy_relu_dropout_layer_calls_equal_the_generic_ones(p):
         d[name] = np.empty((64, 50))
         ops.input_grad(upstream, w, prev, d[name], "relu", drop)
     np.testing.assert_array_equal(d["fast"], d["generic"])
+
+
+@pytest.fixture
+def numpy_sequence(monkeypatch):
+    """A switch to NumpyOps' ufunc sequences instead of cpu_fused's compiled loops."""
+    from fastnn.backends import cpu_fused
+
+    if cpu_fused.compiled() is None:
+        pytest.skip("Numba is not installed (the fast extra): the ufunc sequences are the only path")
+    return lambda: monkeypatch.setattr(cpu_fused, "_compiled", [None])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam"])
+def test_fused_cpu_updates_equal_the_ufunc_sequences_bit_for_bit(numpy_sequence, name, wd, dtype):
+    def steps(ops):
+        rng = np.random.default_rng(5)
+        p, m, v = (rng.standard_normal(1000).astype(dtype) for _ in range(3))
+        v = np.abs(v)
+        t = np.zeros(1, np.int32)
+        for _ in range(4):
+            g = rng.standard_normal(1000).astype(dtype)
+            if name == "sgd":
+                ops.sgd(p, g, 0.05, wd)
+            elif name == "adam":
+                ops.adam(p, g, m, v, t, 0.01, 0.9, 0.999, 1e-8, wd)
+            else:
+                ops.momentum(p, g, v, 0.05, 0.9, wd, name == "nesterov")
+        return p, m, v
+
+    fused = steps(fastnn.NumpyOps())
+    numpy_sequence()
+    for a, b in zip(fused, steps(fastnn.NumpyOps())):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_training_with_the_fused_updates_is_the_same_bit_for_bit(numpy_sequence, synthetic):
+    x, y = synthetic[0][:600], synthetic[1][:600]
+
+    def train():
+        m = fastnn.MLP([784, 32, 10], seed=3)
+        fastnn.fit(m, x, y, epochs=2, batch_size=50, lr=1e-3, optimizer="adam", weight_decay=1e-2)
+        return m.params
+
+    fused = train()
+    numpy_sequence()
+    np.testing.assert_array_equal(fused, train())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from . import cpu_fused
 from .ops import Dropout, Ops, _mix32, applies
 
 
@@ -194,13 +197,26 @@ class NumpyOps(Ops):
             grad *= sq
             grad *= 2.0 / (b * k)
 
+    @staticmethod
+    def _fused(*hyperparameters):
+        """``cpu_fused``'s compiled one-pass updates, when Numba is installed and every hyperparameter
+        is one float (a stack's per-model (K, 1) arrays take the NumPy sequence); else None."""
+        return cpu_fused.compiled() if all(isinstance(h, float) for h in hyperparameters) else None
+
     def sgd(self, p, g, lr, wd):
+        if fused := self._fused(lr, wd):
+            t = p.dtype.type
+            return fused.sgd(p.reshape(-1), g.reshape(-1), t(1.0 - lr * wd if wd else 1.0), t(lr))
         if applies(wd):
             p *= 1.0 - lr * wd
         g *= lr
         p -= g
 
     def momentum(self, p, g, v, lr, mu, wd, nesterov):
+        if fused := self._fused(lr, mu, wd):
+            t = p.dtype.type
+            return fused.momentum(p.reshape(-1), g.reshape(-1), v.reshape(-1), t(lr), t(mu), t(wd),
+                                      t(mu * lr), bool(nesterov))
         if applies(wd):
             t = self.scratch(p.shape, p.dtype)
             np.multiply(p, wd, out=t)
@@ -222,6 +238,11 @@ class NumpyOps(Ops):
         step = int(t[0])
         c1 = 1.0 - b1 ** step
         c2 = 1.0 - b2 ** step
+        if fused := self._fused(lr, wd):
+            f = p.dtype.type
+            return fused.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), f(b1), f(1.0 - b1),
+                                  f(b2), f(1.0 - b2), f(1.0 / math.sqrt(c2)), f(eps),
+                                  f(1.0 - lr * wd if wd else 1.0), f(lr / c1))
         w = self.scratch(p.shape, p.dtype)
         m *= b1
         np.multiply(g, 1.0 - b1, out=w)
@@ -231,7 +252,7 @@ class NumpyOps(Ops):
         g *= 1.0 - b2
         v += g
         np.sqrt(v, out=w)
-        w *= 1.0 / np.sqrt(c2)
+        w *= 1.0 / math.sqrt(c2)  # a Python float: the multiply stays in the arena's dtype
         w += eps
         np.divide(m, w, out=w)  # w = m_hat / (sqrt(v_hat) + eps), up to the 1/c1 below
         if applies(wd):

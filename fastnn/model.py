@@ -349,18 +349,17 @@ class MLP:
         return self.ops.to_host(xp.concatenate(parts)).astype(np.int64)
 
     def predict_proba(self, x, batch_size=10000) -> np.ndarray:
-        """Class probabilities (N, K) float64 (computed in the model dtype) for inputs x (N, D):
-        the softmax of the logits (xent), or the sigmoid outputs scaled to sum to 1 (mse), by the
-        loss kernels' ``probabilities``; a stack's (K_models, N, K)."""
+        """Class probabilities (N, K) float64 for inputs x (N, D): the softmax of the logits
+        (xent), or the sigmoid outputs scaled to sum to 1 (mse), by the loss kernels'
+        ``probabilities`` in float64 (each row's, whatever else is in its batch); a stack's
+        (K_models, N, K)."""
         parts = []
         for ws in self._batches(x, None, batch_size):
             out = self.forward(ws)
-            proba = self.ops.xp.empty_like(out)
+            proba = self.ops.xp.empty(out.shape, np.float64)
             self.ops.probabilities(out, self.loss, proba)
             parts.append(self.ops.to_host(proba))
-        proba = np.concatenate(parts, axis=-2).astype(np.float64)
-        proba /= proba.sum(axis=-1, keepdims=True)  # rows that sum to 1 in float64 too
-        return proba
+        return np.concatenate(parts, axis=-2)
 
     def evaluate(self, x, y, batch_size=10000) -> dict:
         """``{"loss": mean loss, "accuracy": fraction correct}`` over (x, y), in large batches.

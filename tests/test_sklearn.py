@@ -12,6 +12,7 @@ from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import MinMaxScaler  # noqa: E402
 from sklearn.utils.estimator_checks import (  # noqa: E402
+    check_methods_subset_invariance,
     check_sample_weight_equivalence_on_dense_data,
     parametrize_with_checks,
 )
@@ -22,10 +23,20 @@ MINIBATCH_WEIGHTS = ("minibatch training: weighted samples and repeated samples 
                      "checked with full batches in test_sample_weights_equal_repeated_samples_with_full_batches")
 
 
+FLOAT32_ROWS = ("float32: BLAS computes a lone row's product (GEMV) in another order than a batch's (GEMM), "
+                "so one row's probabilities may differ from the batch's by about 1e-7; checked in float64 in "
+                "test_methods_are_invariant_to_subsets_in_float64")
+
+
 @parametrize_with_checks([MLPClassifier(max_iter=50)], expected_failed_checks=lambda est: {
-    "check_sample_weight_equivalence_on_dense_data": MINIBATCH_WEIGHTS})
+    "check_sample_weight_equivalence_on_dense_data": MINIBATCH_WEIGHTS,
+    "check_methods_subset_invariance": FLOAT32_ROWS})
 def test_scikit_learns_estimator_checks(estimator, check):
     check(estimator)
+
+
+def test_methods_are_invariant_to_subsets_in_float64():
+    check_methods_subset_invariance("MLPClassifier", MLPClassifier(max_iter=50, dtype="float64"))
 
 
 def test_sample_weights_equal_repeated_samples_with_full_batches():

@@ -200,8 +200,9 @@ class CupyOps(Ops):
             np.int32(mse), np.int32(w is not None), np.int64(sz), np.int64(sy)))
 
     def probabilities(self, out, loss, proba):
-        """The row_loss kernel's probabilities (its want_grad == 2)."""
-        self._row_loss(out, None, proba, None, None, int(loss == "mse"), None, want_grad=2)
+        """The row_loss kernel's probabilities (its want_grad == 2), in proba's dtype."""
+        z = out if out.dtype == proba.dtype else out.astype(proba.dtype)
+        self._row_loss(z, None, proba, None, None, int(loss == "mse"), None, want_grad=2)
 
     def xent(self, logits, y, grad, loss_out, hits_out, w=None):
         if logits.ndim == 3 and w is not None:

@@ -269,13 +269,14 @@ class Ops:
         """Class probabilities from the network's outputs: ``proba = softmax(out)`` for loss "xent"
         (out: logits), or for "mse" the sigmoid outputs, at least the dtype's smallest normal number
         (a row of zeros would divide by 0), scaled to sum to 1. out, proba: (B, K) or a stack's
-        (K_models, B, K), of one dtype. The softmax is xent's, the one its gradient starts from."""
+        (K_models, B, K); computed in proba's dtype (out's, or float64). The softmax is xent's, the
+        one its gradient starts from."""
         xp = self.xp
         if loss == "xent":
             xp.subtract(out, out.max(axis=-1, keepdims=True), out=proba)
             xp.exp(proba, out=proba)
         else:
-            xp.maximum(out, xp.finfo(out.dtype).tiny, out=proba)
+            xp.maximum(out, xp.finfo(proba.dtype).tiny, out=proba)
         proba /= proba.sum(axis=-1, keepdims=True)
 
     def mse(self, out, y, grad, loss_out, hits_out, w=None) -> None:

@@ -54,11 +54,14 @@ def momentum(p, g, v, lr, mu, wd, mu_lr, nesterov):
 
 def adam(p, g, m, v, b1, a1, b2, a2, inv_sqrt_c2, eps, decay, lr_c1):
     """``m = m b1 + g a1``; ``v = v b2 + g^2 a2``; ``p = p decay - m / (sqrt(v) inv_sqrt_c2 + eps) lr_c1``
-    (a1 = 1 - b1, a2 = 1 - b2, the bias corrections c1 = 1 - b1^t, c2 = 1 - b2^t, decay = 1 - lr wd)."""
+    (a1 = 1 - b1, a2 = 1 - b2, the bias corrections c1 = 1 - b1^t, c2 = 1 - b2^t, decay = 1 - lr wd).
+    inv_sqrt_c2 is a float64, and ``sqrt(v) inv_sqrt_c2`` is done in float64 and rounded, as NumPy
+    does with a float64 scalar; every other constant has the arena's dtype."""
     for e in range(p.shape[0]):
         ge = g[e]
         me = m[e] * b1 + ge * a1
         ve = v[e] * b2 + (ge * ge) * a2
         m[e] = me
         v[e] = ve
-        p[e] = p[e] * decay - (me / (math.sqrt(ve) * inv_sqrt_c2 + eps)) * lr_c1
+        root = p.dtype.type(math.sqrt(ve) * inv_sqrt_c2)
+        p[e] = p[e] * decay - (me / (root + eps)) * lr_c1

@@ -215,8 +215,8 @@ class NumpyOps(Ops):
     def momentum(self, p, g, v, lr, mu, wd, nesterov):
         if fused := self._fused(lr, mu, wd):
             t = p.dtype.type
-            return fused.momentum(p.reshape(-1), g.reshape(-1), v.reshape(-1), t(lr), t(mu), t(wd),
-                                      t(mu * lr), bool(nesterov))
+            return fused.momentum(p.reshape(-1), g.reshape(-1), v.reshape(-1), t(lr), t(mu), t(wd), t(mu * lr),
+                                  bool(nesterov))
         if applies(wd):
             t = self.scratch(p.shape, p.dtype)
             np.multiply(p, wd, out=t)
@@ -241,8 +241,8 @@ class NumpyOps(Ops):
         if fused := self._fused(lr, wd):
             f = p.dtype.type
             return fused.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), f(b1), f(1.0 - b1),
-                                  f(b2), f(1.0 - b2), f(1.0 / math.sqrt(c2)), f(eps),
-                                  f(1.0 - lr * wd if wd else 1.0), f(lr / c1))
+                              f(b2), f(1.0 - b2), 1.0 / math.sqrt(c2), f(eps), f(1.0 - lr * wd if wd else 1.0),
+                              f(lr / c1))
         w = self.scratch(p.shape, p.dtype)
         m *= b1
         np.multiply(g, 1.0 - b1, out=w)
@@ -252,7 +252,7 @@ class NumpyOps(Ops):
         g *= 1.0 - b2
         v += g
         np.sqrt(v, out=w)
-        w *= 1.0 / math.sqrt(c2)  # a Python float: the multiply stays in the arena's dtype
+        w *= 1.0 / np.sqrt(c2)  # a NumPy float64: this multiply is done in float64, then rounded
         w += eps
         np.divide(m, w, out=w)  # w = m_hat / (sqrt(v_hat) + eps), up to the 1/c1 below
         if applies(wd):

@@ -426,11 +426,12 @@ def numpy_sequence(monkeypatch):
 def test_fused_cpu_updates_equal_the_ufunc_sequences_bit_for_bit(numpy_sequence, name, wd, dtype):
     def steps(ops):
         rng = np.random.default_rng(5)
-        p, m, v = (rng.standard_normal(1000).astype(dtype) for _ in range(3))
+        n = fastnn.backends.numpy_ops.FUSED_MIN_SIZE  # the smallest arena the fused loops serve
+        p, m, v = (rng.standard_normal(n).astype(dtype) for _ in range(3))
         v = np.abs(v)
         t = np.zeros(1, np.int32)
         for _ in range(4):
-            g = rng.standard_normal(1000).astype(dtype)
+            g = rng.standard_normal(n).astype(dtype)
             if name == "sgd":
                 ops.sgd(p, g, 0.05, wd)
             elif name == "adam":
@@ -439,8 +440,12 @@ def test_fused_cpu_updates_equal_the_ufunc_sequences_bit_for_bit(numpy_sequence,
                 ops.momentum(p, g, v, 0.05, 0.9, wd, name == "nesterov")
         return p, m, v
 
+    arena = np.zeros(fastnn.backends.numpy_ops.FUSED_MIN_SIZE, dtype)
+    assert fastnn.NumpyOps._fused(arena, 0.1, 0.0) is not None  # this arena takes the compiled loops
+    assert fastnn.NumpyOps._fused(arena[1:], 0.1, 0.0) is None  # and a smaller one does not
     fused = steps(fastnn.NumpyOps())
     numpy_sequence()
+    assert fastnn.NumpyOps._fused(arena, 0.1, 0.0) is None
     for a, b in zip(fused, steps(fastnn.NumpyOps())):
         np.testing.assert_array_equal(a, b)
 
@@ -449,7 +454,7 @@ def test_training_with_the_fused_updates_is_the_same_bit_for_bit(numpy_sequence,
     x, y = synthetic[0][:600], synthetic[1][:600]
 
     def train():
-        m = fastnn.MLP([784, 32, 10], seed=3)
+        m = fastnn.MLP([784, 96, 10], seed=3)  # 76330 parameters: the fused updates serve it
         fastnn.fit(m, x, y, epochs=2, batch_size=50, lr=1e-3, optimizer="adam", weight_decay=1e-2)
         return m.params
 

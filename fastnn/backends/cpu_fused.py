@@ -29,7 +29,7 @@ def compiled() -> types.SimpleNamespace | None:
             if os.environ.get("FASTNN_NUMBA", "1") == "0":
                 raise ImportError
             import numba
-        except ImportError:
+        except Exception:  # not installed, or not usable with this NumPy: the NumPy sequences run
             _compiled.append(None)
         else:
             jit = numba.njit(cache=True, nogil=True, error_model="numpy")

@@ -351,7 +351,7 @@ class MLP:
     def predict_proba(self, x, batch_size=10000) -> np.ndarray:
         """Class probabilities (N, K) float64 for inputs x (N, D): the softmax of the logits
         (xent), or the sigmoid outputs scaled to sum to 1 (mse), by the loss kernels'
-        ``probabilities`` in float64 (each row's, whatever else is in its batch); a stack's
+        ``probabilities``, in float64 from the model-dtype outputs; a stack's
         (K_models, N, K)."""
         parts = []
         for ws in self._batches(x, None, batch_size):

@@ -43,6 +43,15 @@ sys.path.insert(0, str(REPO))
 PARTS = ("env", "tests", "sanitize", "bench", "stack")
 BATCHES = (1, 255, 256, 257, 10000)
 KEEP_FOR_EACH_LATER_PART = 60  # seconds of --budget that a part leaves to each part after it
+PER_TEST_SECONDS = 120  # with pytest-timeout installed, a test or benchmark case that hangs fails alone
+
+
+def per_test_timeout() -> list[str]:
+    """pytest flags that fail any one test after PER_TEST_SECONDS, where pytest-timeout is installed:
+    the part goes on and pytest-benchmark still writes the JSON of the cases that ran."""
+    import importlib.util
+
+    return ["--timeout", str(PER_TEST_SECONDS)] if importlib.util.find_spec("pytest_timeout") else []
 
 
 def run_kernels() -> None:
@@ -171,7 +180,8 @@ def main() -> int:
             codes = {"env.txt": environment(a.out)}
         elif part == "tests":
             codes = {"pytest-gpu.log": sh([py, "-m", "pytest", "-m", "gpu", "tests/", "-q", "-rs", "-p",
-                                           "no:cacheprovider"], a.out / "pytest-gpu.log", env, limit)}
+                                           "no:cacheprovider", *per_test_timeout()], a.out / "pytest-gpu.log",
+                                          env, limit)}
         elif part == "sanitize":
             codes = {f"sanitizer-{tool}.log": sh(["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
                                                   py, __file__, "--kernels"], a.out / f"sanitizer-{tool}.log", env,
@@ -183,7 +193,7 @@ def main() -> int:
             files = ["benchmarks/", "--ignore=benchmarks/test_stack_speed.py"] if part == "bench" else \
                 ["benchmarks/test_stack_speed.py"]
             codes = {f"{name}.json": sh([py, "-m", "pytest", *files, "--benchmark-only", "-k", "gpu",
-                                         "-p", "no:cacheprovider", f"--benchmark-json={js}"],
+                                         "-p", "no:cacheprovider", f"--benchmark-json={js}", *per_test_timeout()],
                                         a.out / f"{name}.log", env, limit)}
             if js.exists():
                 report = [py, "scripts/bench_report.py", str(js), "--out", str(a.out / f"{name}.md")]

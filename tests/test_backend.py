@@ -441,11 +441,12 @@ def test_fused_cpu_updates_equal_the_ufunc_sequences_bit_for_bit(numpy_sequence,
         return p, m, v
 
     arena = np.zeros(fastnn.backends.numpy_ops.FUSED_MIN_SIZE, dtype)
-    assert fastnn.NumpyOps._fused(arena, 0.1, 0.0) is not None  # this arena takes the compiled loops
-    assert fastnn.NumpyOps._fused(arena[1:], 0.1, 0.0) is None  # and a smaller one does not
+    assert fastnn.NumpyOps._fused((arena,), 0.1, 0.0) is not None  # this arena takes the compiled loops
+    assert fastnn.NumpyOps._fused((arena[1:],), 0.1, 0.0) is None  # a smaller one does not,
+    assert fastnn.NumpyOps._fused((np.zeros((len(arena), 2), dtype)[:, 0],), 0.1, 0.0) is None  # nor a strided one
     fused = steps(fastnn.NumpyOps())
     numpy_sequence()
-    assert fastnn.NumpyOps._fused(arena, 0.1, 0.0) is None
+    assert fastnn.NumpyOps._fused((arena,), 0.1, 0.0) is None
     for a, b in zip(fused, steps(fastnn.NumpyOps())):
         np.testing.assert_array_equal(a, b)
 

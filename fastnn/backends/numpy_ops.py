@@ -202,16 +202,18 @@ class NumpyOps(Ops):
             grad *= 2.0 / (b * k)
 
     @staticmethod
-    def _fused(p, *hyperparameters):
-        """``cpu_fused``'s compiled one-pass updates, for an arena p of at least FUSED_MIN_SIZE
-        parameters, when Numba is installed and every hyperparameter is one float (a stack's
-        per-model (K, 1) arrays take the NumPy sequence); else None."""
-        if p.size < FUSED_MIN_SIZE or not all(isinstance(h, float) for h in hyperparameters):
+    def _fused(arrays, *hyperparameters):
+        """``cpu_fused``'s compiled one-pass updates, for contiguous arenas (the loops write through
+        flat views) of at least FUSED_MIN_SIZE parameters, when Numba is installed and every
+        hyperparameter is one float (a stack's per-model (K, 1) arrays take the NumPy sequence);
+        else None."""
+        if (arrays[0].size < FUSED_MIN_SIZE or not all(a.flags.c_contiguous for a in arrays)
+                or not all(isinstance(h, float) for h in hyperparameters)):
             return None
         return cpu_fused.compiled()
 
     def sgd(self, p, g, lr, wd):
-        if fused := self._fused(p, lr, wd):
+        if fused := self._fused((p, g), lr, wd):
             t = p.dtype.type
             return fused.sgd(p.reshape(-1), g.reshape(-1), t(1.0 - lr * wd if wd else 1.0), t(lr))
         if applies(wd):
@@ -220,7 +222,7 @@ class NumpyOps(Ops):
         p -= g
 
     def momentum(self, p, g, v, lr, mu, wd, nesterov):
-        if fused := self._fused(p, lr, mu, wd):
+        if fused := self._fused((p, g, v), lr, mu, wd):
             t = p.dtype.type
             return fused.momentum(p.reshape(-1), g.reshape(-1), v.reshape(-1), t(lr), t(mu), t(wd), t(mu * lr),
                                   bool(nesterov))
@@ -245,7 +247,7 @@ class NumpyOps(Ops):
         step = int(t[0])
         c1 = 1.0 - b1 ** step
         c2 = 1.0 - b2 ** step
-        if fused := self._fused(p, lr, wd):
+        if fused := self._fused((p, g, m, v), lr, wd):
             f = p.dtype.type
             return fused.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), f(b1), f(1.0 - b1),
                               f(b2), f(1.0 - b2), 1.0 / math.sqrt(c2), f(eps), f(1.0 - lr * wd if wd else 1.0),

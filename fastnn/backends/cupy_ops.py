@@ -192,12 +192,13 @@ class CupyOps(Ops):
         (z0, sz), (g0, _) = _part(z, 2), _part(grad if grad is not None else z, 2)  # g never written with 0
         y0, sy = _part(y, 1) if y is not None else (self.constant("zeros", 1, np.int32), 0)  # not read with 2
         b, k = z0.shape
-        counts = self.constant("zeros", _models(z), np.int32)
         weights = w if w is not None else z0  # never read when weighted == 0
+        if hits_out is None:  # probabilities: no loss or hits written
+            loss_out, hits_out = z0, self.constant("zeros", _models(z), np.int32)
         _typed("row_loss", z.dtype)((_models(z),), (THREADS,), (
-            z0, y0, weights, g0, z0 if loss_out is None else loss_out, counts if hits_out is None else hits_out,
-            np.int32(b), np.int32(k), np.int32(grad is not None if want_grad is None else want_grad),
-            np.int32(mse), np.int32(w is not None), np.int64(sz), np.int64(sy)))
+            z0, y0, weights, g0, loss_out, hits_out, np.int32(b), np.int32(k),
+            np.int32(grad is not None if want_grad is None else want_grad), np.int32(mse), np.int32(w is not None),
+            np.int64(sz), np.int64(sy)))
 
     def probabilities(self, out, loss, proba):
         """The row_loss kernel's probabilities (its want_grad == 2), in proba's dtype."""

@@ -251,33 +251,37 @@ class Ops:
         """
         xp = self.xp
         at = self._at_labels(logits, y)
-        m = logits.max(axis=-1, keepdims=True)
-        z = logits - m
-        e = xp.exp(z)
-        s = e.sum(axis=-1, keepdims=True)
+        z, e, s = self._softmax_parts(logits)
         losses = xp.log(s)[..., 0] - z[at]
         loss_out[...] = (losses if w is None else losses * w).sum(axis=-1)
         hits_out[...] = (logits.argmax(axis=-1) == y).sum(axis=-1)
         if grad is not None:
-            self.probabilities(logits, "xent", grad)
+            xp.divide(e, s, out=grad)  # the softmax
             grad[at] -= 1.0
             grad *= 1.0 / logits.shape[-2]
             if w is not None:
                 grad *= w[..., None]
 
+    def _softmax_parts(self, logits) -> tuple:
+        """``(z, e, s)``: the logits less their row maximum, ``exp(z)`` and its row sums (..., 1), of
+        which xent's loss and gradient and the probabilities are made (softmax = e / s)."""
+        z = logits - logits.max(axis=-1, keepdims=True)
+        e = self.xp.exp(z)
+        return z, e, e.sum(axis=-1, keepdims=True)
+
     def probabilities(self, out, loss: str, proba) -> None:
         """Class probabilities from the network's outputs: ``proba = softmax(out)`` for loss "xent"
         (out: logits), or for "mse" the sigmoid outputs, at least the dtype's smallest normal number
         (a row of zeros would divide by 0), scaled to sum to 1. out, proba: (B, K) or a stack's
-        (K_models, B, K); computed in proba's dtype (out's, or float64). The softmax is xent's, the
-        one its gradient starts from."""
+        (K_models, B, K); computed in proba's dtype (out's, or float64). The softmax is xent's
+        (``_softmax_parts``)."""
         xp = self.xp
         if loss == "xent":
-            xp.subtract(out, out.max(axis=-1, keepdims=True), out=proba)
-            xp.exp(proba, out=proba)
+            _, e, s = self._softmax_parts(out.astype(proba.dtype, copy=False))
+            xp.divide(e, s, out=proba)
         else:
             xp.maximum(out, xp.finfo(proba.dtype).tiny, out=proba)
-        proba /= proba.sum(axis=-1, keepdims=True)
+            proba /= proba.sum(axis=-1, keepdims=True)
 
     def mse(self, out, y, grad, loss_out, hits_out, w=None) -> None:
         """Mean squared error of sigmoid outputs against one-hot targets.

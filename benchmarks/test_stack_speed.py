@@ -26,7 +26,7 @@ import pytest
 from conftest import N_EPOCH, require_gpu
 
 import fastnn
-from fastnn.train import _graph_or_none
+from fastnn.loop import DeviceData, capture_step
 
 # JAX takes 75% of the GPU's memory at import unless told not to; CuPy and PyTorch share the GPU here
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -42,7 +42,8 @@ class StackEpoch:
         self.opt = fastnn.make_optimizer("sgd", self.stack, 0.01)
         self.x, self.y = self.stack.to_device(x, y)
         self.rng = np.random.default_rng(0)
-        self.graph = _graph_or_none(self.stack, self.opt, self.x, self.y, BATCH) if cuda_graph else None
+        data = DeviceData(self.x, self.y, None, None)
+        self.graph = capture_step(self.stack, self.opt, data, BATCH) if cuda_graph else None
 
     def __call__(self):  # one synchronisation at the end, when it reads the losses
         fastnn.train_epoch(self.stack, self.opt, self.x, self.y, BATCH, self.rng, graph=self.graph)

@@ -55,7 +55,7 @@ class FastnnEpoch:
         if cuda_graph:
             from functools import partial
 
-            from fastnn.backends.cuda_graph import CapturedStep
+            from fastnn.cuda_graph import CapturedStep
 
             step = partial(fastnn.train_step, self.model, self.opt, self.x, self.y)
             self.graph = CapturedStep(step, self.model, self.opt, n, batch)

@@ -16,12 +16,13 @@ from .backends import NumpyOps, Ops, cuda_status, get_ops, set_tf32
 from .diagnose import EpochMonitor, Finding, diagnose
 from .errors import ConfigError, DataError, DeviceError, DivergedError, FastnnError
 from .gradcheck import GradReport, check_gradients, gradcheck
+from .loop import train_epoch, train_step
 from .lrfind import lr_find
 from .model import MLP
 from .optim import SGD, Adam, Momentum, Optimizer, make_optimizer
 from .preprocessing import Preprocessing
 from .stack import ModelStack, fit_many
-from .train import fit, train_epoch, train_step
+from .train import fit
 
 __version__ = "0.1.0"
 

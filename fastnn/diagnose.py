@@ -22,10 +22,10 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 from .gradcheck import check_gradients, gradcheck
+from .loop import train_step
 from .lrfind import lr_find
 from .model import MLP
 from .optim import make_optimizer
-from .train import train_step
 
 SEVERITIES = ("info", "warning", "error")
 

@@ -13,9 +13,9 @@ import math
 import numpy as np
 
 from .errors import ConfigError
+from .loop import train_step
 from .model import MLP
 from .optim import make_optimizer
-from .train import train_step
 
 SMOOTHING = 0.98  # exponential moving average of the batch losses, bias-corrected (as fastai)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of the best one

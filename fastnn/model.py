@@ -33,7 +33,7 @@ LOSSES = ("xent", "mse")
 INITS = ("xavier", "glorot", "he", "normal")
 
 
-def _dropout_rates(dropout, n_hidden: int) -> list[float]:
+def dropout_rates(dropout, n_hidden: int) -> list[float]:
     """One dropout probability per hidden layer, from one for all or a list; ConfigError if invalid."""
     rates = [dropout] * n_hidden if np.isscalar(dropout) else list(dropout)
     if len(rates) != n_hidden or not all(isinstance(p, (int, float)) and 0 <= p < 1 for p in rates):
@@ -107,7 +107,7 @@ class MLP:
             raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
         if loss == "xent" and sizes[-1] < 2:
             raise ConfigError("softmax cross-entropy needs at least 2 output classes")
-        self.dropout = _dropout_rates(dropout, len(sizes) - 2)
+        self.dropout = dropout_rates(dropout, len(sizes) - 2)
         self.sizes = sizes
         self.activation = activation
         self.loss = loss

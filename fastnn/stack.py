@@ -22,10 +22,10 @@ import numpy as np
 from . import npzfile
 from .backends import Dropout
 from .errors import ConfigError, DataError
-from .model import MLP, _dropout_rates
+from .loop import EpochLoop, prepare
+from .model import MLP, dropout_rates
 from .optim import make_optimizer
 from .preprocessing import Preprocessing
-from .train import _check_fit_args, _graph_or_none, _hold_out, _sample_weights, cosine_lr, train_epoch
 
 STACK_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
@@ -51,7 +51,7 @@ class ModelStack(MLP):
         if len(per_model) != len(seeds):
             raise ConfigError(f"dropout must be one rate or one entry per model ({len(seeds)}), got {dropout!r}")
         super().__init__(sizes, activation, loss, init, device, dtype, seed=seeds[0])
-        self.dropouts = np.array([_dropout_rates(d, n_hidden) for d in per_model]).reshape(len(seeds), n_hidden)
+        self.dropouts = np.array([dropout_rates(d, n_hidden) for d in per_model]).reshape(len(seeds), n_hidden)
         self.seeds = seeds
         self.ids = list(range(len(seeds)))
         self.history: dict[int, list[dict]] = {}
@@ -216,22 +216,16 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     seeds = [_seed(s) for s in (seed if per_model_order else [seed])]
     if per_model_order and len(seeds) != stack.n_models:
         raise ConfigError(f"seed must be one int, or one per model ({stack.n_models}), got {len(seeds)}")
-    x_dev, y_dev, val_dev, w_dev = _upload(stack, x, y, x_val, y_val, validation_split, seeds[0], batch_size,
-                                           epochs, lr_schedule, sample_weight, class_weight)
+    data = prepare(stack, x, y, batch_size=int(batch_size), epochs=epochs, lr_schedule=lr_schedule, x_val=x_val,
+                   y_val=y_val, validation_split=validation_split, split_seed=seeds[0],
+                   sample_weight=sample_weight, class_weight=class_weight)
     opt = make_optimizer(optimizer, stack, lr, momentum, weight_decay)
-    base_lr = opt.lr
     rngs = [np.random.default_rng(s) for s in seeds]
+    loop = EpochLoop(stack, opt, data, epochs, batch_size, lr_schedule, rngs if per_model_order else rngs[0],
+                     cuda_graph)
     history = stack.history = {i: [] for i in stack.ids}
-    graph = None
-    for epoch in range(1, int(epochs) + 1):
-        if cuda_graph and graph is None:  # again after models leave the stack: its arrays are new
-            graph = _graph_or_none(stack, opt, x_dev, y_dev, int(batch_size), w_dev, per_model_order)
-        opt.lr = cosine_lr(base_lr, epoch, epochs) if lr_schedule == "cosine" else base_lr
-        with np.errstate(over="ignore", invalid="ignore"):
-            res = train_epoch(stack, opt, x_dev, y_dev, int(batch_size), rngs if per_model_order else rngs[0],
-                              graph=graph, w_dev=w_dev)
-            val = stack.evaluate_device(*val_dev) if val_dev is not None else None
-        records = _epoch_records(stack, opt, epoch, res, val)
+    for epoch, result, val in loop.run():
+        records = _epoch_records(stack, opt, epoch, result, val)
         for rec in records:
             history[rec["model"]].append(rec)
         if verbose:
@@ -244,23 +238,8 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
         if stop:
             rows = [k for k, i in enumerate(stack.ids) if i not in stop]
             _keep(stack, opt, rows)
-            graph = None
-            base_lr = base_lr if isinstance(base_lr, float) else base_lr[stack.ops.asarray(np.array(rows))]
-            if per_model_order:
-                rngs = [rngs[k] for k in rows]
+            loop.keep(rows)
     return history
-
-
-def _upload(stack, x, y, x_val, y_val, validation_split, split_seed, batch_size, epochs, lr_schedule,
-            sample_weight, class_weight) -> tuple:
-    """The training and validation data and the loss weights (or None) on the stack's device, checked
-    as ``fit`` checks them."""
-    if validation_split:
-        x, y, x_val, y_val, sample_weight = _hold_out(x, y, x_val, validation_split, split_seed, sample_weight)
-    _check_fit_args(int(batch_size), epochs, lr_schedule, x_val, y_val, None)
-    val_dev = None if x_val is None else stack.to_device(x_val, y_val, name="x_val")
-    x_dev, y_dev = stack.to_device(x, y)
-    return x_dev, y_dev, val_dev, _sample_weights(stack, np.asarray(y), sample_weight, class_weight)
 
 
 def _epoch_records(stack: ModelStack, opt, epoch: int, res: dict, val: dict | None) -> list[dict]:

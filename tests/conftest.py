@@ -130,7 +130,7 @@ def cupy_ops():
 
 
 _MISSING = object()
-_EMULATED_MODULES = ("cupy", "fastnn.backends.cupy_ops", "fastnn.backends.cuda_graph")
+_EMULATED_MODULES = ("cupy", "fastnn.backends.cupy_ops", "fastnn.cuda_graph")
 
 
 @pytest.fixture

@@ -311,7 +311,7 @@ def test_a_file_of_a_newer_format_version_is_refused(tmp_path):
 
 
 def test_stratified_split_is_disjoint_stratified_and_seeded():
-    from fastnn.train import stratified_split
+    from fastnn.loop import stratified_split
 
     y = np.repeat(np.arange(4), [100, 50, 10, 2])
     tr, va = stratified_split(y, 0.1, seed=3)
@@ -327,7 +327,7 @@ def test_fit_holds_out_a_validation_split(synthetic):
     m = fastnn.MLP([784, 16, 10], seed=1)
     hist = fastnn.fit(m, x, y, epochs=1, lr=0.05, validation_split=0.2, seed=2)
     assert hist[0]["val_accuracy"] is not None
-    from fastnn.train import stratified_split
+    from fastnn.loop import stratified_split
 
     tr, va = stratified_split(y, 0.2, seed=2)
     assert hist[0]["val_loss"] == pytest.approx(m.evaluate(x[va], y[va])["loss"], rel=1e-6)
@@ -421,7 +421,7 @@ def test_lr_find_leaves_the_model_alone_and_suggests_a_rate_on_the_falling_slope
 
 
 def test_balanced_class_weights_are_scikit_learns():
-    from fastnn.train import class_weights
+    from fastnn.loop import class_weights
 
     y = np.array([0] * 6 + [1] * 3 + [2])
     np.testing.assert_allclose(class_weights(y, "balanced", 3), [10 / 18, 10 / 9, 10 / 3])

@@ -1,6 +1,6 @@
 """CuPy backend: the training step as fastnn's own CUDA kernels (``kernels.cu``).
 
-This module and ``cuda_graph.py`` beside it are the only ones that import CuPy.
+This module and ``fastnn/cuda_graph.py`` (the captured training step) are the only ones that import CuPy.
 Every kernel of the training step is in ``kernels.cu``, one RawModule compiled
 by NVRTC on first use: the three GEMMs of a layer carry their epilogues (bias +
 activation; activation backward; bias gradient), so a step of an L-layer network

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING
 import cupy as cp
 import numpy as np
 
-from .cupy_ops import kernel
+from .backends.cupy_ops import kernel
 
 if TYPE_CHECKING:
-    from ..model import MLP, Workspace
-    from ..optim import Optimizer
+    from .model import MLP, Workspace
+    from .optim import Optimizer
 
 
 # step(ws, idx): one training step on rows idx of the device data, batch buffers in ws
@@ -48,7 +48,7 @@ StepFn = Callable[["Workspace", object], None]
 class CapturedStep:
     """The training step at batch size ``batch`` over ``n`` device samples, as a CUDA graph.
 
-    step: the eager step (``fastnn.train.train_step`` bound to the model, optimizer
+    step: the eager step (``fastnn.loop.train_step`` bound to the model, optimizer
     and data); model, opt: what it updates (their state is restored after the warm-up);
     per_model: a stack trained with one batch order per model.
     """

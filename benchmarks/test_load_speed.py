@@ -10,7 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from fastnn.datasets import read_csv
+from fastnn.readers import read_csv
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fastnn import DataError
-from fastnn.datasets import IDX_FILES, load, read_csv, read_idx
+from fastnn.datasets import IDX_FILES, load
+from fastnn.readers import read_csv, read_idx
 
 
 def idx_bytes(a: np.ndarray) -> bytes:
@@ -353,7 +354,7 @@ def test_headers_with_and_without_labels_and_a_byte_order_mark(tmp_path, prefix)
 
 
 def test_predict_and_training_read_csv_alike(tmp_path):
-    from fastnn.datasets import read_images
+    from fastnn.readers import read_images
 
     images = np.random.default_rng(2).integers(0, 256, (3, 9))
     p = tmp_path / "t.csv"
@@ -364,3 +365,21 @@ def test_predict_and_training_read_csv_alike(tmp_path):
     (tmp_path / "r.csv").write_text("label,a,b,c,d\n1,2,3,4,5\n1,2,3\n")
     with pytest.raises(DataError, match="r.csv: line 3 has 3 fields, expected 5"):
         read_images(tmp_path / "r.csv")
+
+
+def test_the_readers_and_the_download_stay_importable_from_datasets():
+    """fastnn.cli and older code reach the readers through ``fastnn.datasets``; readers.py
+    itself must not import datasets (the split would be a cycle)."""
+    import ast
+    from pathlib import Path
+
+    from fastnn import datasets, download, readers
+
+    for name in ("read_idx", "read_csv", "read_images", "read_npz", "read_pickle", "flatten_images", "check_labels"):
+        assert getattr(datasets, name) is getattr(readers, name)
+    assert datasets.download is download.download and datasets.cache_dir is download.cache_dir
+    for module in (readers, download):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for name in [getattr(n, "module", None) or ""] + [a.name for a in n.names]}
+        assert not any(name.split(".")[-1] == "datasets" for name in imported), module.__name__

@@ -8,8 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from fastnn import DataError, datasets
-from fastnn.datasets import IDX_FILES, REGISTRY, download, load
+from fastnn import DataError
+from fastnn.datasets import IDX_FILES, REGISTRY, load
+from fastnn.download import cache_dir, download
 
 
 def idx_gz(a: np.ndarray) -> bytes:
@@ -128,7 +129,7 @@ def test_named_dataset_downloads_into_the_cache_and_reuses_it(server, tmp_path, 
     (tmp_path / "empty").mkdir()  # a data folder without the files: they are downloaded into the cache
     ds = load("mnist", root=tmp_path / "empty", mirrors=mirrors, progress=False)
     np.testing.assert_array_equal(ds.test_labels, arrays["test_labels"])
-    cache = datasets.cache_dir() / "mnist"
+    cache = cache_dir() / "mnist"
     assert sorted(p.name for p in cache.iterdir()) == sorted(s + ".gz" for s in IDX_FILES.values())
     Handler.files.clear()  # offline now: the verified cache is used
     ds2 = load("mnist", mirrors=mirrors, progress=False)
@@ -142,5 +143,5 @@ def test_corrupt_mirror_then_offline_message(server, tmp_path, monkeypatch):
         load("mnist", root=tmp_path, mirrors=[server + "/bad/"], progress=False)
     msg = str(info.value)
     assert "MD5" in msg and "not found in" in msg and "FASTNN_DATA" in msg
-    cache = datasets.cache_dir() / "mnist"
+    cache = cache_dir() / "mnist"
     assert not cache.exists() or list(cache.iterdir()) == []

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastnn  # noqa: E402
-from fastnn import checkpoint, datasets  # noqa: E402
+from fastnn import checkpoint, readers  # noqa: E402
 
 
 def read_image(path):
@@ -110,11 +110,11 @@ def png_bytes():
 
 
 def read_pickle(path):
-    return datasets.read_pickle(path, allow_pickle=True)
+    return readers.read_pickle(path, allow_pickle=True)
 
 
 def read_csv_optional(path):
-    return datasets.read_csv(path, labels="optional")
+    return readers.read_csv(path, labels="optional")
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,8 @@ def valid(tmp_path_factory):
 
 
 READERS = {
-    "idx": ("x.idx", datasets.read_idx), "idx.gz": ("x-idx1-ubyte.gz", datasets.read_idx),
-    "csv": ("x.csv", datasets.read_csv), "npz": ("x.npz", datasets.read_npz),
+    "idx": ("x.idx", readers.read_idx), "idx.gz": ("x-idx1-ubyte.gz", readers.read_idx),
+    "csv": ("x.csv", readers.read_csv), "npz": ("x.npz", readers.read_npz),
     "pickle": ("x.pkl", read_pickle), "png": ("x.png", read_image),
     "model": ("m.npz", fastnn.MLP.load), "checkpoint": ("c.npz", checkpoint.read_checkpoint),
 }
@@ -162,7 +162,7 @@ def test_random_bytes_as_csv_for_prediction(tmp_path, data):
 
 def test_an_idx_header_claiming_4_billion_images_allocates_nothing(tmp_path):
     header = bytes([0, 0, 8, 3]) + np.array([2 ** 32 - 1, 28, 28], ">u4").tobytes()
-    check(datasets.read_idx, tmp_path / "huge.idx", header + bytes(100))
+    check(readers.read_idx, tmp_path / "huge.idx", header + bytes(100))
 
 
 def test_a_pickle_memo_index_of_millions_allocates_nothing(tmp_path):

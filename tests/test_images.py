@@ -10,8 +10,8 @@ from conftest import _read_idx_gz, data_root  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import fastnn  # noqa: E402
-from fastnn.datasets import read_images  # noqa: E402
 from fastnn.images import mnist_style, read_image  # noqa: E402
+from fastnn.readers import read_images  # noqa: E402
 
 
 def photo(digit: np.ndarray, rng, size=(320, 240)) -> bytes:

@@ -6,25 +6,31 @@ writes a graph built with the ``onnx`` package (opset OPSET) and checked by
 preprocessing inside the graph) or float network inputs; a Gemm and the activation per
 layer; outputs ``probabilities`` (N, K) float32 (``model.predict_proba``) and ``label``
 (N,) int64 (``model.predict``). Needs ``pip install 'fastnn[onnx]'``.
+
+The model is taken by its attributes, not its class (this module imports nothing of
+``fastnn.model``, which imports it): ``sizes`` (D, ..., K), ``layer_activations`` (one
+of relu, sigmoid, tanh, linear per layer), ``loss`` (``"xent"``: a softmax of the outputs;
+else the outputs scaled to sum to 1), ``get_params()`` (W0, b0, W1, b1, ... with
+W of shape (fan_in, fan_out) and b of (fan_out,), NumPy arrays), ``classes`` (names,
+stored in the model's metadata when not empty) and, for uint8 input, ``preprocessing``
+(its ``uint8_affine()`` gives the scale and shift of raw pixels).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:  # model.to_onnx imports this module
-    from .model import MLP
-
 OPSET = 17
 ACTIVATION_OPS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}
 
 
-def export_onnx(model: MLP, path, input_type: str = "uint8") -> None:
-    """Write ``model`` to ``path`` as ONNX; input_type ``"uint8"`` (raw pixels) or ``"float"``."""
+def export_onnx(model: Any, path, input_type: str = "uint8") -> None:
+    """Write ``model`` (an ``MLP``, or anything with its attributes: see the module docstring) to
+    ``path`` as ONNX; input_type ``"uint8"`` (raw pixels) or ``"float"``."""
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper

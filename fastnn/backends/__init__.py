@@ -2,12 +2,14 @@
 
 * ``ops.py``: ``Ops``, every kernel written only against ``self.xp``; the oracle.
 * ``numpy_ops.py``: ``NumpyOps(Ops)``, the hot kernels as in-place NumPy sequences.
+* ``cpu_fused.py``: the NumPy backend's optimizer updates (SGD, momentum, Adam) as one
+  loop each, compiled by Numba when it is installed (``fastnn[fast]``), bit for bit those sequences.
 * ``cupy_ops.py``: ``CupyOps(Ops)``, which launches the CUDA kernels of ``kernels.cu``.
 * ``kernels.cu``: every CUDA kernel of the training step (fused GEMMs, loss, optimizers).
-* ``cuda_graph.py``: one training step captured as a CUDA graph and replayed.
 
-Only the two CuPy modules import CuPy, and only when the GPU is asked for:
-``import fastnn`` never needs CUDA. This module picks the backend.
+The CUDA-graph capture of a training step is not a backend: it is ``fastnn.cuda_graph``,
+beside the training loop. Only ``cupy_ops.py`` here imports CuPy, and only when the GPU is
+asked for: ``import fastnn`` never needs CUDA (nor Numba). This module picks the backend.
 """
 
 from __future__ import annotations

@@ -22,11 +22,13 @@ import warnings
 
 import numpy as np
 
+from .config import LR_SCHEDULES, check
 from .errors import ConfigError
 from .model import MLP, Workspace
 from .optim import Optimizer
 
-LR_SCHEDULES = ("constant", "cosine")
+__all__ = ["LR_SCHEDULES", "DeviceData", "EpochLoop", "prepare", "train_step", "train_epoch", "stratified_split",
+           "hold_out", "check_fit_args", "class_weights", "sample_weights", "capture_step", "cosine_lr"]
 
 
 def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, loss_out=None, hits_out=None,
@@ -179,8 +181,7 @@ def stratified_split(y, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.
     (at least one when it has two or more) to validation, chosen by a generator seeded
     with ``seed``, so the same data, fraction and seed always give the same split.
     """
-    if not 0 <= fraction < 1:
-        raise ConfigError(f"the validation fraction must be in [0, 1), got {fraction}")
+    check("val_split", fraction, "the validation fraction")
     y = np.asarray(y)
     rng = np.random.default_rng([seed, 0x5A11])  # its own stream: the batch order's is left alone
     val = []
@@ -205,12 +206,13 @@ def hold_out(x, y, x_val, fraction, seed, sample_weight):
 
 
 def check_fit_args(batch_size, epochs, lr_schedule, x_val, y_val, patience) -> None:
-    """ConfigError for a batch size < 1, epochs < 0, an unknown schedule, half a validation pair,
+    """ConfigError for a setting that breaks its rule (``config.RULES``), half a validation pair,
     or early stopping without validation data."""
-    if batch_size < 1 or int(epochs) < 0:
-        raise ConfigError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"unknown lr_schedule {lr_schedule!r}: choose constant or cosine")
+    check("batch_size", batch_size)
+    check("epochs", epochs)
+    check("lr_schedule", lr_schedule)
+    if patience is not None:
+        check("patience", patience)
     if (x_val is None) != (y_val is None):
         raise ConfigError("give both x_val and y_val, or neither")
     if patience is not None and x_val is None:

@@ -26,19 +26,19 @@ import numpy as np
 
 from . import npzfile
 from .backends import ACTIVATIONS, Dropout, Ops, get_ops, resolve_dtype
+from .config import INITS, LOSSES, RULES, check
 from .errors import ConfigError, DataError
 from .preprocessing import Preprocessing
 
-LOSSES = ("xent", "mse")
-INITS = ("xavier", "glorot", "he", "normal")
+__all__ = ["MLP", "Workspace", "LOSSES", "INITS", "dropout_rates"]
 
 
 def dropout_rates(dropout, n_hidden: int) -> list[float]:
     """One dropout probability per hidden layer, from one for all or a list; ConfigError if invalid."""
     rates = [dropout] * n_hidden if np.isscalar(dropout) else list(dropout)
-    if len(rates) != n_hidden or not all(isinstance(p, (int, float)) and 0 <= p < 1 for p in rates):
-        raise ConfigError(f"dropout must be one probability in [0, 1) or one per hidden layer ({n_hidden}), "
-                          f"got {dropout!r}")
+    if len(rates) != n_hidden or not RULES["dropout"].holds_all(rates):
+        raise ConfigError(f"dropout must be one probability {RULES['dropout'].text} or one per hidden layer "
+                          f"({n_hidden}), got {dropout!r}")
     return [float(p) for p in rates]
 
 
@@ -97,14 +97,9 @@ class MLP:
             raise ConfigError(f"sizes must list at least two positive widths, got {sizes}")
         if activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
-        if loss not in LOSSES:
-            raise ConfigError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
-        if init is None:
-            init = "he" if activation == "relu" else "xavier"
-        if init not in INITS:
-            raise ConfigError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
+        check("loss", loss)
+        init = check("init", ("he" if activation == "relu" else "xavier") if init is None else init)
+        check("seed", seed)
         if loss == "xent" and sizes[-1] < 2:
             raise ConfigError("softmax cross-entropy needs at least 2 output classes")
         self.dropout = dropout_rates(dropout, len(sizes) - 2)
@@ -303,10 +298,7 @@ class MLP:
 
     def clone(self, device=None, dtype=None) -> MLP:
         """A new model with this one's configuration, preprocessing and weights."""
-        c = MLP(self.sizes, self.activation, self.loss, self.init, device=device or self.device,
-                dtype=dtype or self.dtype.name, seed=self.seed, dropout=self.dropout)
-        c.preprocessing = self.preprocessing
-        c.classes = self.classes
+        c = MLP.from_config(self.config(), device or self.device, dtype)
         c.set_params(self.get_params())
         c.step[...] = c.ops.asarray(self.ops.to_host(self.step))
         return c
@@ -399,14 +391,23 @@ class MLP:
                 warnings.warn(f"this model was on the GPU, which is not usable here ({problem}); "
                               "it is loaded on the CPU", RuntimeWarning, stacklevel=2)
                 device = "cpu"
-        self.__init__(cfg["sizes"], cfg["activation"], cfg["loss"], cfg["init"], device=device,
-                      dtype=cfg["dtype"], seed=cfg["seed"], dropout=cfg.get("dropout", 0.0))
-        self.preprocessing = Preprocessing.from_config(cfg)
-        self.classes = cfg.get("classes")
+        self.__dict__.update(MLP.from_config(cfg, device).__dict__)
         self.set_params(state["params"])
         self.step[...] = state.get("step", 0)
 
+    @classmethod
+    def from_config(cls, cfg: dict, device="cpu", dtype=None) -> MLP:
+        """A model of the architecture ``cfg`` (``config()``'s dict, as model files, checkpoints and
+        pickles hold it) with its preprocessing and class names, initialised from its seed, on
+        ``device`` (a name or an ``Ops``), in ``dtype`` (default: the config's)."""
+        model = cls(cfg["sizes"], cfg["activation"], cfg["loss"], cfg["init"], device=device,
+                    dtype=dtype or cfg["dtype"], seed=cfg.get("seed", 0), dropout=cfg.get("dropout", 0.0))
+        model.preprocessing = Preprocessing.from_config(cfg)
+        model.classes = cfg.get("classes")
+        return model
+
     def config(self) -> dict:
+        """The architecture, preprocessing and class names (``from_config`` builds the model back)."""
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed, "dropout": self.dropout,
                 **self.preprocessing.to_config(), "classes": self.classes}
@@ -426,11 +427,7 @@ class MLP:
         """Load a model saved by ``save`` onto ``device``; raises DataError for a bad file."""
         meta, arrays = npzfile.load(path, "fastnn-mlp", "fastnn model file")
         try:
-            model = cls(meta["sizes"], meta["activation"], meta["loss"], meta["init"],
-                        device=device, dtype=meta["dtype"], seed=meta.get("seed", 0),
-                        dropout=meta.get("dropout", 0.0))
-            model.preprocessing = Preprocessing.from_config(meta)
-            model.classes = meta.get("classes")
+            model = cls.from_config(meta, device)
             model.set_params([arrays[f"p{i}"] for i in range(len(model.shapes))])
         except (KeyError, ValueError, TypeError, ConfigError) as exc:
             raise DataError(f"{path}: not a valid fastnn model file ({exc})") from None

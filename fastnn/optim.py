@@ -11,21 +11,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import DEFAULTS, OPTIMIZERS, RULES, check
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # for annotations only: the model module does not import this one
     from .model import MLP
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+__all__ = ["OPTIMIZERS", "Optimizer", "SGD", "Momentum", "Adam", "make_optimizer"]
+WORDS = {"lr": "learning rate", "weight_decay": "weight decay", "momentum": "momentum"}  # as errors name them
 
 
-def hyperparameter(model: MLP, name: str, value, ok, rule: str):
-    """A validated hyperparameter: a float, or for a stack of K models (``model.stack``) given K
-    different values, a (K, 1) device array of the model dtype."""
-    v, stack = np.asarray(value, np.float64), getattr(model, "stack", ())
-    if v.ndim > 1 or (v.ndim == 1 and v.shape != stack) or not np.all(ok(v)):
+def hyperparameter(model: MLP, name: str, value):
+    """A hyperparameter checked by ``config.RULES[name]``: a float, or for a stack of K models
+    (``model.stack``) given K different values, a (K, 1) device array of the model dtype."""
+    stack = getattr(model, "stack", ())
+    try:
+        v = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        v = np.full(2, np.nan)
+    if v.ndim > 1 or (v.ndim == 1 and v.shape != stack) or not RULES[name].holds_all(v.tolist()):
         per = f" (one, or one per model: {stack[0]})" if stack else ""
-        raise ConfigError(f"{name} must be {rule}{per}, got {value!r}")
+        raise ConfigError(f"{WORDS[name]} must be {RULES[name].text}{per}, got {value!r}")
     if not stack or v.ndim == 0 or (v == v.flat[0]).all():  # one value for all: a float, as for one model
         return float(v.flat[0])
     return model.ops.asarray(v.reshape(-1, 1), model.dtype)
@@ -46,8 +52,8 @@ class Optimizer:
     def __init__(self, model: MLP, lr: float, weight_decay: float = 0.0):
         self.model = model
         self.ops = model.ops
-        self.lr = hyperparameter(model, "learning rate", lr, lambda v: v >= 0, ">= 0")
-        self.weight_decay = hyperparameter(model, "weight decay", weight_decay, lambda v: v >= 0, ">= 0")
+        self.lr = hyperparameter(model, "lr", lr)
+        self.weight_decay = hyperparameter(model, "weight_decay", weight_decay)
         self.steps = 0
         self.state = {k: model.ops.xp.zeros_like(model.params) for k in self.state_names}
 
@@ -106,7 +112,7 @@ class Momentum(Optimizer):
     def __init__(self, model: MLP, lr: float, momentum: float = 0.9, nesterov: bool = False,
                  weight_decay: float = 0.0):
         super().__init__(model, lr, weight_decay)
-        self.momentum = hyperparameter(model, "momentum", momentum, lambda v: (v >= 0) & (v < 1), "in [0, 1)")
+        self.momentum = hyperparameter(model, "momentum", momentum)
         self.nesterov = bool(nesterov)
 
     def _update(self, p, g):
@@ -133,13 +139,12 @@ class Adam(Optimizer):
                       self.b2, self.eps, self.weight_decay)
 
 
-def make_optimizer(name: str, model: MLP, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> Optimizer:
+def make_optimizer(name: str, model: MLP, lr: float = DEFAULTS.lr, momentum: float = DEFAULTS.momentum,
+                   weight_decay: float = DEFAULTS.weight_decay) -> Optimizer:
     """``"sgd"``, ``"momentum"``, ``"nesterov"`` or ``"adam"`` -> an optimizer for ``model``."""
+    check("optimizer", name)
     if name == "sgd":
         return SGD(model, lr, weight_decay)
     if name in ("momentum", "nesterov"):
         return Momentum(model, lr, momentum, nesterov=name == "nesterov", weight_decay=weight_decay)
-    if name == "adam":
-        return Adam(model, lr, weight_decay=weight_decay)
-    raise ConfigError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    return Adam(model, lr, weight_decay=weight_decay)

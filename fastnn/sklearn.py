@@ -95,7 +95,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                       lr=self.learning_rate_init, optimizer=SOLVERS[self.solver], momentum=self.momentum,
                       weight_decay=self.alpha, sample_weight=sample_weight, class_weight=self._class_weight(),
                       validation_split=self.validation_fraction if stop else None,
-                      patience=self.n_iter_no_change if stop else None, verbose=int(bool(self.verbose)))
+                      patience=self.n_iter_no_change if stop else None, verbose=int(bool(self.verbose)),
+                      lr_schedule="constant")  # scikit-learn's learning_rate='constant'
         self.loss_curve_ = getattr(self, "loss_curve_", [])[:0 if epochs > 1 else None] + [
             h["train_loss"] for h in history]
         self.validation_scores_ = [h["val_accuracy"] for h in history] if stop else None

@@ -19,15 +19,14 @@ import math
 
 import numpy as np
 
-from . import npzfile
+from . import config, npzfile
 from .backends import Dropout
+from .config import DEFAULTS
 from .errors import ConfigError, DataError
 from .loop import EpochLoop, prepare
 from .model import MLP, dropout_rates
 from .optim import make_optimizer
 from .preprocessing import Preprocessing
-
-STACK_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
 
 class ModelStack(MLP):
@@ -104,9 +103,8 @@ class ModelStack(MLP):
     def model(self, model_id: int) -> MLP:
         """The model with this id (``ids``; ``best()`` returns one) as a standalone ``MLP``, on the same device."""
         k = self.row(model_id)
-        m = MLP(self.sizes, self.activation, self.loss, self.init, device=self.device, dtype=self.dtype.name,
-                seed=_seed(self.seeds[k]), dropout=[float(p) for p in self.dropouts[k]])
-        m.preprocessing, m.classes = self.preprocessing, self.classes
+        own = {"seed": _seed(self.seeds[k]), "dropout": [float(p) for p in self.dropouts[k]]}
+        m = MLP.from_config({**self.config(), **own}, self.device)
         m.set_params(self.get_params(model_id))
         m.step[...] = m.ops.asarray(self.ops.to_host(self.step))
         return m
@@ -190,11 +188,12 @@ def _seed(s) -> int:
     return int(s)
 
 
-def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9,
-             weight_decay=0.0, x_val=None, y_val=None, validation_split=None, seed=0, lr_schedule="constant",
+def fit_many(stack: ModelStack, x, y, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=DEFAULTS.lr,
+             optimizer=DEFAULTS.optimizer, momentum=DEFAULTS.momentum, weight_decay=DEFAULTS.weight_decay,
+             x_val=None, y_val=None, validation_split=None, seed=DEFAULTS.seed, lr_schedule=DEFAULTS.lr_schedule,
              on_epoch=None, verbose=0, cuda_graph=False, sample_weight=None,
              class_weight=None) -> dict[int, list[dict]]:
-    """Train every model of ``stack`` on x (N, D), y (N,) at once, as ``fit`` trains one.
+    """Train every model of ``stack`` on x (N, D), y (N,) at once, as ``fit`` trains one (same defaults).
 
     lr, momentum, weight_decay: one value for all models or one per model (K values).
     seed: an int gives every model the same batch order (one gather per step serves all);
@@ -210,8 +209,7 @@ def fit_many(stack: ModelStack, x, y, epochs=10, batch_size=128, lr=0.1, optimiz
     Returns (and keeps in ``stack.history``) ``{model id: [record per epoch]}``; a record has
     ``epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, seconds`` for that model.
     """
-    if optimizer not in STACK_OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(STACK_OPTIMIZERS)}")
+    config.check("optimizer", optimizer)
     per_model_order = not np.isscalar(seed)
     seeds = [_seed(s) for s in (seed if per_model_order else [seed])]
     if per_model_order and len(seeds) != stack.n_models:

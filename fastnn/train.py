@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from .config import DEFAULTS
 from .errors import ConfigError, DivergedError
 from .loop import LR_SCHEDULES, EpochLoop, prepare, stratified_split, train_epoch, train_step
 from .model import MLP
@@ -20,15 +21,18 @@ from .optim import Optimizer, make_optimizer
 __all__ = ["fit", "train_step", "train_epoch", "stratified_split", "EarlyStopping", "LR_SCHEDULES"]
 
 
-def fit(model: MLP, x, y, epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=None,
-        weight_decay=None, per_sample=False, x_val=None, y_val=None, seed=0, lr_schedule="constant",
-        patience=None, on_epoch=None, progress=None, rng=None, start_epoch=1, cuda_graph=False,
-        validation_split=None, verbose=0, sample_weight=None, class_weight=None) -> list[dict]:
+def fit(model: MLP, x, y, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=None,
+        optimizer=DEFAULTS.optimizer, momentum=None, weight_decay=None, per_sample=False, x_val=None, y_val=None,
+        seed=DEFAULTS.seed, lr_schedule=DEFAULTS.lr_schedule, patience=None, on_epoch=None, progress=None, rng=None,
+        start_epoch=1, cuda_graph=False, validation_split=None, verbose=0, sample_weight=None,
+        class_weight=None) -> list[dict]:
     """Train ``model`` on x (N, D) float or uint8, y (N,) integer labels.
 
-    optimizer: "sgd", "momentum", "nesterov", "adam" with ``lr`` (default 0.1),
-    ``momentum`` (0.9) and ``weight_decay`` (0); or an ``Optimizer`` instance, which
-    carries its own (giving them here too is a ConfigError).
+    The defaults are ``fastnn train``'s (``config.DEFAULTS``): Adam, lr 1e-3, a cosine
+    schedule, batch 128, 20 epochs.
+    optimizer: "sgd", "momentum", "nesterov", "adam" with ``lr``, ``momentum`` and
+    ``weight_decay`` (defaults ``DEFAULTS.lr``, ``.momentum``, ``.weight_decay``); or an
+    ``Optimizer`` instance, which carries its own (giving them here too is a ConfigError).
     per_sample: batch size 1, an update after every sample (the textbook loop).
     lr_schedule: "constant" or "cosine" (from lr down to 0 over ``epochs``).
     x_val, y_val: validation data, evaluated after every epoch (never the test set:
@@ -141,5 +145,6 @@ def _optimizer(optimizer, model: MLP, lr, momentum, weight_decay) -> Optimizer:
             raise ConfigError(f"fit got an Optimizer instance and {', '.join(given)}: set "
                               f"{'them' if len(given) > 1 else 'it'} on the optimizer instead")
         return optimizer
-    return make_optimizer(optimizer, model, 0.1 if lr is None else lr, 0.9 if momentum is None else momentum,
-                          0.0 if weight_decay is None else weight_decay)
+    return make_optimizer(optimizer, model, DEFAULTS.lr if lr is None else lr,
+                          DEFAULTS.momentum if momentum is None else momentum,
+                          DEFAULTS.weight_decay if weight_decay is None else weight_decay)

@@ -68,21 +68,22 @@ def run_kernels() -> None:
                 m = fastnn.MLP([784, 33, 10], activation="tanh" if loss == "mse" else "relu", loss=loss,
                                device="gpu", dtype=dtype)
                 for b in BATCHES:
-                    fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3, optimizer=opt)
+                    fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3, optimizer=opt, lr_schedule="constant")
                     m.evaluate(x[:b], y[:b], batch_size=b)
                 if opt == "sgd":  # the captured step
-                    fastnn.fit(m, x[:1000], y[:1000], epochs=1, batch_size=256, lr=1e-3, cuda_graph=True)
+                    fastnn.fit(m, x[:1000], y[:1000], epochs=1, batch_size=256, lr=1e-3, cuda_graph=True,
+                               optimizer="sgd", lr_schedule="constant")
         m = fastnn.MLP([784, 33, 10], device=CupyOps("cublas"), dtype=dtype)  # the cuBLAS epilogues
         for b in BATCHES:
-            fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3)
+            fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3, optimizer="sgd", lr_schedule="constant")
         for opt in ("sgd", "momentum", "adam"):  # stacks: models on grid z, per-model hyperparameters and dropout
             for seed in (0, [0, 1, 2]):  # one shared batch order, one per model
                 st = fastnn.ModelStack([784, 33, 10], [0, 1, 2], device="gpu", dtype=dtype, dropout=[0.0, 0.2, 0.5])
                 for b in BATCHES:
                     fastnn.fit_many(st, x[:b], y[:b], epochs=1, batch_size=b, lr=[1e-3, 2e-3, 3e-3], optimizer=opt,
-                                    seed=seed, x_val=x[:b], y_val=y[:b])
+                                    seed=seed, x_val=x[:b], y_val=y[:b], lr_schedule="constant")
                 fastnn.fit_many(st, x[:1000], y[:1000], epochs=1, batch_size=256, lr=[1e-3, 2e-3, 3e-3],
-                                optimizer=opt, seed=seed, cuda_graph=True)
+                                optimizer=opt, seed=seed, cuda_graph=True, lr_schedule="constant")
     m.ops.synchronize()
     print("kernels ran:", len(BATCHES), "batch sizes x 2 dtypes x 2 losses x 3 optimizers, cuBLAS GEMMs, and stacks")
 

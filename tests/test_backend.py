@@ -456,7 +456,8 @@ def test_training_with_the_fused_updates_is_the_same_bit_for_bit(numpy_sequence,
 
     def train():
         m = fastnn.MLP([784, 96, 10], seed=3)  # 76330 parameters: the fused updates serve it
-        fastnn.fit(m, x, y, epochs=2, batch_size=50, lr=1e-3, optimizer="adam", weight_decay=1e-2)
+        fastnn.fit(m, x, y, epochs=2, batch_size=50, lr=1e-3, optimizer="adam", weight_decay=1e-2,
+                   lr_schedule="constant")
         return m.params
 
     fused = train()

@@ -163,7 +163,8 @@ def test_epoch_monitor_flags_a_frozen_collapsed_run(data):
     m.set_params([np.zeros_like(p) for p in m.get_params()])
     mon = fastnn.EpochMonitor(m, xt, yt)
     seen = []
-    fastnn.fit(m, x, y, epochs=2, lr=0.0, x_val=xt, y_val=yt, on_epoch=lambda r: seen.extend(mon(r)))
+    fastnn.fit(m, x, y, epochs=2, lr=0.0, x_val=xt, y_val=yt, on_epoch=lambda r: seen.extend(mon(r)),
+               optimizer="sgd", lr_schedule="constant")
     assert {"no-weight-change", "collapsed-predictions", "loss-at-chance"} <= codes(seen)
     assert len(seen) == len(codes(seen))  # each reported once, not every epoch
 

@@ -18,7 +18,7 @@ import fastnn
 def one_epoch(device, x, y, optimizer="momentum", lr=0.05, cuda_graph=False, batch=128, dtype="float32"):
     m = fastnn.MLP([784, 128, 64, 10], device=device, seed=0, dtype=dtype)
     hist = fastnn.fit(m, x, y, epochs=1, batch_size=batch, lr=lr, optimizer=optimizer, seed=1,
-                      cuda_graph=cuda_graph)
+                      cuda_graph=cuda_graph, lr_schedule="constant")
     return m, hist[0]
 
 
@@ -73,4 +73,5 @@ def test_gpu_model_saves_and_loads_on_the_cpu(synthetic, tmp_path):
 def test_cuda_graph_needs_the_gpu_backend():
     x = np.zeros((10, 4), np.float32)
     with pytest.raises(fastnn.ConfigError, match="CUDA graphs need the GPU backend"):
-        fastnn.fit(fastnn.MLP([4, 2]), x, np.zeros(10, int), epochs=1, cuda_graph=True)
+        fastnn.fit(fastnn.MLP([4, 2]), x, np.zeros(10, int), epochs=1, cuda_graph=True, optimizer="sgd",
+                   lr_schedule="constant", lr=0.1)

@@ -42,7 +42,7 @@ def test_float32_end_to_end_through_an_epoch():
         return out
 
     m.forward = spy
-    fastnn.fit(m, x.astype(np.float64), y, epochs=1, batch_size=16, optimizer="adam", lr=0.01)
+    fastnn.fit(m, x.astype(np.float64), y, epochs=1, batch_size=16, optimizer="adam", lr=0.01, lr_schedule="constant")
     assert seen and set(seen) == {np.dtype(np.float32)}
     assert m.params.dtype == np.float32 and m.grads.dtype == np.float32
     opt = fastnn.make_optimizer("adam", m, 0.01)
@@ -60,7 +60,8 @@ def test_fit_learns_a_toy_problem(optimizer, lr):
     x, y = toy(n=512)
     m = fastnn.MLP([12, 16, 3])
     before = m.evaluate(x, y)
-    hist = fastnn.fit(m, x, y, epochs=20, batch_size=32, lr=lr, optimizer=optimizer, x_val=x, y_val=y)
+    hist = fastnn.fit(m, x, y, epochs=20, batch_size=32, lr=lr, optimizer=optimizer, x_val=x, y_val=y,
+                      lr_schedule="constant")
     assert hist[-1]["train_loss"] < before["loss"] / 3
     assert hist[-1]["val_accuracy"] > 0.95
     keys = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"}
@@ -86,7 +87,7 @@ def manual_sgd(x, y, epochs, batch, lr, seed):
 def test_per_sample_fit_is_one_sgd_step_per_sample_in_shuffled_order():
     x, y = toy(n=20)
     m = fastnn.MLP([12, 6, 3], dtype="float64", seed=4)
-    fastnn.fit(m, x, y, epochs=2, per_sample=True, lr=0.1, seed=7)
+    fastnn.fit(m, x, y, epochs=2, per_sample=True, lr=0.1, seed=7, optimizer="sgd", lr_schedule="constant")
     for a, b in zip(m.get_params(), manual_sgd(x, y, 2, 1, 0.1, 7)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -94,7 +95,8 @@ def test_per_sample_fit_is_one_sgd_step_per_sample_in_shuffled_order():
 def test_batched_fit_equals_manual_minibatch_sgd_with_ragged_last_batch():
     x, y = toy(n=50)
     m = fastnn.MLP([12, 6, 3], dtype="float64", seed=4)
-    fastnn.fit(m, x, y, epochs=1, batch_size=16, lr=0.3, seed=3)  # batches of 16, 16, 16, 2
+    fastnn.fit(m, x, y, epochs=1, batch_size=16, lr=0.3, seed=3, optimizer="sgd",  # batches of 16, 16, 16, 2
+               lr_schedule="constant")
     for a, b in zip(m.get_params(), manual_sgd(x, y, 1, 16, 0.3, 3)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -103,7 +105,8 @@ def test_train_loss_is_mean_over_the_epoch():
     x, y = toy(n=40)
     m = fastnn.MLP([12, 3], dtype="float64")
     ref = fastnn.MLP([12, 3], dtype="float64")
-    hist = fastnn.fit(m, x, y, epochs=1, batch_size=40, lr=0.1)  # one batch: loss before the step
+    hist = fastnn.fit(m, x, y, epochs=1, batch_size=40, lr=0.1, optimizer="sgd",  # one batch: loss before the step
+                      lr_schedule="constant")
     assert hist[0]["train_loss"] == pytest.approx(ref.evaluate(x, y)["loss"], rel=1e-12)
     assert hist[0]["train_accuracy"] == ref.evaluate(x, y)["accuracy"]
 
@@ -118,7 +121,7 @@ def test_uint8_inputs_are_scaled_like_float_inputs():
 def test_predict_and_evaluate_agree():
     x, y = toy(n=300)
     m = fastnn.MLP([12, 8, 3])
-    fastnn.fit(m, x, y, epochs=3, lr=0.1)
+    fastnn.fit(m, x, y, epochs=3, lr=0.1, optimizer="sgd", lr_schedule="constant")
     pred = m.predict(x, batch_size=64)
     assert pred.dtype == np.int64 and pred.shape == (300,)
     ev = m.evaluate(x, y, batch_size=64)
@@ -207,7 +210,7 @@ def test_divergence_is_reported():
     x, y = toy()
     m = fastnn.MLP([12, 8, 3])
     with pytest.raises(fastnn.DivergedError, match="learning rate") as info:
-        fastnn.fit(m, x * 1e4, y, epochs=5, lr=1e30)
+        fastnn.fit(m, x * 1e4, y, epochs=5, lr=1e30, optimizer="sgd", lr_schedule="constant")
     assert len(info.value.history) >= 1
 
 
@@ -216,7 +219,7 @@ def test_fashion_mnist_two_epochs_reaches_85_percent(fashion):
     xtr, ytr, xte, yte = fashion
     m = fastnn.MLP([784, 128, 64, 10], activation="relu")
     hist = fastnn.fit(m, xtr, ytr, epochs=2, batch_size=128, lr=2e-3, optimizer="adam",
-                      x_val=xte, y_val=yte)
+                      x_val=xte, y_val=yte, lr_schedule="constant")
     assert hist[-1]["val_accuracy"] >= 0.85
 
 
@@ -231,7 +234,7 @@ def test_early_stopping_restores_the_best_weights():
 
     # a learning rate this high makes the validation loss go up and down
     hist = fastnn.fit(m, x, y, epochs=40, batch_size=8, lr=2.0, optimizer="sgd", x_val=xv, y_val=yv,
-                      patience=3, on_epoch=record)
+                      patience=3, on_epoch=record, lr_schedule="constant")
     assert hist[-1].get("early_stop") and len(hist) < 40
     best = int(np.argmin([v for v, _ in seen]))
     for a, b in zip(m.get_params(), seen[best][1]):
@@ -241,7 +244,7 @@ def test_early_stopping_restores_the_best_weights():
 
 def test_cosine_schedule():
     x, y = toy()
-    hist = fastnn.fit(fastnn.MLP([12, 3]), x, y, epochs=4, lr=0.2, lr_schedule="cosine")
+    hist = fastnn.fit(fastnn.MLP([12, 3]), x, y, epochs=4, lr=0.2, lr_schedule="cosine", optimizer="sgd")
     assert [round(h["lr"], 6) for h in hist] == [0.2, round(0.1 * (1 + np.cos(np.pi / 4)), 6), 0.1,
                                                  round(0.1 * (1 + np.cos(3 * np.pi / 4)), 6)]
 
@@ -287,8 +290,8 @@ def test_fit_refuses_hyperparameters_beside_an_optimizer_instance():
     m = fastnn.MLP([12, 3])
     opt = fastnn.make_optimizer("momentum", m, lr=0.1)
     with pytest.raises(fastnn.ConfigError, match="fit got an Optimizer instance and lr, weight_decay"):
-        fastnn.fit(m, x, y, epochs=1, optimizer=opt, lr=0.5, weight_decay=0.1)
-    fastnn.fit(m, x, y, epochs=1, optimizer=opt)  # its own lr, 0.1
+        fastnn.fit(m, x, y, epochs=1, optimizer=opt, lr=0.5, weight_decay=0.1, lr_schedule="constant")
+    fastnn.fit(m, x, y, epochs=1, optimizer=opt, lr_schedule="constant")  # its own lr, 0.1
     assert opt.lr == 0.1 and opt.steps == 1
 
 
@@ -325,21 +328,22 @@ def test_stratified_split_is_disjoint_stratified_and_seeded():
 def test_fit_holds_out_a_validation_split(synthetic):
     x, y = synthetic[0][:600], synthetic[1][:600]
     m = fastnn.MLP([784, 16, 10], seed=1)
-    hist = fastnn.fit(m, x, y, epochs=1, lr=0.05, validation_split=0.2, seed=2)
+    hist = fastnn.fit(m, x, y, epochs=1, lr=0.05, validation_split=0.2, seed=2, optimizer="sgd", lr_schedule="constant")
     assert hist[0]["val_accuracy"] is not None
     from fastnn.loop import stratified_split
 
     tr, va = stratified_split(y, 0.2, seed=2)
     assert hist[0]["val_loss"] == pytest.approx(m.evaluate(x[va], y[va])["loss"], rel=1e-6)
     with pytest.raises(fastnn.ConfigError, match="validation_split or x_val/y_val, not both"):
-        fastnn.fit(m, x, y, epochs=1, validation_split=0.2, x_val=x[:5], y_val=y[:5])
+        fastnn.fit(m, x, y, epochs=1, validation_split=0.2, x_val=x[:5], y_val=y[:5], optimizer="sgd",
+                   lr_schedule="constant", lr=0.1)
 
 
 @pytest.mark.parametrize("loss", ["xent", "mse"])
 def test_predict_proba_rows_are_distributions_that_agree_with_predict(synthetic, loss):
     x, y = synthetic[0][:500], synthetic[1][:500]
     m = fastnn.MLP([784, 16, 10], activation="sigmoid", loss=loss, seed=1)
-    fastnn.fit(m, x, y, epochs=1, lr=0.5)
+    fastnn.fit(m, x, y, epochs=1, lr=0.5, optimizer="sgd", lr_schedule="constant")
     p = m.predict_proba(x[:50])
     assert p.shape == (50, 10) and p.dtype == np.float64
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)
@@ -358,15 +362,15 @@ def test_models_and_optimizers_pickle_and_deepcopy(synthetic):
     m.preprocessing = fastnn.Preprocessing(1 / 255, -0.5, 255)
     m.classes = [f"c{i}" for i in range(10)]
     opt = fastnn.make_optimizer("adam", m, 1e-2)
-    fastnn.fit(m, x, y, epochs=1, optimizer=opt)
+    fastnn.fit(m, x, y, epochs=1, optimizer=opt, lr_schedule="constant")
     m2, opt2 = pickle.loads(pickle.dumps((m, opt)))
     assert opt2.model is m2 and opt2.steps == opt.steps and m2.classes == m.classes
     np.testing.assert_array_equal(m2.predict_proba(x), m.predict_proba(x))
     for k in opt.state:
         np.testing.assert_array_equal(opt2.state[k], opt.state[k])
     # both continue identically
-    fastnn.fit(m, x, y, epochs=1, optimizer=opt, seed=3)
-    fastnn.fit(m2, x, y, epochs=1, optimizer=opt2, seed=3)
+    fastnn.fit(m, x, y, epochs=1, optimizer=opt, seed=3, lr_schedule="constant")
+    fastnn.fit(m2, x, y, epochs=1, optimizer=opt2, seed=3, lr_schedule="constant")
     np.testing.assert_array_equal(m2.params, m.params)
     m3 = copy.deepcopy(m)
     m3.params[0] += 1
@@ -434,12 +438,13 @@ def test_fit_with_class_weights_reports_the_weighted_mean_loss(synthetic):
     x, y = synthetic[0][:400], synthetic[1][:400]
     m = fastnn.MLP([784, 16, 10], seed=1)
     w = np.where(y == 3, 5.0, 1.0)
-    fastnn.fit(m, x, y, epochs=1, lr=0.05, sample_weight=w)
+    fastnn.fit(m, x, y, epochs=1, lr=0.05, sample_weight=w, optimizer="sgd", lr_schedule="constant")
     snapshot = m.clone()
-    hist = fastnn.fit(m, x, y, epochs=1, lr=0.0, sample_weight=w)  # lr 0: the loss of fixed weights
+    hist = fastnn.fit(m, x, y, epochs=1, lr=0.0, sample_weight=w, optimizer="sgd",  # lr 0: the loss of fixed weights
+                      lr_schedule="constant")
     losses = []
     for i in range(400):
         losses.append(snapshot.gradients(x[i:i + 1], y[i:i + 1])[0])
     assert hist[0]["train_loss"] == pytest.approx(np.average(losses, weights=w), rel=1e-4)
     with pytest.raises(fastnn.ConfigError, match="finite and >= 0, and not all zero"):
-        fastnn.fit(m, x, y, epochs=1, sample_weight=np.zeros(400))
+        fastnn.fit(m, x, y, epochs=1, sample_weight=np.zeros(400), optimizer="sgd", lr_schedule="constant", lr=0.1)

@@ -86,9 +86,11 @@ def test_weighted_stacked_models_equal_separate_weighted_fits(data, order, weigh
 def test_a_stack_of_one_equals_one_model(data, dtype):
     x, y = data
     st = ModelStack(SIZES, [4], dtype=dtype)
-    hs = fit_many(st, x, y, epochs=2, batch_size=32, lr=0.1, optimizer="momentum", seed=3, x_val=x[:60], y_val=y[:60])
+    hs = fit_many(st, x, y, epochs=2, batch_size=32, lr=0.1, optimizer="momentum", seed=3, x_val=x[:60],
+                  y_val=y[:60], lr_schedule="constant")
     m = MLP(SIZES, seed=4, dtype=dtype)
-    h = fit(m, x, y, epochs=2, batch_size=32, lr=0.1, optimizer="momentum", seed=3, x_val=x[:60], y_val=y[:60])
+    h = fit(m, x, y, epochs=2, batch_size=32, lr=0.1, optimizer="momentum", seed=3, x_val=x[:60],
+            y_val=y[:60], lr_schedule="constant")
     np.testing.assert_array_equal(flat(st.get_params(0)), flat(m.get_params()))
     assert [r["val_loss"] for r in hs[0]] == pytest.approx([r["val_loss"] for r in h], rel=1e-6)
 
@@ -99,7 +101,8 @@ def test_each_models_hyperparameters_reach_it_and_no_other(data):
 
     def run(lr, wd, mu, dropout):
         st = ModelStack(SIZES, SEEDS, dtype=base["dtype"], dropout=dropout)
-        fit_many(st, x, y, epochs=2, batch_size=32, optimizer="momentum", seed=1, lr=lr, weight_decay=wd, momentum=mu)
+        fit_many(st, x, y, epochs=2, batch_size=32, optimizer="momentum", seed=1, lr=lr, weight_decay=wd,
+                 momentum=mu, lr_schedule="constant")
         return [flat(st.get_params(k)) for k in range(3)]
 
     ref = run([0.1, 0.1, 0.1], [0.0] * 3, [0.9] * 3, 0.0)
@@ -132,10 +135,11 @@ def test_stacked_gradients_equal_each_models(data):
 def test_stopped_and_diverged_models_leave_the_others_unchanged(data):
     x, y = data
     full = ModelStack(SIZES, SEEDS, dtype="float64")
-    fit_many(full, x, y, epochs=3, batch_size=32, lr=[0.1, 0.05, 0.1], seed=2)
+    fit_many(full, x, y, epochs=3, batch_size=32, lr=[0.1, 0.05, 0.1], seed=2, optimizer="sgd", lr_schedule="constant")
     st = ModelStack(SIZES, SEEDS, dtype="float64")
     hist = fit_many(st, x, y, epochs=3, batch_size=32, lr=[0.1, 1e300, 0.1], seed=2,  # model 1 diverges
-                    on_epoch=lambda recs: [2] if recs[0]["epoch"] == 1 else [])  # a pruner stops model 2
+                    on_epoch=lambda recs: [2] if recs[0]["epoch"] == 1 else [], optimizer="sgd",
+                        lr_schedule="constant")  # a pruner stops model 2
     assert st.ids == [0] and len(hist[2]) == 1 and hist[1][-1].get("diverged")
     with pytest.raises(ConfigError, match="model 2 is not in the stack"):
         st.model(2)
@@ -147,7 +151,8 @@ def test_stopped_and_diverged_models_leave_the_others_unchanged(data):
 def test_ensemble_prediction_best_model_and_saving(data, tmp_path, capsys):
     x, y = data
     st = ModelStack(SIZES, SEEDS, dropout=DROPOUT)
-    fit_many(st, x, y, epochs=2, batch_size=32, lr=[0.3, 0.0, 0.1], validation_split=0.2, verbose=1)
+    fit_many(st, x, y, epochs=2, batch_size=32, lr=[0.3, 0.0, 0.1], validation_split=0.2, verbose=1,
+             optimizer="sgd", lr_schedule="constant")
     assert "epoch 2/2  3 models  val accuracy: best" in capsys.readouterr().out
     each = st.predict_proba(x, each=True)
     assert each.shape == (3, 300, 4)
@@ -188,7 +193,7 @@ def test_cpu_and_gpu_stacks_agree_in_float64(data):
     lrs, wds = HYPER["adam"]
     gpu = ModelStack(SIZES, SEEDS, dtype="float64", dropout=DROPOUT, device="gpu")
     fit_many(gpu, x, y, epochs=3, batch_size=32, lr=lrs, optimizer="adam", weight_decay=wds, seed=[1, 2, 3],
-             x_val=x[:60], y_val=y[:60])
+             x_val=x[:60], y_val=y[:60], lr_schedule="constant")
     np.testing.assert_allclose(gpu.ops.to_host(gpu.params), cpu.params, rtol=0, atol=1e-10)
 
 

@@ -1,4 +1,4 @@
-"""``python -m fastnn [train|predict] ...``: the same as the ``fastnn`` command."""
+"""``python -m fastnn [COMMAND] ...``: the same as the ``fastnn`` command."""
 
 import sys
 

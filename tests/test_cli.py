@@ -284,6 +284,7 @@ def test_predict_reads_a_png(tmp_path, data_args, synthetic):
     assert r.stdout.split("\t")[1] == str(want)
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_default_configuration_reaches_89_percent_on_fashion_mnist(tmp_path, real_data_args):
     metrics = tmp_path / "m.jsonl"
@@ -295,6 +296,7 @@ def test_default_configuration_reaches_89_percent_on_fashion_mnist(tmp_path, rea
     assert result["test_accuracy"] >= 0.89
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,floor", [("seed1", 0.85), ("seed2", 0.84)])
 def test_seed_presets_reach_a_sound_accuracy(preset, floor, tmp_path, real_data_args):
@@ -338,7 +340,7 @@ def test_gpu_without_cuda_is_a_one_line_error(data_args):
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
     pytest.importorskip("tqdm")
-    from fastnn.cli import Output
+    from fastnn.cli.output import Output
 
     out = Output(quiet=False, metrics_path=None)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
@@ -396,7 +398,7 @@ def test_resume_works_from_another_folder_and_keeps_one_record_per_epoch(tmp_pat
 
 
 def test_a_failed_save_after_training_keeps_the_model_and_names_both_paths(tmp_path, monkeypatch):
-    from fastnn import cli
+    from fastnn.cli import output as cli  # save_model
 
     model = fastnn.MLP([4, 3])
     real_save = fastnn.MLP.save

@@ -1,0 +1,232 @@
+"""The flags of ``fastnn train``, ``fastnn doctor`` and ``fastnn lr-find``, the type checks that
+every command's parser shares, and the run's configuration: defaults < preset < checkpoint < flags."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from ..backends import ACTIVATIONS, DEVICES, GEMMS
+from ..errors import ConfigError
+from ..model import INITS, LOSSES
+from ..optim import OPTIMIZERS
+from ..train import LR_SCHEDULES
+
+DEFAULTS = {
+    "dataset": "fashion-mnist", "hidden": "256,128", "activation": "relu", "loss": "xent",
+    "init": None, "dropout": "0", "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
+    "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32", "val_split": 0.1,
+    "class_weight": None,
+    "device": "auto", "per_sample": False, "patience": None, "standardize": False,
+    "cuda_graph": False, "gpu_gemm": "fastnn", "tf32": False,
+}
+
+# The two networks of the questions in the README, done right.
+PRESETS = {
+    "seed1": {"hidden": "128,64", "activation": "sigmoid", "loss": "xent", "init": "xavier",
+              "optimizer": "sgd", "lr": 0.05, "per_sample": True, "epochs": 3,
+              "lr_schedule": "constant", "weight_decay": 0.0},
+    "seed2": {"hidden": "16,16", "activation": "sigmoid", "loss": "mse", "init": "xavier",
+              "optimizer": "sgd", "lr": 20.0, "batch_size": 125, "epochs": 30,
+              "lr_schedule": "constant", "weight_decay": 0.0},
+}
+RUN_KEYS = list(DEFAULTS) + ["data_dir", "train", "test", "allow_pickle", "limit", "download", "classes"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _fraction(text: str) -> float:
+    v = _nonneg_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return v
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected probabilities like 0.2 or 0.2,0.1, got {text!r}") from None
+    if not rates or not all(0 <= p < 1 for p in rates):
+        raise argparse.ArgumentTypeError(f"each probability must be in [0, 1), got {text!r}")
+    return rates
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _hidden(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()] if text.strip() else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 128,64, got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"layer widths must be positive, got {text!r}")
+    return sizes
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not v > 0 or (kind is float and not math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return v
+    return parse
+
+
+def _nonneg_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
+
+TRAIN_HELP = ("Train an MLP on MNIST-like data and report its test accuracy (defaults: Fashion-MNIST, "
+              "784-256-128-10 relu, Adam, cosine schedule, 20 epochs).")
+DOCTOR_HELP = ("Check data, initialisation, gradients and a short trial run on a copy of the network, "
+               "and explain what would keep it from learning. Exit status 1 when it finds an error.")
+# Flags of a training run that the doctor has no use for: it refuses them.
+TRAIN_ONLY = {"--epochs", "--lr-schedule", "--patience", "--cuda-graph", "--tf32", "--doctor", "--quiet",
+              "--save", "--checkpoint-dir", "--resume", "--plots"}
+
+
+def train_parser(prog="fastnn train", doctor=False) -> argparse.ArgumentParser:
+    """The flags of ``fastnn train`` (``doctor=True``: of ``fastnn doctor``, without the training-only ones)."""
+    p = OneLineParser(prog=prog, description=DOCTOR_HELP if doctor else TRAIN_HELP)
+    S = argparse.SUPPRESS  # absent flags stay absent, so presets and checkpoints can fill them
+
+    def add(group, flag, help=None, **kw):
+        if doctor and flag in TRAIN_ONLY:
+            return
+        key = flag[2:].replace("-", "_")
+        if kw.get("default", 0) is S and DEFAULTS.get(key) is not None and kw.get("action") != "store_true":
+            help = f"{help + ' ' if help else ''}(default: {DEFAULTS[key]})"
+        group.add_argument(flag, help=help, **kw)
+
+    _data_and_network_flags(p, add, S)
+    _training_flags(p, add, S)
+    g = p.add_argument_group("output")
+    add(g, "--doctor", "check data, initialisation, gradients and a trial run first, and watch every epoch",
+        action="store_true")
+    add(g, "--quiet", "only the final result", action="store_true")
+    add(g, "--metrics", "write one JSON object per epoch (and per finding) to this .jsonl file")
+    add(g, "--save", "save the trained model (.npz) here")
+    add(g, "--checkpoint-dir", "write the full training state here after every epoch")
+    add(g, "--resume", "continue from the last complete checkpoint in DIR", metavar="DIR")
+    add(g, "--plots", "write curves, confusion matrix, misclassified images", metavar="DIR")
+    return p
+
+
+def _data_and_network_flags(p, add, S) -> None:
+    _data_flags(p, add, S)
+    _network_flags(p, add, S)
+
+
+def _data_flags(p, add, S) -> None:
+    g = p.add_argument_group("data")
+    add(g, "--dataset", "mnist, fashion-mnist, kmnist, a folder, or an .npz", default=S)
+    add(g, "--data-dir", "folder searched first for named data sets", default=S)
+    add(g, "--train", "training file (CSV or IDX images); with --test", default=S)
+    add(g, "--test", "test file (CSV or IDX images); with --train", default=S)
+    add(g, "--allow-pickle", "allow loading pickled images/labels (pickle can run arbitrary code)",
+        action="store_true", default=S)
+    add(g, "--no-download", "never download a named data set", dest="download", action="store_false", default=S)
+    add(g, "--standardize", "scale inputs to mean 0, std 1 (statistics of the training split)",
+        action="store_true", default=S)
+    add(g, "--limit", "use the first N training samples", type=_positive(int), default=S)
+    add(g, "--classes", "the number of classes, when the training labels do not show all of them "
+        "(by default labels must be exactly 0..K-1, every class present)", type=_positive(int), default=S)
+
+
+def _network_flags(p, add, S) -> None:
+    g = p.add_argument_group("network")
+    add(g, "--preset", "seed1/seed2: the networks of the two questions in the README, done right",
+        choices=sorted(PRESETS), default=S)
+    add(g, "--hidden", "hidden widths, e.g. 128,64", type=_hidden, default=S)
+    add(g, "--activation", choices=ACTIVATIONS, default=S)
+    add(g, "--loss", choices=LOSSES, default=S)
+    add(g, "--init", "(default: he for relu, xavier otherwise)", choices=INITS, default=S)
+    add(g, "--dtype", choices=["float32", "float64"], default=S)
+    add(g, "--dropout", "dropout probability of the hidden layers' outputs in training: one for all "
+        "(0.2) or one per hidden layer (0.2,0.1)", type=_rates, default=S)
+
+
+def _training_flags(p, add, S) -> None:
+    g = p.add_argument_group("training")
+    add(g, "--device", "auto: the GPU when one is usable", choices=DEVICES, default=S)
+    add(g, "--optimizer", choices=OPTIMIZERS, default=S)
+    add(g, "--lr", type=_positive(float), default=S)
+    add(g, "--momentum", type=_nonneg_float, default=S)
+    add(g, "--weight-decay", type=_nonneg_float, default=S)
+    add(g, "--lr-schedule", choices=LR_SCHEDULES, default=S)
+    add(g, "--batch-size", type=_positive(int), default=S)
+    add(g, "--epochs", type=_positive(int), default=S)
+    add(g, "--per-sample", "batch size 1: an update after every sample", action="store_true", default=S)
+    add(g, "--val-split", "hold out this fraction of the training data (stratified, seeded) for validation: it "
+        "drives early stopping and the per-epoch figures; the test set is evaluated once, at the end",
+        type=_fraction, default=S)
+    add(g, "--class-weight", "balanced: weigh each class's loss by N / (K * its count), for imbalanced data",
+        choices=["balanced"], default=S)
+    add(g, "--patience", "early stopping: stop after N epochs without a better validation loss, keep the best",
+        type=_positive(int), default=S)
+    add(g, "--seed", type=_nonneg_int, default=S)
+    g = p.add_argument_group("GPU")
+    add(g, "--cuda-graph", "capture one training step as a CUDA graph and replay it per batch",
+        action="store_true", default=S)
+    add(g, "--gpu-gemm", "fastnn's fused GEMM kernels (capturable), or cuBLAS (for wide layers)",
+        choices=GEMMS, default=S)
+    add(g, "--tf32", "with --gpu-gemm cublas: allow TF32 tensor cores (faster, less exact)",
+        action="store_true", default=S)
+
+
+def resolve_config(args, stored=None) -> dict:
+    """Defaults < preset < stored (resumed) configuration < flags given now."""
+    given = {k: v for k, v in vars(args).items() if k in RUN_KEYS or k == "preset"}
+    cfg = dict(DEFAULTS, data_dir=None, train=None, test=None, allow_pickle=False, limit=None,
+               download=True, classes=None)
+    preset = given.pop("preset", None) or (stored or {}).get("preset")
+    if preset:
+        cfg.update(PRESETS[preset])
+    if stored:
+        cfg.update({k: v for k, v in stored.items() if k in cfg})
+        cfg["val_split"] = stored.get("val_split", 0.0)  # runs from before --val-split used all the data
+    for key in ("data_dir", "train", "test"):  # stored absolute: --resume works from any folder
+        if given.get(key) is not None:
+            given[key] = os.path.abspath(given[key])
+    if given.get("dataset") is not None and os.path.exists(given["dataset"]):
+        given["dataset"] = os.path.abspath(given["dataset"])
+    cfg.update(given)
+    cfg["preset"] = preset
+    if isinstance(cfg["hidden"], str):
+        cfg["hidden"] = _hidden(cfg["hidden"])
+    if isinstance(cfg["dropout"], str):
+        cfg["dropout"] = _rates(cfg["dropout"])
+    if cfg["per_sample"]:
+        cfg["batch_size"] = 1  # resolved here, once: every later step reads batch_size
+    if (cfg["train"] is None) != (cfg["test"] is None):
+        raise ConfigError("--train and --test go together")
+    if cfg["gpu_gemm"] == "cublas" and cfg["cuda_graph"]:
+        raise ConfigError("--cuda-graph needs fastnn's GEMM kernels (CuPy cannot capture cuBLAS): "
+                          "drop --gpu-gemm cublas")
+    if cfg["tf32"] and cfg["gpu_gemm"] != "cublas":
+        raise ConfigError("--tf32 applies to cuBLAS GEMMs only: add --gpu-gemm cublas")
+    return cfg

@@ -1,0 +1,228 @@
+"""What a run writes: the progress bar, epoch lines and metrics file (``Output``), the model file,
+and the final report: test accuracy, the per-class table and confusion matrix, the plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import ConfigError, FastnnError
+from ..model import MLP
+
+if TYPE_CHECKING:
+    from .train import Run
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, cluster schedulers), handled as Ctrl-C is: weights saved, resume hint."""
+
+
+class Output:
+    """Progress bar, epoch lines and the metrics file."""
+
+    def __init__(self, quiet, metrics_path, resumed_after=None):
+        """resumed_after: the checkpoint's epoch when resuming: the metrics file is kept up to
+        that epoch (records a killed run wrote after it are dropped) and appended to."""
+        self.quiet = quiet
+        if metrics_path and resumed_after is not None:
+            _truncate_metrics(metrics_path, resumed_after)
+        mode = "a" if resumed_after is not None else "w"
+        self.metrics = open(metrics_path, mode) if metrics_path else None  # noqa: SIM115
+        self.bar = None
+
+    def say(self, text=""):
+        if not self.quiet:
+            print(text, flush=True)
+
+    def record(self, obj):
+        if self.metrics:
+            self.metrics.write(json.dumps(obj) + "\n")
+            self.metrics.flush()
+
+    def finding(self, f, **where):
+        """Print a doctor's finding (even with --quiet) and file it in the metrics."""
+        print(f)
+        self.record({"type": "finding", **where, **dataclasses.asdict(f)})
+
+    def progress(self, epoch, epochs, total):
+        """A callable for fit's progress hook, or None when no bar is shown."""
+        if self.quiet or not (sys.stdout.isatty() or "ipykernel" in sys.modules):  # a terminal or Jupyter
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        self.bar = tqdm(total=total, unit="sample", unit_scale=True, leave=False,
+                        desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
+        return self.bar.update
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        self.close_bar()
+        if self.metrics:
+            self.metrics.close()
+
+
+def _truncate_metrics(path, last_epoch: int) -> None:
+    """Drop the records of epochs after ``last_epoch`` (and the result) from a metrics file, atomically."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if rec.get("type") == "result" or (rec.get("epoch") or 0) > last_epoch:
+            continue
+        keep.append(line + "\n")
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _probe_folder(folder: Path, flag: str, given, create=False) -> None:
+    """Create ``folder`` if asked, then write and remove a file in it; ConfigError if that fails."""
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fastnn-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise ConfigError(f"{flag} {given}: {folder} is a file, not a folder") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {given}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def save_model(model: MLP, path) -> None:
+    """``model.save(path)``; if writing fails after training, the weights go to a file in the
+    temporary folder and the error names both paths (the run is not lost)."""
+    try:
+        model.save(path)
+    except OSError as exc:
+        rescue = Path(tempfile.gettempdir()) / f"fastnn-model-{os.getpid()}.npz"
+        try:
+            model.save(rescue)
+            kept = f"the trained model was saved to {rescue} instead"
+        except OSError as exc2:
+            kept = f"saving it to {rescue} failed too ({exc2.strerror or exc2})"
+        raise FastnnError(f"--save {path}: cannot write the model ({exc.strerror or exc}); {kept}") from None
+
+
+def report(run: Run, seconds: float) -> None:
+    """Test accuracy (the test set is predicted once, here), per-class report, model, plots."""
+    args, ds, model, out, history = run.args, run.ds, run.model, run.out, run.history
+    pred = model.predict(run.inputs.x_test)
+    cm = confusion_matrix(ds.test_labels, pred, len(ds.classes))
+    acc = float(np.trace(cm)) / cm.sum()
+    out.record({"type": "result", "test_accuracy": acc, "train_seconds": seconds, "confusion_matrix": cm.tolist()})
+    out.say()
+    out.say(format_report(cm, ds.classes))
+    print(f"test accuracy {acc:.4f} after {len(history)} epochs ({seconds:.1f} s)")
+    if args.save:
+        save_model(model, args.save)
+        out.say(f"model saved to {args.save}")
+    if args.plots:
+        files = write_plots(args.plots, history, cm, ds.classes, ds.test_images, ds.test_labels, pred,
+                            side=int(round(math.sqrt(ds.test_images.shape[1]))))
+        out.say("plots: " + ", ".join(map(str, files)))
+
+
+def confusion_matrix(y_true, y_pred, k: int) -> np.ndarray:
+    """(k, k) int64 counts; rows are true classes, columns predicted classes."""
+    return np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)
+
+
+def format_report(cm: np.ndarray, classes) -> str:
+    """Per-class accuracy table and the confusion matrix, as text."""
+    k = cm.shape[0]
+    width = max(5, max(len(str(c)) for c in classes))
+    lines = [f"{'class':<{width}}  accuracy  correct / total"]
+    for i in range(k):
+        total = int(cm[i].sum())
+        acc = cm[i, i] / total if total else float("nan")
+        lines.append(f"{str(classes[i]):<{width}}  {acc:8.4f}  {int(cm[i, i]):7d} / {total}")
+    lines.append("")
+    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    cell = max(5, len(str(int(cm.max()))) + 1)
+    lines.append(" " * (width + 1) + "".join(f"{j:>{cell}}" for j in range(k)))
+    for i in range(k):
+        lines.append(f"{str(classes[i])[:width]:<{width}} " + "".join(f"{int(v):>{cell}}" for v in cm[i]))
+    return "\n".join(lines)
+
+
+def write_plots(folder, history, cm, classes, images, y_true, y_pred, side=28) -> list[Path]:
+    """Write curves.png, confusion.png and misclassified.png into ``folder`` (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plots needs matplotlib: pip install 'fastnn[plots]'") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], label="train")
+    a2.plot(ep, [h["train_accuracy"] for h in history], label="train")
+    if history and history[0].get("val_loss") is not None:
+        a1.plot(ep, [h["val_loss"] for h in history], label="validation")
+        a2.plot(ep, [h["val_accuracy"] for h in history], label="validation")
+    a1.set(xlabel="epoch", ylabel="loss", title="loss")
+    a2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    a1.legend()
+    a2.legend()
+    fig.tight_layout()
+    out.append(folder / "curves.png")
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+           title="confusion matrix")
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.colorbar(im)
+    fig.tight_layout()
+    out.append(folder / "confusion.png")
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+
+    wrong = np.flatnonzero(np.asarray(y_true) != np.asarray(y_pred))[:36]
+    fig, axes = plt.subplots(6, 6, figsize=(9, 10))
+    for ax, i in zip(axes.flat, list(wrong) + [None] * 36):
+        ax.axis("off")
+        if i is None:
+            continue
+        img = np.asarray(images[i])
+        if img.size == side * side:
+            ax.imshow(img.reshape(side, side), cmap="gray")
+        ax.set_title(f"true {classes[y_true[i]]}\npred {classes[y_pred[i]]}", fontsize=7)
+    fig.suptitle("misclassified test images")
+    fig.tight_layout()
+    out.append(folder / "misclassified.png")
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,250 @@
+"""``fastnn train``, ``fastnn doctor`` and ``fastnn lr-find``: data, network, the doctor, the
+training loop's printing and checkpointing, and the range test."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, checkpoint, datasets
+from ..backends import get_ops, set_tf32
+from ..diagnose import EpochMonitor, diagnose
+from ..errors import ConfigError, DivergedError
+from ..lrfind import lr_find, plot_lr_find
+from ..model import MLP
+from ..optim import Optimizer, make_optimizer
+from ..train import fit, stratified_split
+from .flags import resolve_config, train_parser
+from .output import Output, Terminated, _probe_folder, report, save_model
+
+LR_FIND_HELP = ("The learning-rate range test: 100 steps on a copy of the network with the rate rising from 1e-6 "
+                "to 10; prints the rate where the loss falls fastest (and plots the curve with --plots).")
+
+
+def load_data(cfg):
+    if cfg["train"] is not None:
+        ds = datasets.load(None, train=cfg["train"], test=cfg["test"], standardize=cfg["standardize"],
+                           classes=cfg["classes"])
+    else:
+        ds = datasets.load(cfg["dataset"], root=cfg["data_dir"], download=cfg["download"],
+                           allow_pickle=cfg["allow_pickle"], standardize=cfg["standardize"], classes=cfg["classes"])
+    return ds.limit(cfg["limit"]) if cfg["limit"] else ds
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the network is given: the training split, divided into the part trained on and the
+    validation part (x_val None without one), and the test images. uint8 pixels stay as they are
+    (the model scales them on the device); float images are preprocessed."""
+
+    x_all: np.ndarray  # the whole training split, for the doctor's data checks
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    x_test: np.ndarray
+
+
+def model_inputs(ds, val_split: float, seed: int) -> Inputs:
+    xtr, xte = (x if x.dtype == np.uint8 else ds.preprocess(x) for x in (ds.train_images, ds.test_images))
+    if not val_split:
+        return Inputs(xtr, xtr, ds.train_labels, None, None, xte)
+    tr, va = stratified_split(ds.train_labels, val_split, seed)
+    return Inputs(xtr, xtr[tr], ds.train_labels[tr], xtr[va], ds.train_labels[va], xte)
+
+
+def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Optimizer, np.random.Generator]:
+    """The network, its optimizer and the batch-order RNG for a run; a resumed run's state put back."""
+    model = MLP([ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], cfg["activation"], cfg["loss"],
+                cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]), dtype=cfg["dtype"], seed=cfg["seed"],
+                dropout=cfg["dropout"][0] if len(cfg["dropout"]) == 1 else cfg["dropout"])  # one for all, or per layer
+    model.preprocessing, model.classes = ds.preprocessing, ds.classes
+    opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
+    rng = np.random.default_rng(cfg["seed"])
+    if state:
+        checkpoint.restore(state, model, opt, rng)
+    return model, opt, rng
+
+
+@dataclasses.dataclass
+class Run:
+    """One ``fastnn train`` (or doctor, or lr-find) run: its flags, configuration, data, network,
+    optimizer and batch-order RNG, its output, and the epochs done (``history``; a resumed run
+    starts with the checkpoint's)."""
+
+    args: argparse.Namespace
+    cfg: dict
+    ds: datasets.Dataset
+    inputs: Inputs
+    model: MLP
+    opt: Optimizer
+    rng: np.random.Generator
+    out: Output
+    history: list
+    resumed_after: int | None = None  # the checkpoint's epoch when resuming
+
+    @property
+    def start(self) -> int:
+        """The first epoch to train."""
+        return 1 if self.resumed_after is None else self.resumed_after + 1
+
+
+def run_doctor(run: Run) -> list:
+    """Print and file the doctor's findings before training (data checks read both splits)."""
+    cfg, ds, inputs = run.cfg, run.ds, run.inputs
+    findings = diagnose(run.model, inputs.x_all, ds.train_labels, inputs.x_test, ds.test_labels, lr=cfg["lr"],
+                        optimizer=cfg["optimizer"], batch_size=cfg["batch_size"])
+    print(f"doctor: {len(findings)} finding(s)" if findings else "doctor: no problems found")
+    for f in findings:
+        run.out.finding(f)
+    return findings
+
+
+def announce(run: Run) -> None:
+    """The run's configuration: a line on screen, a record in the metrics."""
+    cfg, ds, inputs, model, out, resumed_after = run.cfg, run.ds, run.inputs, run.model, run.out, run.resumed_after
+    n_val = 0 if inputs.y_val is None else len(inputs.y_val)
+    out.record({"type": "config", **cfg, "sizes": list(model.sizes), "device": model.device,
+                "classes": ds.classes, "source": ds.source, "n_train": len(inputs.y_train), "n_val": n_val,
+                "n_test": len(ds.test_labels), "resumed_from_epoch": resumed_after, "fastnn": __version__})
+    out.say(f"fastnn {__version__}: {ds.name} ({len(inputs.y_train)} train / {n_val} validation / "
+            f"{len(ds.test_labels)} test), "
+            f"network {'-'.join(map(str, model.sizes))} {cfg['activation']}/{cfg['loss']}, "
+            f"{cfg['optimizer']} lr {cfg['lr']:g}, batch {cfg['batch_size']}, device {model.device}"
+            + (f", resuming after epoch {resumed_after}" if resumed_after is not None else ""))
+
+
+def train(run: Run) -> int | None:
+    """Train, printing, checkpointing and watching each epoch. An exit status if it stopped early."""
+    args, cfg, inputs, model, opt, rng, out = run.args, run.cfg, run.inputs, run.model, run.opt, run.rng, run.out
+    history, start = run.history, run.start
+    n = len(inputs.y_train)
+    monitor = EpochMonitor(model, inputs.x_val, inputs.y_val) if args.doctor else None
+
+    def on_epoch(rec):
+        out.close_bar()
+        history.append(rec)
+        out.record({"type": "epoch", **rec})
+        val = "" if rec["val_loss"] is None else f"val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f}  "
+        out.say(f"epoch {rec['epoch']:3d}/{cfg['epochs']}  train loss {rec['train_loss']:.4f} "
+                f"acc {rec['train_accuracy']:.4f}  {val}{rec['seconds']:.2f} s  {rec['samples_per_s']:,.0f} samples/s")
+        for f in monitor(rec) if monitor else []:
+            out.finding(f, epoch=rec["epoch"])
+        if args.checkpoint_dir:
+            checkpoint.save_checkpoint(args.checkpoint_dir, model, opt, rec["epoch"], rng, cfg, history)
+        if rec["epoch"] < cfg["epochs"]:
+            bar_hook[0] = out.progress(rec["epoch"] + 1, cfg["epochs"], n)
+        return False
+
+    bar_hook = [out.progress(start, cfg["epochs"], n)]
+    try:
+        fit(model, inputs.x_train, inputs.y_train, epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=opt,
+            x_val=inputs.x_val, y_val=inputs.y_val, lr_schedule=cfg["lr_schedule"], patience=cfg["patience"],
+            on_epoch=on_epoch, progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start,
+            class_weight=cfg["class_weight"],
+            cuda_graph=cfg["cuda_graph"] and model.device == "gpu")
+    except DivergedError as exc:
+        where = f"; the last good checkpoint is in {args.checkpoint_dir}" if args.checkpoint_dir else ""
+        print(f"training stopped: {exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        msg = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        if args.checkpoint_dir and checkpoint.checkpoint_files(args.checkpoint_dir):
+            last = history[-1]["epoch"] if history else 0
+            msg += f"; resume with --resume {args.checkpoint_dir} (last complete epoch: {last})"
+        if args.save:
+            save_model(model, args.save)
+            msg += f"; current weights saved to {args.save}"
+        print(msg, file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    return None
+
+
+def check_outputs(args, resuming: bool) -> None:
+    """Every output path of a run is usable before training starts; ConfigError naming it if not.
+
+    A --checkpoint-dir that holds another run's checkpoints is refused unless that run
+    is being resumed (its newer files would otherwise replace this run's as "latest").
+    """
+    if args.save:
+        save = Path(args.save)
+        if save.is_dir():
+            raise ConfigError(f"--save {save}: is a folder; give a file name such as {save / 'model.npz'}")
+        if not save.parent.resolve().is_dir():
+            raise ConfigError(f"--save {save}: the folder to save the model in does not exist")
+        _probe_folder(save.parent, "--save", save)
+    if args.metrics:
+        if Path(args.metrics).is_dir():
+            raise ConfigError(f"--metrics {args.metrics}: is a folder; give a file name such as metrics.jsonl")
+        _probe_folder(Path(args.metrics).parent, "--metrics", args.metrics)
+    for flag, folder in (("--checkpoint-dir", args.checkpoint_dir), ("--plots", args.plots)):
+        if folder:
+            _probe_folder(Path(folder), flag, folder, create=True)
+    if args.checkpoint_dir and not resuming:
+        found = checkpoint.checkpoint_files(args.checkpoint_dir)
+        if found:
+            raise ConfigError(f"--checkpoint-dir {args.checkpoint_dir}: holds the checkpoints of another run (up to "
+                              f"{found[0].name}); continue it with --resume {args.checkpoint_dir}, or use an "
+                              "empty folder")
+
+
+def run_train(argv=None, command="train") -> int:
+    """``fastnn train``, ``fastnn doctor`` or ``fastnn lr-find``: the whole run, step by step."""
+    setup_only = command != "train"
+    parser = train_parser(f"fastnn {command}", doctor=setup_only)
+    if command == "lr-find":
+        parser.description = LR_FIND_HELP
+        parser.add_argument("--plots", metavar="DIR", help="write lr_find.png here")
+    args = parser.parse_args(argv)
+    for key in ("doctor", "quiet", "save", "checkpoint_dir", "resume", "plots"):  # output flags the doctor lacks
+        args.__dict__.setdefault(key, None)
+    state = None
+    if args.resume:
+        state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))
+        args.checkpoint_dir = args.checkpoint_dir or args.resume
+    check_outputs(args, resuming=state is not None)  # now, not after training
+    cfg = resolve_config(args, state["meta"]["config"] if state else None)
+    set_tf32(cfg["tf32"])
+    ds = load_data(cfg)
+    model, opt, rng = build(cfg, ds, state)
+    inputs = model_inputs(ds, cfg["val_split"], cfg["seed"])  # once, not per step of the run
+    resumed_after = state["meta"]["epoch"] if state else None
+    out = Output(args.quiet, args.metrics, resumed_after=resumed_after)
+    if args.checkpoint_dir:
+        checkpoint.remove_orphans(args.checkpoint_dir)
+    try:
+        run = Run(args, cfg, ds, inputs, model, opt, rng, out, state["meta"]["history"] if state else [], resumed_after)
+        if command == "lr-find":
+            return run_lr_find(run)
+        if command == "doctor" or args.doctor:
+            findings = run_doctor(run)
+            if command == "doctor":
+                return 1 if any(f.severity == "error" for f in findings) else 0
+        announce(run)
+        t0 = time.perf_counter()
+        stopped = train(run)
+        if stopped is not None:
+            return stopped
+        report(run, time.perf_counter() - t0)
+        return 0
+    finally:
+        out.close()
+
+
+def run_lr_find(run: Run) -> int:
+    """``fastnn lr-find``: the range test with the run's optimizer and batch size."""
+    cfg, inputs, model, plots = run.cfg, run.inputs, run.model, run.args.plots
+    result = lr_find(model, inputs.x_train, inputs.y_train, optimizer=cfg["optimizer"],
+                     batch_size=cfg["batch_size"], momentum=cfg["momentum"], seed=cfg["seed"])
+    print(f"suggested learning rate for {cfg['optimizer']}: {result['suggested']:.3g} (the loss is lowest at "
+          f"{result['min_loss_lr']:.3g}; --lr {cfg['lr']:g} is {cfg['lr'] / result['suggested']:.3g}x the suggestion)")
+    if plots:
+        Path(plots).mkdir(parents=True, exist_ok=True)
+        plot_lr_find(result, Path(plots) / "lr_find.png")
+        print(f"plot: {Path(plots) / 'lr_find.png'}")
+    return 0

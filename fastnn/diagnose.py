@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import progress
+from .config import DEFAULTS
 from .errors import ConfigError, DataError
 from .gradcheck import check_gradients, gradcheck
 from .loop import train_step
@@ -285,7 +287,7 @@ def check_loss_level(model: MLP, loss: float, samples: int) -> list[Finding]:
         "the network is not learning: check the learning rate, the input scaling and the labels")]
 
 
-def trial_run(model: MLP, x, y, lr, optimizer, batch_size, samples, momentum=0.9) -> list[Finding]:
+def trial_run(model: MLP, x, y, lr, optimizer, batch_size, samples, momentum=DEFAULTS.momentum) -> list[Finding]:
     """Train a copy of the model on a few thousand samples and watch what happens.
 
     Codes: non-finite, those of ``check_first_step``, ``check_loss_level``,
@@ -377,28 +379,32 @@ def check_own_gradients(model: MLP, x, y, loss_fn=None, grad_fn=None, params=Non
 
 
 # ---------------------------------------------------------------- entry points
-def diagnose(model: MLP, x_train, y_train, x_test=None, y_test=None, lr=0.1, optimizer="sgd",
-             batch_size=128, trial_samples=4096, loss_fn=None, grad_fn=None, params=None) -> list[Finding]:
+def diagnose(model: MLP, x_train, y_train, x_test=None, y_test=None, lr=DEFAULTS.lr, optimizer=DEFAULTS.optimizer,
+             batch_size=DEFAULTS.batch_size, trial_samples=4096, loss_fn=None, grad_fn=None, params=None,
+             verbose=0) -> list[Finding]:
     """Run every check; returns the findings, errors first. The model is not changed.
 
     loss_fn / grad_fn / params: your own loss and gradient functions (as for
     ``check_gradients``) to check instead of fastnn's backward pass.
+    verbose: 1 shows a progress bar over the checks where a person watches (``fastnn.progress``).
     """
-    findings = []
     x_train = np.asarray(x_train)
     if x_train.ndim != 2 or x_train.shape[1] != model.sizes[0]:
         raise DataError(f"x_train has shape {x_train.shape}, the model expects (N, {model.sizes[0]})")
-    findings += check_inputs(model, x_train, x_test)
-    more, y = check_labels(model, x_train, y_train, y_test)
-    findings += more
+    findings, (label_findings, y) = [], check_labels(model, x_train, y_train, y_test)
     sample = x_train[_sample(len(x_train), 512, 4)]
-    findings += check_init(model, sample)
-    findings += check_units(model, sample, "at initialisation")
+    checks = [("data", lambda: check_inputs(model, x_train, x_test) + label_findings),
+              ("initialisation", lambda: check_init(model, sample) + check_units(model, sample, "at initialisation"))]
     if y is not None:
-        findings += check_own_gradients(model, x_train, y, loss_fn, grad_fn, params)
-        findings += trial_run(model, x_train, y, lr, optimizer, batch_size,
-                              min(trial_samples, len(y)))
-        findings += check_learning_rate(model, x_train, y, lr, optimizer, batch_size)
+        checks += [("gradients", lambda: check_own_gradients(model, x_train, y, loss_fn, grad_fn, params)),
+                   ("trial run", lambda: trial_run(model, x_train, y, lr, optimizer, batch_size,
+                                                   min(trial_samples, len(y)))),
+                   ("learning rate", lambda: check_learning_rate(model, x_train, y, lr, optimizer, batch_size))]
+    with progress.bar(len(checks), "doctor", unit="check", show=bool(verbose)) as shown:
+        for name, run in checks:
+            shown.set_postfix_str(name, refresh=True)
+            findings += run()
+            shown.update(1)
     order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
     unique = {(f.code, f.evidence): f for f in findings}
     return sorted(unique.values(), key=lambda f: order[f.severity])

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from . import progress
+from .config import DEFAULTS
 from .errors import ConfigError
 from .loop import train_step
 from .model import MLP
@@ -21,15 +23,16 @@ SMOOTHING = 0.98  # exponential moving average of the batch losses, bias-correct
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of the best one
 
 
-def lr_find(model: MLP, x, y, optimizer="sgd", start=1e-6, end=10.0, steps=100, batch_size=128,
-            momentum=0.9, seed=0) -> dict:
+def lr_find(model: MLP, x, y, optimizer=DEFAULTS.optimizer, start=1e-6, end=10.0, steps=100,
+            batch_size=DEFAULTS.batch_size, momentum=DEFAULTS.momentum, seed=0, verbose=0) -> dict:
     """Learning rate vs loss on a copy of ``model`` (the model itself is not changed).
 
     x (N, D) float or uint8, y (N,) labels; one step per rate, the rates spaced
     exponentially from ``start`` to ``end``; batches drawn in a seeded random order.
     Returns ``{"lrs", "losses"}`` (the smoothed loss after each step, up to where it
     diverged), ``"suggested"`` (the middle of the decade of rates over which the smoothed
-    loss falls most) and ``"min_loss_lr"`` (where it is lowest).
+    loss falls most) and ``"min_loss_lr"`` (where it is lowest). verbose: 1 shows a progress
+    bar where a person watches (``fastnn.progress``).
     """
     if not (0 < start < end) or steps < 3:
         raise ConfigError(f"lr_find needs 0 < start < end and steps >= 3, got {start}, {end}, {steps}")
@@ -42,7 +45,9 @@ def lr_find(model: MLP, x, y, optimizer="sgd", start=1e-6, end=10.0, steps=100, 
     ws = work.workspace(batch)
     lrs, losses, avg, best = [], [], 0.0, math.inf
     order = rng.permutation(n)
+    shown = progress.bar(int(steps), "lr-find", unit="step", show=bool(verbose))
     for i in range(int(steps)):
+        shown.update(1)
         opt.lr = start * (end / start) ** (i / (steps - 1))
         s = (i * batch) % n
         if s + batch > n:
@@ -56,6 +61,7 @@ def lr_find(model: MLP, x, y, optimizer="sgd", start=1e-6, end=10.0, steps=100, 
         best = min(best, smoothed)
         lrs.append(opt.lr)
         losses.append(smoothed)
+    shown.close()
     if len(lrs) < 3:
         raise ConfigError(f"the loss diverged within {len(lrs)} steps of lr_find: lower start (now {start:g})")
     return {"lrs": lrs, "losses": losses, "suggested": _steepest(lrs, losses, steps / math.log10(end / start)),

@@ -27,6 +27,7 @@ from .loop import EpochLoop, prepare
 from .model import MLP, dropout_rates
 from .optim import make_optimizer
 from .preprocessing import Preprocessing
+from .progress import EpochProgress
 
 
 class ModelStack(MLP):
@@ -219,15 +220,26 @@ def fit_many(stack: ModelStack, x, y, epochs=DEFAULTS.epochs, batch_size=DEFAULT
                    sample_weight=sample_weight, class_weight=class_weight)
     opt = make_optimizer(optimizer, stack, lr, momentum, weight_decay)
     rngs = [np.random.default_rng(s) for s in seeds]
+    shown = EpochProgress(epochs, data.n) if verbose else None
     loop = EpochLoop(stack, opt, data, epochs, batch_size, lr_schedule, rngs if per_model_order else rngs[0],
-                     cuda_graph)
+                     cuda_graph, shown and shown.update)
     history = stack.history = {i: [] for i in stack.ids}
+    try:
+        _run(stack, opt, loop, history, shown, on_epoch)
+    finally:  # also after Ctrl-C: no bar left half drawn
+        if shown:
+            shown.close()
+    return history
+
+
+def _run(stack: ModelStack, opt, loop: EpochLoop, history: dict, shown, on_epoch) -> None:
+    """fit_many's epochs: file each model's record, print, and drop the models that stop."""
     for epoch, result, val in loop.run():
         records = _epoch_records(stack, opt, epoch, result, val)
         for rec in records:
             history[rec["model"]].append(rec)
-        if verbose:
-            _print_epoch(records, epoch, epochs)
+        if shown:
+            shown.end(_epoch_line(records, epoch, loop.epochs))
         stop = {r["model"] for r in records if r.get("diverged")}
         if on_epoch is not None:
             stop |= {int(i) for i in (on_epoch([r for r in records if not r.get("diverged")]) or ())}
@@ -237,7 +249,6 @@ def fit_many(stack: ModelStack, x, y, epochs=DEFAULTS.epochs, batch_size=DEFAULT
             rows = [k for k, i in enumerate(stack.ids) if i not in stop]
             _keep(stack, opt, rows)
             loop.keep(rows)
-    return history
 
 
 def _epoch_records(stack: ModelStack, opt, epoch: int, res: dict, val: dict | None) -> list[dict]:
@@ -266,9 +277,9 @@ def _keep(stack: ModelStack, opt, rows: list[int]) -> None:
             setattr(opt, name, value[idx])
 
 
-def _print_epoch(records: list[dict], epoch: int, epochs: int) -> None:
+def _epoch_line(records: list[dict], epoch: int, epochs: int) -> str:
     key = "val_accuracy" if records[0]["val_accuracy"] is not None else "train_accuracy"
     accs = [r[key] for r in records]
     best = records[int(np.argmax(accs))]
-    print(f"epoch {epoch}/{epochs}  {len(records)} models  {key.replace('_', ' ')}: best {best[key]:.4f} "
-          f"(model {best['model']}), median {float(np.median(accs)):.4f}  {records[0]['seconds']:.2f} s", flush=True)
+    return (f"epoch {epoch}/{epochs}  {len(records)} models  {key.replace('_', ' ')}: best {best[key]:.4f} "
+            f"(model {best['model']}), median {float(np.median(accs)):.4f}  {records[0]['seconds']:.2f} s")

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import DEFAULTS, RULES
 from .errors import ConfigError, DataError
 from .stack import ModelStack, fit_many
 
@@ -70,22 +71,18 @@ class SearchSpace:
     """Per hyperparameter: a list of choices or a (low, high) range; hidden: a list of shapes."""
 
     lr: list | tuple
-    weight_decay: list | tuple = field(default_factory=lambda: [0.0])
-    momentum: list | tuple = field(default_factory=lambda: [0.9])
-    dropout: list | tuple = field(default_factory=lambda: [0.0])
-    seed: list = field(default_factory=lambda: [0])
-    hidden: list = field(default_factory=lambda: [[256, 128]])
+    weight_decay: list | tuple = field(default_factory=lambda: [DEFAULTS.weight_decay])
+    momentum: list | tuple = field(default_factory=lambda: [DEFAULTS.momentum])
+    dropout: list | tuple = field(default_factory=lambda: [DEFAULTS.dropout])
+    seed: list = field(default_factory=lambda: [DEFAULTS.seed])
+    hidden: list = field(default_factory=lambda: [list(DEFAULTS.hidden)])
 
     def check(self) -> None:
-        rules = {"lr": (0, math.inf, False), "weight_decay": (0, math.inf, False), "momentum": (0, 1, True),
-                 "dropout": (0, 1, True), "seed": (0, 2**32 - 1, False)}
-        for name, (lo, hi, open_hi) in rules.items():
-            vals = getattr(self, name)
-            bad = [v for v in vals if not (lo <= v < hi if open_hi else lo <= v <= hi)]
-            if name == "lr" and any(v <= 0 for v in vals):
-                bad = [v for v in vals if v <= 0]
+        """ConfigError naming the flag of a value that breaks its rule (``config.RULES``)."""
+        for name in SCALARS:
+            bad = [v for v in getattr(self, name) if not RULES[name].holds(v)]
             if bad:
-                raise ConfigError(f"--{name.replace('_', '-')}: {bad[0]} is out of range")
+                raise ConfigError(f"--{name.replace('_', '-')}: {bad[0]} is out of range ({RULES[name].text})")
         if not self.hidden:
             raise ConfigError("--hidden: give at least one shape")
 
@@ -123,15 +120,15 @@ def shape_text(hidden) -> str:
 class Settings:
     """What every trial of a sweep shares."""
 
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "adam"
-    lr_schedule: str = "cosine"
-    activation: str = "relu"
-    loss: str = "xent"
-    dtype: str = "float32"
+    epochs: int = DEFAULTS.sweep_epochs
+    batch_size: int = DEFAULTS.batch_size
+    optimizer: str = DEFAULTS.optimizer
+    lr_schedule: str = DEFAULTS.lr_schedule
+    activation: str = DEFAULTS.activation
+    loss: str = DEFAULTS.loss
+    dtype: str = DEFAULTS.dtype
     device: str = "cpu"
-    stack: int = 16  # models trained at once
+    stack: int = DEFAULTS.sweep_stack  # models trained at once
     trials: int = 32  # in the whole study, over all workers
     cuda_graph: bool = False  # replay the captured stacked step (GPU)
     class_weight: str | None = None  # "balanced": each class's loss weighed by N / (K * its count)

@@ -17,6 +17,7 @@ from .errors import ConfigError, DivergedError
 from .loop import LR_SCHEDULES, EpochLoop, prepare, stratified_split, train_epoch, train_step
 from .model import MLP
 from .optim import Optimizer, make_optimizer
+from .progress import EpochProgress, epoch_line
 
 __all__ = ["fit", "train_step", "train_epoch", "stratified_split", "EarlyStopping", "LR_SCHEDULES"]
 
@@ -46,8 +47,8 @@ def fit(model: MLP, x, y, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size
     after epoch ``start_epoch - 1``); by default a new one from ``seed``.
     sample_weight (N,) / class_weight ("balanced", a dict or a (K,) array): per-sample loss
     weights, rescaled to mean 1 over (x, y), so the epoch loss is sum(w loss) / sum(w).
-    verbose: 1 prints a line per epoch and shows a progress bar (``tqdm.auto``: a widget in
-    Jupyter, text in a terminal) when tqdm is installed.
+    verbose: 1 prints a line per epoch and, where a person watches (a terminal or a notebook), a
+    progress bar during it (``fastnn.progress``).
     cuda_graph: on the GPU, replay a captured training step per batch (``fastnn/cuda_graph.py``);
     if capturing fails, a warning says why and training goes on uncaptured.
     Returns the history, one dict per epoch with ``epoch, lr, train_loss, train_accuracy,
@@ -59,21 +60,25 @@ def fit(model: MLP, x, y, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size
                    sample_weight=sample_weight, class_weight=class_weight)
     opt = _optimizer(optimizer, model, lr, momentum, weight_decay)
     rng = np.random.default_rng(seed) if rng is None else rng
-    printer = EpochPrinter(int(epochs), data.n, progress) if verbose else None
-    progress = printer.progress if printer else progress  # it calls the caller's hook too
+    shown = EpochProgress(epochs, data.n, start_epoch, hook=progress) if verbose else None
+    progress = shown.update if shown else progress  # it calls the caller's hook too
     loop = EpochLoop(model, opt, data, epochs, batch_size, lr_schedule, rng, cuda_graph, progress)
     history, stopper = [], EarlyStopping(model, patience)
-    for epoch, result, val in loop.run(start_epoch):
-        rec = {"epoch": epoch, "lr": opt.lr, **result, "samples_per_s": data.n / result["seconds"],
-               "val_loss": None if val is None else val["loss"],
-               "val_accuracy": None if val is None else val["accuracy"]}
-        history.append(rec)
-        if printer:
-            printer.epoch_done(rec)
-        _check_finite(rec, opt, history)
-        stop = on_epoch is not None and on_epoch(rec)
-        if stopper.update(rec) or stop:
-            break
+    try:
+        for epoch, result, val in loop.run(start_epoch):
+            rec = {"epoch": epoch, "lr": opt.lr, **result, "samples_per_s": data.n / result["seconds"],
+                   "val_loss": None if val is None else val["loss"],
+                   "val_accuracy": None if val is None else val["accuracy"]}
+            history.append(rec)
+            if shown:
+                shown.end(epoch_line(rec, epochs))
+            _check_finite(rec, opt, history)
+            stop = on_epoch is not None and on_epoch(rec)
+            if stopper.update(rec) or stop:
+                break
+    finally:  # also after a NaN loss or Ctrl-C: no bar left half drawn
+        if shown:
+            shown.close()
     stopper.restore_best()
     return history
 
@@ -107,34 +112,6 @@ def _check_finite(rec: dict, opt: Optimizer, history: list) -> None:
         raise DivergedError(
             f"the training loss became {rec['train_loss']} in epoch {rec['epoch']}: the learning "
             f"rate ({opt.lr:g}) is probably too high, or the inputs are not scaled to about [0, 1]", history)
-
-
-class EpochPrinter:
-    """``fit(verbose=1)``: a progress bar per epoch (tqdm.auto, when installed) and a line after it."""
-
-    def __init__(self, epochs: int, n: int, progress=None):
-        self.epochs, self.n, self.user_progress, self.bar = epochs, n, progress, None
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            tqdm = None
-        self.tqdm = tqdm
-
-    def progress(self, k: int) -> None:
-        if self.tqdm is not None:
-            if self.bar is None:
-                self.bar = self.tqdm(total=self.n, unit="sample", unit_scale=True, leave=False)
-            self.bar.update(k)
-        if self.user_progress is not None:
-            self.user_progress(k)
-
-    def epoch_done(self, rec: dict) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        val = "" if rec["val_loss"] is None else f"  val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f}"
-        print(f"epoch {rec['epoch']}/{self.epochs}  train loss {rec['train_loss']:.4f} "
-              f"acc {rec['train_accuracy']:.4f}{val}  {rec['seconds']:.2f} s", flush=True)
 
 
 def _optimizer(optimizer, model: MLP, lr, momentum, weight_decay) -> Optimizer:

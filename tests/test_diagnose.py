@@ -33,7 +33,7 @@ def test_healthy_runs_raise_no_alarm(data, act, opt, lr, batch):
 
 def test_unscaled_inputs(data):
     x, y, _, _ = data
-    f = fastnn.diagnose(net("sigmoid"), x.astype(np.float32), y, lr=0.05)
+    f = fastnn.diagnose(net("sigmoid"), x.astype(np.float32), y, lr=0.05, optimizer="sgd")
     assert "unscaled-inputs" in codes(f, "error")
     assert "saturated-units" in codes(f)
     ev = next(i for i in f if i.code == "unscaled-inputs").evidence
@@ -42,20 +42,21 @@ def test_unscaled_inputs(data):
 
 def test_test_data_scaled_differently(data):
     x, y, xt, yt = data
-    f = fastnn.diagnose(net(), x, y, xt.astype(np.float32), yt, lr=0.05)  # test pixels 0..255 as floats
+    f = fastnn.diagnose(net(), x, y, xt.astype(np.float32), yt, lr=0.05,  # test pixels 0..255 as floats
+                        optimizer="sgd")
     assert "train-test-mismatch" in codes(f, "error")
 
 
 def test_test_data_inverted(data):
     x, y, xt, yt = data
-    f = fastnn.diagnose(net(), x, y, 255 - xt, yt, lr=0.05)
+    f = fastnn.diagnose(net(), x, y, 255 - xt, yt, lr=0.05, optimizer="sgd")
     assert "train-test-mismatch" in codes(f, "error")
     assert "polarity" in next(i for i in f if i.code == "train-test-mismatch").evidence
 
 
 def test_labels_shuffled_apart_from_images(data):
     x, y, _, _ = data
-    f = fastnn.diagnose(net(), x, np.random.default_rng(0).permutation(y), lr=0.05)
+    f = fastnn.diagnose(net(), x, np.random.default_rng(0).permutation(y), lr=0.05, optimizer="sgd")
     assert "bad-labels" in codes(f, "error")
 
 
@@ -67,19 +68,19 @@ def test_labels_shuffled_apart_from_images(data):
 ])
 def test_bad_label_encodings(data, labels, match):
     x, y, _, _ = data
-    f = fastnn.diagnose(net(), x, labels(y), lr=0.05)
+    f = fastnn.diagnose(net(), x, labels(y), lr=0.05, optimizer="sgd")
     assert any(i.code == "bad-labels" and match in i.evidence for i in f), "\n".join(map(str, f))
 
 
 def test_learning_rate_zero(data):
     x, y, _, _ = data
-    f = fastnn.diagnose(net(), x, y, lr=0.0)
+    f = fastnn.diagnose(net(), x, y, lr=0.0, optimizer="sgd")
     assert "no-weight-change" in codes(f, "error")
 
 
 def test_learning_rate_far_too_high(data):
     x, y, _, _ = data
-    f = fastnn.diagnose(net(), x, y, lr=1e3)
+    f = fastnn.diagnose(net(), x, y, lr=1e3, optimizer="sgd")
     assert "non-finite" in codes(f, "error")
     assert "step" in next(i for i in f if i.code == "non-finite").evidence
 
@@ -93,7 +94,7 @@ def test_steps_far_too_large_have_their_own_code(data):
 
 def test_learning_rate_far_too_low_is_an_update_ratio_warning(data):
     x, y, _, _ = data
-    f = fastnn.diagnose(net(), x, y, lr=1e-9)
+    f = fastnn.diagnose(net(), x, y, lr=1e-9, optimizer="sgd")
     assert "no-weight-change" in codes(f, "warning")
 
 
@@ -101,7 +102,7 @@ def test_all_zero_init(data):
     x, y, _, _ = data
     m = net()
     m.set_params([np.zeros_like(p) for p in m.get_params()])
-    f = fastnn.diagnose(m, x, y, lr=0.05)
+    f = fastnn.diagnose(m, x, y, lr=0.05, optimizer="sgd")
     assert "bad-init" in codes(f, "error")
     assert "dead-units" in codes(f)  # relu(0) never fires
     assert "collapsed-predictions" in codes(f, "error")
@@ -111,7 +112,7 @@ def test_huge_init_spread(data):
     x, y, _, _ = data
     m = net("tanh")
     m.set_params([p * 100 for p in m.get_params()])
-    f = fastnn.diagnose(m, x, y, lr=0.01)
+    f = fastnn.diagnose(m, x, y, lr=0.01, optimizer="sgd")
     assert "bad-init" in codes(f, "warning")
     assert "saturated-units" in codes(f)
 
@@ -133,7 +134,7 @@ def test_loss_stuck_at_chance_with_mse(data):
     x, y, _, _ = data
     # the second question's network with its tiny learning rate: the MSE loss sits at 0.09
     m = fastnn.MLP([784, 16, 16, 10], activation="sigmoid", loss="mse")
-    f = fastnn.diagnose(m, x, y, lr=3.0, batch_size=125)
+    f = fastnn.diagnose(m, x, y, lr=3.0, batch_size=125, optimizer="sgd")
     assert "loss-at-chance" in codes(f, "warning"), "\n".join(map(str, f))
 
 
@@ -152,7 +153,7 @@ def test_wrong_gradient_function_of_your_own(data):
         g[2] = g[2] * 0.5
         return g
 
-    f = fastnn.diagnose(m, x, y, lr=0.1, loss_fn=loss_fn, grad_fn=wrong_grad, params=m.get_params())
+    f = fastnn.diagnose(m, x, y, lr=0.1, loss_fn=loss_fn, grad_fn=wrong_grad, params=m.get_params(), optimizer="sgd")
     assert "gradient-mismatch" in codes(f, "error")
     assert "parameter array 2" in next(i for i in f if i.code == "gradient-mismatch").evidence
 
@@ -173,7 +174,7 @@ def test_diagnose_leaves_the_model_unchanged(data):
     x, y, _, _ = data
     m = net()
     before = m.get_params()
-    fastnn.diagnose(m, x, y, lr=0.1)
+    fastnn.diagnose(m, x, y, lr=0.1, optimizer="sgd")
     for a, b in zip(before, m.get_params()):
         np.testing.assert_array_equal(a, b)
 

@@ -25,7 +25,8 @@ def test_onnxruntime_agrees_with_the_model(synthetic, tmp_path, act, loss):
     x, y, xt, _ = synthetic
     m = fastnn.MLP([784, 32, 16, 10], activation=act, loss=loss, seed=1)
     m.preprocessing = fastnn.Preprocessing(1 / 255, -0.1, 255)
-    fastnn.fit(m, x[:2000], y[:2000], epochs=1, lr=0.1 if loss == "xent" else 2.0)
+    fastnn.fit(m, x[:2000], y[:2000], epochs=1, lr=0.1 if loss == "xent" else 2.0, optimizer="sgd",
+               lr_schedule="constant")
     m.to_onnx(tmp_path / "m.onnx")
     onnx.checker.check_model(onnx.load(tmp_path / "m.onnx"), full_check=True)
     proba, label = run_onnx(tmp_path / "m.onnx", xt)
@@ -39,7 +40,7 @@ def test_onnxruntime_agrees_with_the_model(synthetic, tmp_path, act, loss):
 def test_the_whole_fashion_mnist_test_set(fashion, tmp_path):
     xtr, ytr, xte, _ = fashion
     m = fastnn.MLP([784, 64, 10], seed=0)
-    fastnn.fit(m, xtr, ytr, epochs=1, lr=1e-3, optimizer="adam")
+    fastnn.fit(m, xtr, ytr, epochs=1, lr=1e-3, optimizer="adam", lr_schedule="constant")
     m.to_onnx(tmp_path / "m.onnx")
     proba, label = run_onnx(tmp_path / "m.onnx", xte)
     np.testing.assert_array_equal(label, m.predict(xte))

@@ -40,7 +40,7 @@ def test_search_space_text():
 
 @pytest.mark.parametrize("flags,match", [
     (["--lr", "x"], "--lr 'x': expected"),
-    (["--lr", "0..1"], "--lr: 0.0 is out of range"),
+    (["--lr=-1..1"], "--lr: -1.0 is out of range"),
     (["--dropout", "0,1"], "--dropout: 1.0 is out of range"),
     (["--sampler", "grid", "--lr", "1e-3..1e-2"], "--sampler grid needs lists"),
     (["--val-split", "0"], "--val-split must be above 0"),

@@ -28,6 +28,7 @@ class Defaults:
     """A training run's defaults. Measured on Fashion-MNIST (README): 0.8988 test accuracy in
     about 25 s on a 2-core CPU with these."""
 
+    dataset: str = "fashion-mnist"  # harder than MNIST, where every method scores ~98% and none stands out
     hidden: tuple = (256, 128)  # two hidden layers: wider or deeper MLPs gain nothing here (README)
     activation: str = "relu"  # trains faster than sigmoid/tanh from He initialisation
     loss: str = "xent"  # softmax cross-entropy; "mse" is the textbook network's loss
@@ -44,8 +45,10 @@ class Defaults:
     seed: int = 0
     dtype: str = "float32"  # float64 for gradient checks and exact comparisons
     device: str = "auto"  # the GPU when CuPy finds a usable one, else the CPU
+    gpu_gemm: str = "fastnn"  # fastnn's fused GEMM kernels: a CUDA graph can capture them, cuBLAS's it cannot
     sweep_epochs: int = 10  # a sweep trains many models: half a run each, ranked on validation accuracy
     sweep_stack: int = 16  # models a sweep trains at once in stacked kernels
+    sweep_trials: int = 32  # trials in a sweep's study (a grid sampler: the grid's size)
 
 
 DEFAULTS = Defaults()
@@ -101,6 +104,7 @@ RULES = {
     "trials": Rule(int, "a positive number", low=1),
     "workers": Rule(int, "a positive number", low=1),
     "seed": Rule(int, ">= 0", low=0, high=2**32 - 1),
+    "worker": Rule(int, ">= 0", low=0),
     "optimizer": _choice(OPTIMIZERS),
     "lr_schedule": _choice(LR_SCHEDULES),
     "loss": _choice(LOSSES),

@@ -129,7 +129,7 @@ class Settings:
     dtype: str = DEFAULTS.dtype
     device: str = "cpu"
     stack: int = DEFAULTS.sweep_stack  # models trained at once
-    trials: int = 32  # in the whole study, over all workers
+    trials: int = DEFAULTS.sweep_trials  # in the whole study, over all workers
     cuda_graph: bool = False  # replay the captured stacked step (GPU)
     class_weight: str | None = None  # "balanced": each class's loss weighed by N / (K * its count)
     heartbeat_s: float = 60.0  # a worker writes the time into each of its running trials this often

@@ -14,12 +14,12 @@ import numpy as np
 
 from .config import DEFAULTS
 from .errors import ConfigError, DivergedError
-from .loop import LR_SCHEDULES, EpochLoop, prepare, stratified_split, train_epoch, train_step
+from .loop import EpochLoop, prepare, stratified_split, train_epoch, train_step
 from .model import MLP
 from .optim import Optimizer, make_optimizer
 from .progress import EpochProgress, epoch_line
 
-__all__ = ["fit", "train_step", "train_epoch", "stratified_split", "EarlyStopping", "LR_SCHEDULES"]
+__all__ = ["fit", "train_step", "train_epoch", "stratified_split", "EarlyStopping"]
 
 
 def fit(model: MLP, x, y, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=None,

@@ -150,7 +150,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_args):
 
 # The full table of bad inputs is in test_bad_inputs.py (in-process); these check the scripts' wiring.
 @pytest.mark.parametrize("flags,match", [
-    (["--lr", "-1"], "argument --lr: must be a positive number"),
+    (["--lr", "-1"], "argument --lr: must be >= 0, got -1"),
     (["--dataset", "/no/such/place"], "/no/such/place: neither a known data set"),
     (["--save", "/proc/m.npz"], "--save /proc/m.npz: cannot write in /proc"),
 ])
@@ -339,19 +339,41 @@ def test_gpu_without_cuda_is_a_one_line_error(data_args):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
-    pytest.importorskip("tqdm")
-    from fastnn.cli.output import Output
+    from fastnn import progress
 
-    out = Output(quiet=False, metrics_path=None)
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    assert out.progress(1, 3, 1000) is None  # piped or redirected: no bar
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    hook = out.progress(1, 3, 1000)
-    assert hook is not None
-    hook(500)
-    assert out.bar.n == 500 and out.bar.total == 1000
-    out.close()
-    assert Output(quiet=True, metrics_path=None).progress(1, 3, 1000) is None
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert progress.bar(1000, "epoch 1/3").disable  # piped or redirected: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    shown = progress.EpochProgress(3, 1000)
+    shown.update(500)
+    assert not shown.current.disable and shown.current.n == 500 and shown.current.total == 1000
+    assert shown.current.desc == "epoch 1/3" and not shown.current.leave  # a terminal's bar vanishes at its end
+    shown.end("epoch line")
+    assert shown.current is None and shown.epoch == 2
+    assert progress.bar(1000, "epoch 1/3", show=False).disable  # --quiet
+
+
+def test_a_notebook_keeps_each_bar_as_text_on_stdout(monkeypatch, capsys):
+    from fastnn import progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    b = progress.bar(1000, "epoch 1/3")
+    assert not b.disable and b.leave
+    b.update(1000)
+    b.close()
+    out = capsys.readouterr().out  # what the cell's saved output keeps: the bar's final state, as text
+    assert out.rstrip().rsplit("\r", 1)[-1].startswith("epoch 1/3: 100%")
+
+
+def test_a_redirected_run_writes_one_line_per_epoch_and_no_bar(data_args, tmp_path):
+    with open(tmp_path / "log.txt", "w") as log:
+        r = subprocess.run(TRAIN + data_args + [a for a in SMALL if a != "--quiet"], stdout=log, stderr=log,
+                           text=True, timeout=300)
+    assert r.returncode == 0
+    text = (tmp_path / "log.txt").read_text()
+    assert "\r" not in text and "it/s" not in text and "sample/s]" not in text
+    assert sum(line.startswith("epoch ") for line in text.splitlines()) == int(SMALL[SMALL.index("--epochs") + 1])
 
 
 def test_help_lists_the_commands_defaults_and_version():

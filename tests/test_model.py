@@ -405,6 +405,7 @@ def test_fit_verbose_prints_a_line_per_epoch_without_a_terminal(tmp_path):
     lines = r.stdout.splitlines()
     assert [ln.split()[1] for ln in lines] == ["1/3", "2/3", "3/3"]
     assert all("train loss" in ln and "val loss" in ln for ln in lines)
+    assert "\r" not in r.stderr  # no bar redrawn into a redirected log
 
 
 def test_lr_find_leaves_the_model_alone_and_suggests_a_rate_on_the_falling_slope(synthetic):

@@ -23,7 +23,7 @@ import textwrap
 
 from .. import __version__
 from ..errors import FastnnError
-from ..train import stratified_split as stratified_split  # re-exported: tests/test_sweep.py uses cli.stratified_split
+from ..loop import stratified_split as stratified_split  # re-exported: tests/test_sweep.py uses cli.stratified_split
 from .flags import DOCTOR_HELP, TRAIN_HELP
 from .output import Terminated
 from .predict import EXPORT_HELP, PREDICT_HELP, run_export, run_predict

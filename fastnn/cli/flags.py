@@ -4,22 +4,21 @@ every command's parser shares, and the run's configuration: defaults < preset < 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 from ..backends import ACTIVATIONS, DEVICES, GEMMS
+from ..config import DEFAULTS as RUN
+from ..config import INITS, LOSSES, LR_SCHEDULES, OPTIMIZERS, RULES, flag_type
 from ..errors import ConfigError
-from ..model import INITS, LOSSES
-from ..optim import OPTIMIZERS
-from ..train import LR_SCHEDULES
 
+# What a run does when no flag, preset or checkpoint says otherwise: fastnn.config's defaults.
 DEFAULTS = {
-    "dataset": "fashion-mnist", "hidden": "256,128", "activation": "relu", "loss": "xent",
-    "init": None, "dropout": "0", "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
-    "batch_size": 128, "epochs": 20, "lr_schedule": "cosine", "seed": 0, "dtype": "float32", "val_split": 0.1,
-    "class_weight": None,
-    "device": "auto", "per_sample": False, "patience": None, "standardize": False,
-    "cuda_graph": False, "gpu_gemm": "fastnn", "tf32": False,
+    "dataset": RUN.dataset, "hidden": list(RUN.hidden), "activation": RUN.activation, "loss": RUN.loss,
+    "init": RUN.init, "dropout": [RUN.dropout], "optimizer": RUN.optimizer, "lr": RUN.lr, "momentum": RUN.momentum,
+    "weight_decay": RUN.weight_decay, "batch_size": RUN.batch_size, "epochs": RUN.epochs,
+    "lr_schedule": RUN.lr_schedule, "seed": RUN.seed, "dtype": RUN.dtype, "val_split": RUN.val_split,
+    "class_weight": None, "device": RUN.device, "per_sample": False, "patience": None, "standardize": False,
+    "cuda_graph": False, "gpu_gemm": RUN.gpu_gemm, "tf32": False,
 }
 
 # The two networks of the questions in the README, done right.
@@ -41,31 +40,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _fraction(text: str) -> float:
-    v = _nonneg_float(text)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return v
-
-
 def _rates(text: str) -> list[float]:
+    """``--dropout``: one probability for all hidden layers, or one per layer ("0.2,0.1")."""
     try:
         rates = [float(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected probabilities like 0.2 or 0.2,0.1, got {text!r}") from None
-    if not rates or not all(0 <= p < 1 for p in rates):
-        raise argparse.ArgumentTypeError(f"each probability must be in [0, 1), got {text!r}")
+    if not rates or not RULES["dropout"].holds_all(rates):
+        raise argparse.ArgumentTypeError(f"each probability must be {RULES['dropout'].text}, got {text!r}")
     return rates
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def _hidden(text: str) -> list[int]:
@@ -76,28 +59,6 @@ def _hidden(text: str) -> list[int]:
     if any(n < 1 for n in sizes):
         raise argparse.ArgumentTypeError(f"layer widths must be positive, got {text!r}")
     return sizes
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not v > 0 or (kind is float and not math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-        return v
-    return parse
-
-
-def _nonneg_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return v
 
 
 TRAIN_HELP = ("Train an MLP on MNIST-like data and report its test accuracy (defaults: Fashion-MNIST, "
@@ -119,7 +80,10 @@ def train_parser(prog="fastnn train", doctor=False) -> argparse.ArgumentParser:
             return
         key = flag[2:].replace("-", "_")
         if kw.get("default", 0) is S and DEFAULTS.get(key) is not None and kw.get("action") != "store_true":
-            help = f"{help + ' ' if help else ''}(default: {DEFAULTS[key]})"
+            default = DEFAULTS[key]
+            shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
+                if isinstance(default, list) else default
+            help = f"{help + ' ' if help else ''}(default: {shown})"
         group.add_argument(flag, help=help, **kw)
 
     _data_and_network_flags(p, add, S)
@@ -152,9 +116,9 @@ def _data_flags(p, add, S) -> None:
     add(g, "--no-download", "never download a named data set", dest="download", action="store_false", default=S)
     add(g, "--standardize", "scale inputs to mean 0, std 1 (statistics of the training split)",
         action="store_true", default=S)
-    add(g, "--limit", "use the first N training samples", type=_positive(int), default=S)
+    add(g, "--limit", "use the first N training samples", type=flag_type("limit"), default=S)
     add(g, "--classes", "the number of classes, when the training labels do not show all of them "
-        "(by default labels must be exactly 0..K-1, every class present)", type=_positive(int), default=S)
+        "(by default labels must be exactly 0..K-1, every class present)", type=flag_type("classes"), default=S)
 
 
 def _network_flags(p, add, S) -> None:
@@ -174,21 +138,21 @@ def _training_flags(p, add, S) -> None:
     g = p.add_argument_group("training")
     add(g, "--device", "auto: the GPU when one is usable", choices=DEVICES, default=S)
     add(g, "--optimizer", choices=OPTIMIZERS, default=S)
-    add(g, "--lr", type=_positive(float), default=S)
-    add(g, "--momentum", type=_nonneg_float, default=S)
-    add(g, "--weight-decay", type=_nonneg_float, default=S)
+    add(g, "--lr", type=flag_type("lr"), default=S)
+    add(g, "--momentum", "for momentum and nesterov", type=flag_type("momentum"), default=S)
+    add(g, "--weight-decay", type=flag_type("weight_decay"), default=S)
     add(g, "--lr-schedule", choices=LR_SCHEDULES, default=S)
-    add(g, "--batch-size", type=_positive(int), default=S)
-    add(g, "--epochs", type=_positive(int), default=S)
+    add(g, "--batch-size", type=flag_type("batch_size"), default=S)
+    add(g, "--epochs", type=flag_type("epochs"), default=S)
     add(g, "--per-sample", "batch size 1: an update after every sample", action="store_true", default=S)
     add(g, "--val-split", "hold out this fraction of the training data (stratified, seeded) for validation: it "
         "drives early stopping and the per-epoch figures; the test set is evaluated once, at the end",
-        type=_fraction, default=S)
+        type=flag_type("val_split"), default=S)
     add(g, "--class-weight", "balanced: weigh each class's loss by N / (K * its count), for imbalanced data",
         choices=["balanced"], default=S)
     add(g, "--patience", "early stopping: stop after N epochs without a better validation loss, keep the best",
-        type=_positive(int), default=S)
-    add(g, "--seed", type=_nonneg_int, default=S)
+        type=flag_type("patience"), default=S)
+    add(g, "--seed", type=flag_type("seed"), default=S)
     g = p.add_argument_group("GPU")
     add(g, "--cuda-graph", "capture one training step as a CUDA graph and replay it per batch",
         action="store_true", default=S)

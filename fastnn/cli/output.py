@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +25,8 @@ class Terminated(KeyboardInterrupt):
 
 
 class Output:
-    """Progress bar, epoch lines and the metrics file."""
+    """What a run says (unless --quiet), its doctor's findings and the metrics file (the progress
+    bar and the epoch lines are ``fit``'s, through ``fastnn.progress``)."""
 
     def __init__(self, quiet, metrics_path, resumed_after=None):
         """resumed_after: the checkpoint's epoch when resuming: the metrics file is kept up to
@@ -36,7 +36,6 @@ class Output:
             _truncate_metrics(metrics_path, resumed_after)
         mode = "a" if resumed_after is not None else "w"
         self.metrics = open(metrics_path, mode) if metrics_path else None  # noqa: SIM115
-        self.bar = None
 
     def say(self, text=""):
         if not self.quiet:
@@ -52,25 +51,7 @@ class Output:
         print(f)
         self.record({"type": "finding", **where, **dataclasses.asdict(f)})
 
-    def progress(self, epoch, epochs, total):
-        """A callable for fit's progress hook, or None when no bar is shown."""
-        if self.quiet or not (sys.stdout.isatty() or "ipykernel" in sys.modules):  # a terminal or Jupyter
-            return None
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return None
-        self.bar = tqdm(total=total, unit="sample", unit_scale=True, leave=False,
-                        desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
-        return self.bar.update
-
-    def close_bar(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
     def close(self):
-        self.close_bar()
         if self.metrics:
             self.metrics.close()
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import ACTIVATIONS, DEVICES, get_ops
+from ..config import DEFAULTS as RUN
+from ..config import LOSSES, LR_SCHEDULES, OPTIMIZERS, flag_type
 from ..errors import ConfigError, FastnnError
-from ..model import LOSSES, MLP
-from ..optim import OPTIMIZERS
-from ..train import LR_SCHEDULES
-from .flags import OneLineParser, _data_flags, _fraction, _hidden, _nonneg_int, _positive, resolve_config
+from ..model import MLP
+from .flags import OneLineParser, _data_flags, _hidden, resolve_config
 from .output import _probe_folder
 from .train import load_data, model_inputs
 
@@ -36,31 +36,36 @@ def sweep_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("search space: a value (0.1), choices (0.01,0.1,0.3) or a range (1e-4..1e-2; "
                              "log scale for --lr and --weight-decay)")
     g.add_argument("--lr", dest="lr_space", metavar="SPACE", help="(default: 3e-4..3e-3 for adam, 0.01..0.3 otherwise)")
-    g.add_argument("--weight-decay", dest="weight_decay_space", metavar="SPACE", default="0", help="(default: 0)")
-    g.add_argument("--momentum", dest="momentum_space", metavar="SPACE", default="0.9",
-                   help="momentum and nesterov (default: 0.9)")
-    g.add_argument("--dropout", dest="dropout_space", metavar="SPACE", default="0", help="(default: 0)")
-    g.add_argument("--seeds", dest="seed_space", metavar="SPACE", default="0",
-                   help="init and batch-order seeds of the models, e.g. 0..9 (default: 0)")
-    g.add_argument("--hidden", dest="hidden_space", nargs="+", type=_hidden, default=[[256, 128]],
-                   metavar="WIDTHS", help="one or more shapes, e.g. 128,64 256,128 (default: 256,128)")
+    g.add_argument("--weight-decay", dest="weight_decay_space", metavar="SPACE", default=f"{RUN.weight_decay:g}",
+                   help=f"(default: {RUN.weight_decay:g})")
+    g.add_argument("--momentum", dest="momentum_space", metavar="SPACE", default=f"{RUN.momentum:g}",
+                   help=f"momentum and nesterov (default: {RUN.momentum:g})")
+    g.add_argument("--dropout", dest="dropout_space", metavar="SPACE", default=f"{RUN.dropout:g}",
+                   help=f"(default: {RUN.dropout:g})")
+    g.add_argument("--seeds", dest="seed_space", metavar="SPACE", default=str(RUN.seed),
+                   help=f"init and batch-order seeds of the models, e.g. 0..9 (default: {RUN.seed})")
+    shape = ",".join(map(str, RUN.hidden))
+    g.add_argument("--hidden", dest="hidden_space", nargs="+", type=_hidden, default=[list(RUN.hidden)],
+                   metavar="WIDTHS", help=f"one or more shapes, e.g. 128,64 256,128 (default: {shape})")
     g = p.add_argument_group("search")
     g.add_argument("--sampler", choices=["grid", "random", "tpe"], default="tpe", help="(default: tpe)")
-    g.add_argument("--trials", type=_positive(int), help="trials in the study, over all workers (default: 32; "
-                   "the grid's size with --sampler grid)")
-    g.add_argument("--stack", type=_positive(int), default=16, help="models trained at once (default: 16)")
+    g.add_argument("--trials", type=flag_type("trials"), help="trials in the study, over all workers (default: "
+                   f"{RUN.sweep_trials}; the grid's size with --sampler grid)")
+    g.add_argument("--stack", type=flag_type("stack"), default=RUN.sweep_stack,
+                   help=f"models trained at once (default: {RUN.sweep_stack})")
     g.add_argument("--pruner", choices=["median", "none"], default="median",
                    help="from epoch 2 on, stop a model whose validation accuracy is below the median of the "
                         "completed trials at the same epoch, once 5 have completed (default: median)")
-    g.add_argument("--seed", type=_nonneg_int, default=S, help="seed of the sampler and the validation split "
-                   "(default: 0)")
+    g.add_argument("--seed", type=flag_type("seed"), default=S, help="seed of the sampler and the validation split "
+                   f"(default: {RUN.seed})")
     g = p.add_argument_group("training, shared by every trial")
-    add(g, "--device", "(default: auto)", choices=DEVICES, default=S)
-    add(g, "--optimizer", "(default: adam)", choices=OPTIMIZERS, default=S)
-    add(g, "--epochs", "(default: 10)", type=_positive(int), default=10)
-    add(g, "--batch-size", "(default: 128)", type=_positive(int), default=S)
-    add(g, "--lr-schedule", "(default: cosine)", choices=LR_SCHEDULES, default=S)
-    add(g, "--val-split", "validation fraction of the training data (default: 0.1)", type=_fraction, default=S)
+    add(g, "--device", f"(default: {RUN.device})", choices=DEVICES, default=S)
+    add(g, "--optimizer", f"(default: {RUN.optimizer})", choices=OPTIMIZERS, default=S)
+    add(g, "--epochs", f"(default: {RUN.sweep_epochs})", type=flag_type("epochs"), default=RUN.sweep_epochs)
+    add(g, "--batch-size", f"(default: {RUN.batch_size})", type=flag_type("batch_size"), default=S)
+    add(g, "--lr-schedule", f"(default: {RUN.lr_schedule})", choices=LR_SCHEDULES, default=S)
+    add(g, "--val-split", f"validation fraction of the training data (default: {RUN.val_split:g})",
+        type=flag_type("val_split"), default=S)
     add(g, "--activation", choices=ACTIVATIONS, default=S)
     add(g, "--loss", choices=LOSSES, default=S)
     add(g, "--dtype", choices=["float32", "float64"], default=S)
@@ -72,9 +77,10 @@ def sweep_parser() -> argparse.ArgumentParser:
     g.add_argument("--storage", help="a journal file shared by processes on one machine, or a database URL "
                    "(postgresql://user:password@host/db) shared by machines (default: OUT/sweep.journal)")
     g.add_argument("--out", default="sweep", help="folder for the leaderboard, plot and best model (default: sweep)")
-    g.add_argument("--workers", type=_positive(int), default=1, help="worker processes on this machine (default: 1)")
+    g.add_argument("--workers", type=flag_type("workers"), default=1,
+                   help="worker processes on this machine (default: 1)")
     g.add_argument("--devices", help="GPU numbers, e.g. 0,1,2,3: one worker process per GPU")
-    g.add_argument("--worker", type=_nonneg_int, help=S)  # the index of a worker started by another fastnn sweep
+    g.add_argument("--worker", type=flag_type("worker"), help=S)  # a worker's index, given by another fastnn sweep
     return p
 
 
@@ -95,7 +101,8 @@ def run_sweep(argv=None) -> int:
         dropout=sweep.parse_space("dropout", args.dropout_space),
         seed=sweep.parse_space("seeds", args.seed_space, int), hidden=args.hidden_space)
     space.check()
-    trials = args.trials or (int(np.prod([len(v) for v in space.grid().values()])) if args.sampler == "grid" else 32)
+    grid = args.sampler == "grid"
+    trials = args.trials or (int(np.prod([len(v) for v in space.grid().values()])) if grid else RUN.sweep_trials)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else []
     settings = sweep.Settings(epochs=args.epochs, batch_size=cfg["batch_size"], optimizer=cfg["optimizer"],
                               lr_schedule=cfg["lr_schedule"], activation=cfg["activation"], loss=cfg["loss"],

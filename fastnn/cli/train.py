@@ -15,10 +15,11 @@ from .. import __version__, checkpoint, datasets
 from ..backends import get_ops, set_tf32
 from ..diagnose import EpochMonitor, diagnose
 from ..errors import ConfigError, DivergedError
+from ..loop import stratified_split
 from ..lrfind import lr_find, plot_lr_find
 from ..model import MLP
 from ..optim import Optimizer, make_optimizer
-from ..train import fit, stratified_split
+from ..train import fit
 from .flags import resolve_config, train_parser
 from .output import Output, Terminated, _probe_folder, report, save_model
 
@@ -98,7 +99,8 @@ def run_doctor(run: Run) -> list:
     """Print and file the doctor's findings before training (data checks read both splits)."""
     cfg, ds, inputs = run.cfg, run.ds, run.inputs
     findings = diagnose(run.model, inputs.x_all, ds.train_labels, inputs.x_test, ds.test_labels, lr=cfg["lr"],
-                        optimizer=cfg["optimizer"], batch_size=cfg["batch_size"])
+                        optimizer=cfg["optimizer"], batch_size=cfg["batch_size"],
+                        verbose=0 if run.args.quiet else 1)
     print(f"doctor: {len(findings)} finding(s)" if findings else "doctor: no problems found")
     for f in findings:
         run.out.finding(f)
@@ -123,29 +125,21 @@ def train(run: Run) -> int | None:
     """Train, printing, checkpointing and watching each epoch. An exit status if it stopped early."""
     args, cfg, inputs, model, opt, rng, out = run.args, run.cfg, run.inputs, run.model, run.opt, run.rng, run.out
     history, start = run.history, run.start
-    n = len(inputs.y_train)
     monitor = EpochMonitor(model, inputs.x_val, inputs.y_val) if args.doctor else None
 
-    def on_epoch(rec):
-        out.close_bar()
+    def on_epoch(rec):  # after fit printed the epoch's line (unless --quiet)
         history.append(rec)
         out.record({"type": "epoch", **rec})
-        val = "" if rec["val_loss"] is None else f"val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f}  "
-        out.say(f"epoch {rec['epoch']:3d}/{cfg['epochs']}  train loss {rec['train_loss']:.4f} "
-                f"acc {rec['train_accuracy']:.4f}  {val}{rec['seconds']:.2f} s  {rec['samples_per_s']:,.0f} samples/s")
         for f in monitor(rec) if monitor else []:
             out.finding(f, epoch=rec["epoch"])
         if args.checkpoint_dir:
             checkpoint.save_checkpoint(args.checkpoint_dir, model, opt, rec["epoch"], rng, cfg, history)
-        if rec["epoch"] < cfg["epochs"]:
-            bar_hook[0] = out.progress(rec["epoch"] + 1, cfg["epochs"], n)
         return False
 
-    bar_hook = [out.progress(start, cfg["epochs"], n)]
     try:
         fit(model, inputs.x_train, inputs.y_train, epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=opt,
             x_val=inputs.x_val, y_val=inputs.y_val, lr_schedule=cfg["lr_schedule"], patience=cfg["patience"],
-            on_epoch=on_epoch, progress=lambda n: bar_hook[0] and bar_hook[0](n), rng=rng, start_epoch=start,
+            on_epoch=on_epoch, verbose=0 if args.quiet else 1, rng=rng, start_epoch=start,
             class_weight=cfg["class_weight"],
             cuda_graph=cfg["cuda_graph"] and model.device == "gpu")
     except DivergedError as exc:
@@ -240,7 +234,7 @@ def run_lr_find(run: Run) -> int:
     """``fastnn lr-find``: the range test with the run's optimizer and batch size."""
     cfg, inputs, model, plots = run.cfg, run.inputs, run.model, run.args.plots
     result = lr_find(model, inputs.x_train, inputs.y_train, optimizer=cfg["optimizer"],
-                     batch_size=cfg["batch_size"], momentum=cfg["momentum"], seed=cfg["seed"])
+                     batch_size=cfg["batch_size"], momentum=cfg["momentum"], seed=cfg["seed"], verbose=1)
     print(f"suggested learning rate for {cfg['optimizer']}: {result['suggested']:.3g} (the loss is lowest at "
           f"{result['min_loss_lr']:.3g}; --lr {cfg['lr']:g} is {cfg['lr'] / result['suggested']:.3g}x the suggestion)")
     if plots:

@@ -2,12 +2,12 @@
 
     import fastnn
     model = fastnn.MLP([784, 128, 64, 10], activation="relu", device="auto")
-    history = fastnn.fit(model, x_train, y_train, epochs=10, batch_size=128, lr=0.1,
-                         optimizer="momentum", validation_split=0.1)
+    history = fastnn.fit(model, x_train, y_train, validation_split=0.1)  # as `fastnn train`: Adam, cosine, 20 epochs
+    # or, e.g.: fastnn.fit(model, x_train, y_train, epochs=10, lr=0.1, optimizer="momentum", lr_schedule="constant")
     print(model.evaluate(x_test, y_test))  # the test set, once, at the end
 
     stack = fastnn.ModelStack([784, 128, 64, 10], seeds=range(16))  # 16 models, trained at once
-    fastnn.fit_many(stack, x_train, y_train, lr=np.geomspace(0.01, 0.3, 16), validation_split=0.1)
+    fastnn.fit_many(stack, x_train, y_train, lr=np.geomspace(3e-4, 3e-3, 16), validation_split=0.1)
     best = stack.model(stack.best())
 """
 

@@ -78,3 +78,44 @@ def test_cupy_is_imported_by_the_cupy_backend_only():
     r = subprocess.run([sys.executable, "-c", "import sys, fastnn; fastnn.MLP([4, 2]); print('cupy' in sys.modules)"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.stdout.strip() == "False", r.stderr
+
+
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_longer_than_500_lines():
+    long = {p.relative_to(REPO).as_posix(): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+
+
+def test_the_stack_code_imports_nothing_private_from_the_training_loop():
+    """fit_many runs on the loop's public pieces, as fit does: no ``_name`` imported across modules."""
+    private = []
+    for name in ("stack.py", "train.py", "sweep.py"):
+        for node in ast.walk(ast.parse((PACKAGE / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                private += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
+    stack_imports = runtime_imports(PACKAGE / "stack.py", {module_name(p) for p in PACKAGE.rglob("*.py")})
+    assert "fastnn.loop" in stack_imports and "fastnn.train" not in stack_imports  # the loop, not fit's module
+
+
+def test_one_place_for_defaults():
+    """The run's defaults are written once, in fastnn.config: fit, fit_many, the CLI and the sweep read them."""
+    import inspect
+
+    import fastnn
+    from fastnn import config, sweep
+    from fastnn.cli import flags
+
+    d = config.DEFAULTS
+    for fn in (fastnn.fit, fastnn.fit_many):
+        sig = inspect.signature(fn).parameters
+        assert (sig["epochs"].default, sig["batch_size"].default, sig["optimizer"].default,
+                sig["lr_schedule"].default) == (d.epochs, d.batch_size, d.optimizer, d.lr_schedule)
+    assert flags.DEFAULTS["lr"] == d.lr and flags.DEFAULTS["epochs"] == d.epochs
+    assert sweep.Settings().batch_size == d.batch_size and sweep.Settings().epochs == d.sweep_epochs
+    literal_128 = [p.relative_to(REPO).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "config.py"
+                   and any(f"batch_size{sep}128" in p.read_text().replace(" ", "") for sep in ("=", ":int="))]
+    assert literal_128 == []

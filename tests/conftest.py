@@ -145,18 +145,19 @@ def emulated_gpu():
         pytest.skip("no C++ compiler (c++) to build the CUDA emulator")
     import cuda_emulator
 
-    import fastnn.backends as backends
+    import fastnn.backends  # noqa: F401  (the parent packages of the emulated modules)
 
     saved_modules = {n: sys.modules.get(n, _MISSING) for n in _EMULATED_MODULES}
-    saved_attrs = {n: getattr(backends, n, _MISSING) for n in ("cupy_ops", "cuda_graph")}
+    # a submodule is also an attribute of its package (``from . import cupy_ops`` reads it): swapped too
+    parents = {n: (sys.modules[n.rpartition(".")[0]], n.rpartition(".")[2]) for n in _EMULATED_MODULES[1:]}
+    saved_attrs = {n: getattr(pkg, attr, _MISSING) for n, (pkg, attr) in parents.items()}
     fake = cuda_emulator.fake_cupy()
     try:
         sys.modules["cupy"] = fake
-        for n in _EMULATED_MODULES[1:]:
+        for n, (pkg, attr) in parents.items():
             sys.modules.pop(n, None)
-        for n in saved_attrs:
-            if hasattr(backends, n):
-                delattr(backends, n)
+            if hasattr(pkg, attr):
+                delattr(pkg, attr)
         yield fake
     finally:
         for n, m in saved_modules.items():
@@ -164,9 +165,9 @@ def emulated_gpu():
                 sys.modules.pop(n, None)
             else:
                 sys.modules[n] = m
-        for n, a in saved_attrs.items():
-            if a is _MISSING:
-                if hasattr(backends, n):
-                    delattr(backends, n)
+        for n, (pkg, attr) in parents.items():
+            if saved_attrs[n] is _MISSING:
+                if hasattr(pkg, attr):
+                    delattr(pkg, attr)
             else:
-                setattr(backends, n, a)
+                setattr(pkg, attr, saved_attrs[n])

@@ -253,14 +253,18 @@ class MLP:
         p = self.dropout[l] if l < len(self.dropout) else 0.0
         return Dropout(p, self.seed & 0xFFFFFFFF, self.step, l) if p > 0 else None
 
-    def forward(self, ws: Workspace, train: bool = False):
+    def forward(self, ws: Workspace, train: bool = False, rowwise: bool | None = None):
         """ws.x (B, D) -> ws.acts[-1] (B, K): logits for xent, sigmoid outputs for mse.
 
-        train: apply dropout (the training step); off for evaluation and prediction."""
+        train: apply dropout (the training step); off for evaluation and prediction. rowwise (default:
+        ``not train``): compute the products row by row, so a row's outputs do not depend on the other
+        rows of its batch, which BLAS's GEMM, whose summation order changes with the batch's size,
+        cannot promise (prediction); ``evaluate``'s aggregate figures take the batch GEMM."""
+        rowwise = not train if rowwise is None else rowwise
         ops, a = self.ops, ws.x
         for l in range(self.n_layers):
             drop = self._drop(l) if train else None
-            ops.linear_act(a, self.W[l], self.b[l], ws.acts[l], self.layer_activations[l], drop)
+            ops.linear_act(a, self.W[l], self.b[l], ws.acts[l], self.layer_activations[l], drop, rowwise)
             a = ws.acts[l]  # (B, n_{l+1})
         return a
 
@@ -367,7 +371,7 @@ class MLP:
         losses = xp.zeros((n_batches,) + self.stack, self.dtype)
         hits = xp.zeros((n_batches,) + self.stack, np.int32)
         for i, ws in enumerate(self._batches_device(x_dev, y_dev, batch_size)):
-            self.forward(ws)
+            self.forward(ws, rowwise=False)
             self.loss_and_delta(ws, losses[i:i + 1], hits[i:i + 1], want_grad=False)
         loss = self.ops.to_host(losses.astype(np.float64).sum(axis=0)) / n
         acc = self.ops.to_host(hits.sum(axis=0)) / n

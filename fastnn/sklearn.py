@@ -22,6 +22,8 @@ from .model import MLP
 from .train import fit
 
 SOLVERS = {"adam": "adam", "sgd": "nesterov"}
+# uint8 pixels stay uint8: the model's Preprocessing scales them (1/255), as everywhere in fastnn
+DTYPES = [np.float64, np.float32, np.uint8]
 
 
 class MLPClassifier(ClassifierMixin, BaseEstimator):
@@ -57,7 +59,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, sample_weight=None):
         """Train a new network on X (n_samples, n_features), y (n_samples,) labels."""
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        X, y = validate_data(self, X, y, dtype=DTYPES)
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -78,11 +80,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "model_"):
             if classes is None:
                 raise ValueError("classes must be given in the first call to partial_fit")
-            X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+            X, y = validate_data(self, X, y, dtype=DTYPES)
             self.classes_ = np.unique(classes)
             self.model_ = self._new_model(X.shape[1], 0 if self.random_state is None else int(self.random_state))
         else:
-            X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=False)
+            X, y = validate_data(self, X, y, dtype=DTYPES, reset=False)
         unknown = np.setdiff1d(y, self.classes_)
         if unknown.size:
             raise ValueError(f"labels {unknown.tolist()} are not in classes_ {self.classes_.tolist()}")
@@ -113,7 +115,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (n_samples, n_classes), columns in the order of ``classes_``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_data(self, X, dtype=DTYPES, reset=False)
         return self.model_.predict_proba(X)
 
     def predict(self, X) -> np.ndarray:

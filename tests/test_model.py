@@ -449,3 +449,23 @@ def test_fit_with_class_weights_reports_the_weighted_mean_loss(synthetic):
     assert hist[0]["train_loss"] == pytest.approx(np.average(losses, weights=w), rel=1e-4)
     with pytest.raises(fastnn.ConfigError, match="finite and >= 0, and not all zero"):
         fastnn.fit(m, x, y, epochs=1, sample_weight=np.zeros(400), optimizer="sgd", lr_schedule="constant", lr=0.1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_rows_prediction_does_not_depend_on_its_batch(dtype):
+    """Single rows, random subsets and odd chunk sizes give each row the bits of the full batch
+    (BLAS's GEMM sums in an order that changes with the batch's size: prediction is row by row)."""
+    rng = np.random.default_rng(5)
+    x = rng.random((257, 50)).astype(dtype)
+    m = fastnn.MLP([50, 37, 19, 6], dtype=dtype, seed=2)
+    full, logits = m.predict_proba(x), m.outputs(x)
+    for i in rng.permutation(257)[:40]:
+        np.testing.assert_array_equal(m.predict_proba(x[i:i + 1]), full[i:i + 1])
+    for size in (2, 3, 7, 64, 129):
+        rows = rng.permutation(257)[:size]
+        np.testing.assert_array_equal(m.predict_proba(x[rows]), full[rows])
+        np.testing.assert_array_equal(m.outputs(x[rows]), logits[rows])
+    np.testing.assert_array_equal(m.predict_proba(x, batch_size=10), full)
+    stack = fastnn.ModelStack([50, 19, 6], seeds=[1, 2], dtype=dtype)
+    each = stack.predict_proba(x, each=True)
+    np.testing.assert_array_equal(stack.predict_proba(x[5:6], each=True), each[:, 5:6])

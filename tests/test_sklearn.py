@@ -19,24 +19,30 @@ from sklearn.utils.estimator_checks import (  # noqa: E402
 
 from fastnn.sklearn import MLPClassifier  # noqa: E402
 
-MINIBATCH_WEIGHTS = ("minibatch training: weighted samples and repeated samples fall into different batches; "
-                     "checked with full batches in test_sample_weights_equal_repeated_samples_with_full_batches")
-
-
-FLOAT32_ROWS = ("float32: BLAS computes a lone row's product (GEMV) in another order than a batch's (GEMM), "
-                "so one row's probabilities may differ from the batch's by about 1e-7; checked in float64 in "
-                "test_methods_are_invariant_to_subsets_in_float64")
+MINIBATCH_WEIGHTS = ("float32 training: weighted and repeated samples sum in other orders, which moves the "
+                     "probabilities by ~1e-7 relative, the check's tolerance; checked in float64 with full batches "
+                     "in test_sample_weights_equal_repeated_samples_with_full_batches")
 
 
 @parametrize_with_checks([MLPClassifier(max_iter=50)], expected_failed_checks=lambda est: {
-    "check_sample_weight_equivalence_on_dense_data": MINIBATCH_WEIGHTS,
-    "check_methods_subset_invariance": FLOAT32_ROWS})
+    "check_sample_weight_equivalence_on_dense_data": MINIBATCH_WEIGHTS})
 def test_scikit_learns_estimator_checks(estimator, check):
     check(estimator)
 
 
-def test_methods_are_invariant_to_subsets_in_float64():
-    check_methods_subset_invariance("MLPClassifier", MLPClassifier(max_iter=50, dtype="float64"))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_methods_are_invariant_to_subsets(dtype):
+    check_methods_subset_invariance("MLPClassifier", MLPClassifier(max_iter=50, dtype=dtype))
+
+
+def test_uint8_pixels_are_scaled_as_everywhere_in_fastnn():
+    """uint8 images (as datasets.load gives them) train and predict as the same images / 255."""
+    x, y = load_digits(return_X_y=True)
+    pixels = np.round(x * 255 / 16).astype(np.uint8)
+    a = MLPClassifier(hidden_layer_sizes=(32,), max_iter=40, random_state=0).fit(pixels, y)
+    b = MLPClassifier(hidden_layer_sizes=(32,), max_iter=40, random_state=0).fit(pixels / 255.0, y)
+    np.testing.assert_allclose(a.predict_proba(pixels), b.predict_proba(pixels / 255.0), rtol=1e-5, atol=1e-6)
+    assert a.score(pixels, y) == b.score(pixels / 255.0, y) > 0.9
 
 
 def test_sample_weights_equal_repeated_samples_with_full_batches():

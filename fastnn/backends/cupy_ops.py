@@ -133,10 +133,11 @@ class CupyOps(Ops):
             *arrays, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act),
             *self._dropout_arrays(drop, out.dtype), *(np.int64(s) for s in strides)))
 
-    def linear_act(self, a, W, b, out, act, drop=None):
+    def linear_act(self, a, W, b, out, act, drop=None, rowwise=False):
+        # fastnn's kernels sum each output in one fixed order whatever the batch: rowwise needs nothing more
         if self.gemm == "cublas":
-            if W.ndim == 3:
-                return super().linear_act(a, W, b, out, act, drop)
+            if W.ndim == 3 or rowwise:
+                return super().linear_act(a, W, b, out, act, drop, rowwise)
             cp.matmul(a, W, out=out)
             self.bias_act(out, b, act, drop)
             return

@@ -136,6 +136,12 @@ class Ops:
         """``out = a @ b`` (one GEMM). a: (M, K), b: (K, N), out: (M, N)."""
         self.xp.matmul(a, b, out=out)
 
+    def matmul_rows(self, a, b, out) -> None:
+        """``out = a @ b`` one row at a time: a batch of (1, K) @ (K, N) products, so each row's result
+        is computed the same way whatever else its batch holds (a GEMM's summation order changes with
+        the batch's size and a row's place in it). a: (M, K) or (S, M, K), b: (K, N) or (S, K, N)."""
+        self.xp.matmul(a[..., None, :], b[..., None, :, :], out=out[..., None, :])
+
     def weight_grad(self, a, d, out) -> None:
         """``out = a.T @ d``: the weight gradient. a: (B, M), d: (B, N), out: (M, N)."""
         self.xp.matmul(a.swapaxes(-1, -2), d, out=out)
@@ -210,9 +216,11 @@ class Ops:
 
     # The three products of a layer with what follows them, the calls the model makes.
     # Here they are composed of the kernels above; the CuPy backend fuses each one.
-    def linear_act(self, a, W, b, out, act: str, drop: Dropout | None = None) -> None:
-        """Forward: ``out = dropout(act(a @ W + b))``. a: (B, M), W: (M, N), b: (N,), out: (B, N)."""
-        self.matmul(a, W, out)
+    def linear_act(self, a, W, b, out, act: str, drop: Dropout | None = None, rowwise: bool = False) -> None:
+        """Forward: ``out = dropout(act(a @ W + b))``. a: (B, M), W: (M, N), b: (N,), out: (B, N).
+
+        rowwise: each row's product on its own (``matmul_rows``), for batch-invariant inference."""
+        (self.matmul_rows if rowwise else self.matmul)(a, W, out)
         self.bias_act(out, b, act, drop)
 
     def input_grad(self, d, W, a, out, act: str, drop: Dropout | None = None) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import urllib.request
 from pathlib import Path
 
 from .errors import DataError
+from .progress import bar as progress_bar
 
 
 # -------------------------------------------------------------- locations
@@ -69,7 +69,7 @@ def download(urls, dest, md5: str, timeout: float = 30.0, progress: bool | None 
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
                 total = int(resp.headers.get("Content-Length") or 0)
                 digest, done = hashlib.md5(), 0
-                bar = _progress_bar(total, dest.name, progress)
+                bar = progress_bar(total or None, dest.name, unit="B", show=progress is not False)
                 while True:
                     chunk = resp.read(1 << 16)
                     if not chunk:
@@ -77,10 +77,8 @@ def download(urls, dest, md5: str, timeout: float = 30.0, progress: bool | None 
                     f.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-                if bar is not None:
-                    bar.close()
+                    bar.update(len(chunk))
+                bar.close()
                 if total and done != total:
                     raise OSError(f"connection closed after {done} of {total} bytes")
                 if digest.hexdigest() != md5:
@@ -95,15 +93,3 @@ def download(urls, dest, md5: str, timeout: float = 30.0, progress: bool | None 
             if tmp.exists():
                 tmp.unlink()
     raise DataError(f"{dest.name}: download failed from every mirror: " + "; ".join(errors))
-
-
-def _progress_bar(total, label, progress):
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total or None, unit="B", unit_scale=True, desc=label, leave=False)

@@ -99,6 +99,17 @@ class NumpyOps(Ops):
         else:
             super().bias_act(h, b, act, drop)
 
+    def im2col(self, x, k, pad, cols):
+        # one strided copy of all k*k patches (the generic version makes one copy per offset)
+        if pad:
+            B, H, W, C = x.shape
+            padded = self.scratch((B, H + 2 * pad, W + 2 * pad, C), x.dtype)
+            padded[:, :pad], padded[:, H + pad:], padded[:, :, :pad], padded[:, :, W + pad:] = 0, 0, 0, 0
+            padded[:, pad:pad + H, pad:pad + W] = x
+            x = padded
+        windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # (B, Ho, Wo, C, k, k)
+        cols[...] = windows.transpose(0, 1, 2, 4, 5, 3)
+
     def matmul(self, a, b, out):
         np.matmul(a, b, out=out)
 

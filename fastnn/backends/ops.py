@@ -237,6 +237,81 @@ class Ops:
         self.weight_grad(a, d, gW)
         self.sum_rows(d, gb)
 
+    # ---------------------------------------------- convolution and pooling (NHWC)
+    # Images are (B, H, W, C), channels last, so a convolution is one GEMM with no transposes:
+    # the k x k patches of every position of every image are the rows of (B*Ho*Wo, k*k*C), and the
+    # weight is (k*k*C_in, C_out), rows in (ki, kj, c_in) order. Stride 1; ``pad`` zeros around
+    # (0: "valid", (k - 1) // 2 for odd k: "same"). Pooling is p x p, non-overlapping (floor).
+    def im2col(self, x, k: int, pad: int, cols) -> None:
+        """cols (B, Ho, Wo, k, k, C) = the k x k patches of x (B, H, W, C) padded by ``pad`` zeros:
+        one strided copy per kernel offset (k*k of them), none per image or position."""
+        B, H, W, C = x.shape
+        Ho, Wo = cols.shape[1], cols.shape[2]
+        if pad:
+            xp_ = self.xp.zeros((B, H + 2 * pad, W + 2 * pad, C), x.dtype)
+            xp_[:, pad:pad + H, pad:pad + W] = x
+            x = xp_
+        for i in range(k):
+            for j in range(k):
+                cols[:, :, :, i, j, :] = x[:, i:i + Ho, j:j + Wo, :]
+
+    def conv_act(self, x, W, b, cols, out, act: str, pad: int) -> None:
+        """Forward: ``out = act(im2col(x) @ W + b)``, one GEMM. x: (B, H, W, C_in); W: (k*k*C_in, C_out);
+        b: (C_out,); cols: (B, Ho, Wo, k, k, C_in), the patches (kept for the weight gradient);
+        out: (B, Ho, Wo, C_out)."""
+        self.im2col(x, cols.shape[3], pad, cols)
+        rows = out.shape[0] * out.shape[1] * out.shape[2]
+        self.linear_act(cols.reshape(rows, -1), W, b, out.reshape(rows, -1), act)
+
+    def conv_param_grads(self, cols, d, gW, gb) -> None:
+        """``gW = patches.T @ d`` and ``gb = d summed over images and positions``. cols: (B, Ho, Wo, k, k,
+        C_in); d: (B, Ho, Wo, C_out) dL/dz; gW: (k*k*C_in, C_out); gb: (C_out,)."""
+        rows = d.shape[0] * d.shape[1] * d.shape[2]
+        self.param_grads(cols.reshape(rows, -1), d.reshape(rows, -1), gW, gb)
+
+    def conv_input_grad(self, d, W, dcols, out, pad: int) -> None:
+        """dL/dx (out, (B, H, W, C_in)) of a convolution from d (B, Ho, Wo, C_out): ``dcols = d @ W.T``
+        (one GEMM into dcols (B, Ho, Wo, k, k, C_in)), then col2im: each patch's gradient added back
+        where the patch was read (k*k strided adds), the padding cut off."""
+        rows = d.shape[0] * d.shape[1] * d.shape[2]
+        self.matmul(d.reshape(rows, -1), W.swapaxes(-1, -2), dcols.reshape(rows, -1))
+        B, H, Wd, C = out.shape
+        k, Ho, Wo = dcols.shape[3], d.shape[1], d.shape[2]
+        full = self.xp.zeros((B, H + 2 * pad, Wd + 2 * pad, C), out.dtype) if pad else out
+        if not pad:
+            out[...] = 0
+        for i in range(k):
+            for j in range(k):
+                full[:, i:i + Ho, j:j + Wo, :] += dcols[:, :, :, i, j, :]
+        if pad:
+            out[...] = full[:, pad:pad + H, pad:pad + Wd]
+
+    def _windows(self, x, p: int):
+        """x (B, H, W, C) -> its p x p windows (B, H//p, W//p, p*p, C) (a copy; rows and columns past
+        the last whole window are left out)."""
+        B, H, W, C = x.shape
+        Ho, Wo = H // p, W // p
+        v = x[:, :Ho * p, :Wo * p].reshape(B, Ho, p, Wo, p, C).transpose(0, 1, 3, 2, 4, 5)
+        return v.reshape(B, Ho, Wo, p * p, C)
+
+    def maxpool(self, x, p: int, out, arg) -> None:
+        """out (B, H//p, W//p, C) = the max of each p x p window of x (B, H, W, C); arg (same shape,
+        int8): the window position of that max, the first in row-major order on ties (the backward
+        pass sends the whole gradient there)."""
+        v = self._windows(x, p)
+        arg[...] = v.argmax(axis=3)
+        out[...] = self.xp.take_along_axis(v, arg[:, :, :, None, :].astype(np.int64), axis=3)[:, :, :, 0]
+
+    def maxpool_backward(self, d, arg, p: int, out) -> None:
+        """dL/dx (out, (B, H, W, C)) of max pooling from d (B, H//p, W//p, C): each window's gradient
+        goes to its max (``arg`` from ``maxpool``), zero elsewhere (rows and columns no window read too)."""
+        B, Ho, Wo, C = d.shape
+        out[...] = 0
+        for q in range(p * p):
+            i, j = divmod(q, p)
+            view = out[:, i:Ho * p:p, j:Wo * p:p, :]
+            view += self.xp.where(arg == q, d, 0)
+
     # ----------------------------------------------------------------- losses
     def _at_labels(self, z, y) -> tuple:
         """The index of each row's label entry in z (B, K) or (K_models, B, K); y (B,) or (K_models, B)."""

@@ -21,7 +21,7 @@ import numpy as np
 from .download import cache_dir, download, find_file, search_dirs
 from .errors import DataError
 from .preprocessing import Preprocessing
-from .readers import check_labels, flatten_images, read_csv, read_idx, read_npz, read_pickle
+from .readers import check_label_range, check_labels, flatten_images, read_csv, read_idx, read_npz, read_pickle
 from .readers import read_images as read_images  # re-exported: fastnn.cli reads images as datasets.read_images
 
 IDX_FILES = {
@@ -162,12 +162,9 @@ def finish(name, train_images, train_labels, test_images, test_labels, classes, 
     train_labels = check_labels(train_labels, train_images.shape[0], source.get("train_labels", tr))
     test_labels = check_labels(test_labels, test_images.shape[0], source.get("test_labels", te))
     classes = class_names(classes, train_labels, source.get("train_labels", tr))
-    for split, y in (("train_labels", train_labels), ("test_labels", test_labels)):
-        if int(y.max()) >= len(classes):
-            i = int(np.argmax(y >= len(classes)))
-            seen = "" if split == "train_labels" else ", the classes of the training labels"
-            raise DataError(f"{source.get(split, split)}: label {int(y[i])} (sample {i}) is outside "
-                            f"0..{len(classes) - 1}{seen}")
+    check_label_range(train_labels, len(classes), source.get("train_labels", "train_labels"))
+    check_label_range(test_labels, len(classes), source.get("test_labels", "test_labels"),
+                      whose=", the classes of the training labels")
     prep = fit_preprocessing(train_images, test_images, standardize, tr, te)
     return Dataset(name, train_images, train_labels, test_images, test_labels, list(classes), prep, dict(source))
 

@@ -75,6 +75,14 @@ def check_labels(labels, n, where) -> np.ndarray:
         raise DataError(f"{where}: negative label {int(y.min())}")
     return y.astype(np.int64)
 
+
+def check_label_range(y: np.ndarray, k: int, where, unit: str = "sample", whose: str = "") -> None:
+    """DataError naming the first label outside 0..k-1 and its ``unit`` (sample, row) in ``where``;
+    ``whose`` follows the range in the message (``", the classes of the training labels"``)."""
+    if len(y) and int(y.max()) >= k:
+        i = int(np.argmax(y >= k))
+        raise DataError(f"{where}: label {int(y[i])} ({unit} {i}) is outside 0..{k - 1}{whose}")
+
 # ---------------------------------------------------------------- readers
 def _read_bytes(path) -> bytes:
     """File contents, gunzipped when they start with the gzip magic number."""
@@ -326,6 +334,14 @@ def read_images(path, normalize: bool = True):
     if name.endswith((".csv", ".csv.gz")):
         return read_csv(p, labels="optional")
     images = read_idx(p)
-    labels_path = p.with_name(p.name.replace("images-idx3", "labels-idx1"))
-    labels = read_idx(labels_path) if "images-idx3" in p.name and labels_path.is_file() else None
-    return images, labels
+    labels_path = labels_file(p)
+    if labels_path == p or not labels_path.is_file():
+        return images, None
+    return images, check_labels(read_idx(labels_path), len(images), labels_path)
+
+
+def labels_file(path) -> Path:
+    """Where the labels of an image file read by ``read_images`` are: an IDX images file's labels
+    file beside it (``...images-idx3...`` -> ``...labels-idx1...``); a CSV's are in the file itself."""
+    p = Path(path)
+    return p.with_name(p.name.replace("images-idx3", "labels-idx1")) if "images-idx3" in p.name else p

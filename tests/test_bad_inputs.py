@@ -57,6 +57,7 @@ def files(tmp_path_factory):
         "unseen.csv": csv([[7, *good[0][1:]]] + good[1:3]), "wide.csv": csv(good_rows(pixels=16)),
         "negative.csv": csv([[-1, *good[0][1:]]] + good[1:]), "fraction.csv": csv([[0.5, *good[0][1:]]] + good[1:]),
         "toobright.csv": csv([[0, *([300.5] * 9)]] + good[1:]),
+        "label3.csv": csv(good[:4] + [[3, *good[4][1:]]] + good[5:]),
         "junk.npz": "this is not a zip file", "model.txt": "not a model",
     }
     for name, t in text.items():
@@ -79,6 +80,12 @@ def files(tmp_path_factory):
     (d / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
     model = fastnn.MLP([9, 4, 3])
     model.save(d / "model.npz")
+    model.classes = ["cat", "dog", "eel"]
+    model.save(d / "named-model.npz")
+    model.classes = None
+    (d / "idxpair").mkdir()
+    write_idx_gz(d / "idxpair" / "images-idx3-ubyte.gz", rng.integers(0, 256, (4, 3, 3)))
+    write_idx_gz(d / "idxpair" / "labels-idx1-ubyte.gz", np.array([0, 5, 1, 2]))
     ck = d / "ck"
     ck.mkdir()
     state_path = d / "ckpt"
@@ -162,7 +169,15 @@ PREDICT_CASES = {
     "input-ragged": (lambda f: [f("model.npz"), f("ragged.csv")], "line 4 has 3 fields"),
     "input-wrong-width": (lambda f: [f("model.npz"), f("wide.csv")], "images have 16 pixels, the model expects 9"),
     "input-idx-wrong-size": (lambda f: [f("model.npz"), f("images-idx3-ubyte.gz")], "25 pixels, the model expects 9"),
+    # labels the model cannot have: refused as training refuses them, not scored into an accuracy
+    "input-label-outside-model": (lambda f: [f("model.npz"), f("good.csv"), f("label3.csv")],
+                                  "label3.csv: label 3 (row 4) is outside 0..2, the model's 3 classes"),
+    "input-label-outside-named-model": (lambda f: [f("named-model.npz"), f("unseen.csv")],
+                                        "label 7 (row 0) is outside 0..2, the model's 3 classes (0 cat .. 2 eel)"),
+    "input-idx-label-outside-model": (lambda f: [f("model.npz"), f("idxpair/images-idx3-ubyte.gz")],
+                                      "labels-idx1-ubyte.gz: label 5 (row 1) is outside 0..2"),
 }
+NEEDS_PILLOW = {"input-bad-jpeg"}  # without Pillow the message is "reading image files needs Pillow"
 
 
 def one_line_error(argv, capsys):
@@ -188,11 +203,20 @@ def test_a_bad_training_input_is_one_line_and_exit_2(case, files, capsys):
 
 @pytest.mark.parametrize("case", PREDICT_CASES)
 def test_a_bad_prediction_input_is_one_line_and_exit_2(case, files, capsys):
+    if case in NEEDS_PILLOW:
+        pytest.importorskip("PIL", reason="Pillow is not installed: image files cannot be read at all")
     make_argv, match = PREDICT_CASES[case]
     code, err = one_line_error(["predict", *make_argv(files)], capsys)
     assert code == 2, err
     assert match in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_every_input_is_checked_before_anything_is_predicted(files, capsys):
+    code = cli.main(["predict", files("model.npz"), files("good.csv"), files("label3.csv")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "label 3 (row 4)" in err
+    assert out == ""  # good.csv's predictions and accuracy are not printed before label3.csv is refused
 
 
 def test_the_tables_hold_at_least_forty_cases():

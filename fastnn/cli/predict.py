@@ -13,6 +13,7 @@ from ..errors import DataError
 from ..export import OPSET
 from ..images import IMAGE_SUFFIXES, light_paper, save_gray
 from ..model import MLP
+from ..readers import check_label_range, labels_file
 from .flags import OneLineParser
 from .output import _probe_folder
 
@@ -40,24 +41,11 @@ def run_predict(argv=None) -> int:
     args = predict_parser().parse_args(argv)
     model = MLP.load(args.model, device=args.device)
     classes = getattr(model, "classes", None) or [str(i) for i in range(model.sizes[-1])]
-    for path in args.inputs:
-        images, labels = datasets.read_images(path, normalize=args.normalize)
-        images = datasets.flatten_images(images, path)
-        if images.shape[1] != model.sizes[0]:
-            raise DataError(f"{path}: images have {images.shape[1]} pixels, the model expects "
-                              f"{model.sizes[0]}")
-        photo = str(path).lower().endswith(IMAGE_SUFFIXES)
-        if args.invert:
-            images = (255 - images) if images.dtype == np.uint8 or images.max() > 1 else 1.0 - images
-        elif photo and not args.normalize and light_paper(images[0]):
-            print(f"{path}: a light background: MNIST-like models expect light ink on black; if this is dark "
-                  "ink on light paper, pass --invert (or leave out --no-normalize)", file=sys.stderr)
-        if photo and args.show:
-            Path(args.show).mkdir(parents=True, exist_ok=True)
-            save_gray(images[0], Path(args.show) / (Path(path).stem + ".seen.png"))
-        inputs = model.preprocess(images)
-        proba = model.predict_proba(inputs) if args.proba else None
-        pred = model.predict(inputs)
+    inputs = [(path, *read_input(path, args, model, classes)) for path in args.inputs]  # every check first
+    for path, images, labels in inputs:
+        x = model.preprocess(images)
+        proba = model.predict_proba(x) if args.proba else None
+        pred = model.predict(x)
         for i, p in enumerate(pred):
             name = f"{path}[{i}]" if len(pred) > 1 else str(path)
             extra = "" if proba is None else "\t" + " ".join(f"{v:.4f}" for v in proba[i])
@@ -65,6 +53,31 @@ def run_predict(argv=None) -> int:
         if labels is not None:
             print(f"{path}: accuracy {np.mean(pred == labels):.4f} on {len(labels)} labelled images")
     return 0
+
+
+def read_input(path, args, model: MLP, classes) -> tuple[np.ndarray, np.ndarray | None]:
+    """One input file -> (images (N, D) as the model will see them before preprocessing, labels or None),
+    checked against the model: its width, and labels inside the model's classes."""
+    images, labels = datasets.read_images(path, normalize=args.normalize)
+    images = datasets.flatten_images(images, path)
+    if images.shape[1] != model.sizes[0]:
+        raise DataError(f"{path}: images have {images.shape[1]} pixels, the model expects {model.sizes[0]}")
+    if labels is not None:
+        k = model.sizes[-1]
+        named = "" if list(classes) == [str(i) for i in range(k)] else f" (0 {classes[0]} .. {k - 1} {classes[-1]})"
+        check_label_range(labels, k, labels_file(path), unit="row",
+                          whose=f", the model's {k} classes{named}: it cannot predict this label, so no "
+                                "accuracy is computed; use a model trained on these classes")
+    photo = str(path).lower().endswith(IMAGE_SUFFIXES)
+    if args.invert:
+        images = (255 - images) if images.dtype == np.uint8 or images.max() > 1 else 1.0 - images
+    elif photo and not args.normalize and light_paper(images[0]):
+        print(f"{path}: a light background: MNIST-like models expect light ink on black; if this is dark "
+              "ink on light paper, pass --invert (or leave out --no-normalize)", file=sys.stderr)
+    if photo and args.show:
+        Path(args.show).mkdir(parents=True, exist_ok=True)
+        save_gray(images[0], Path(args.show) / (Path(path).stem + ".seen.png"))
+    return images, labels
 
 
 def run_export(argv=None) -> int:

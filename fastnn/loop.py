@@ -27,8 +27,9 @@ from .errors import ConfigError
 from .model import MLP, Workspace
 from .optim import Optimizer
 
-__all__ = ["LR_SCHEDULES", "DeviceData", "EpochLoop", "prepare", "train_step", "train_epoch", "stratified_split",
-           "hold_out", "check_fit_args", "class_weights", "sample_weights", "capture_step", "cosine_lr"]
+__all__ = ["LR_SCHEDULES", "DeviceData", "EpochLoop", "prepare", "all_rows_equal", "train_step", "train_epoch",
+           "stratified_split", "hold_out", "check_fit_args", "class_weights", "sample_weights", "capture_step",
+           "cosine_lr"]
 
 
 def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, loss_out=None, hits_out=None,
@@ -113,9 +114,24 @@ def prepare(model: MLP, x, y, *, batch_size: int, epochs, lr_schedule: str, x_va
         x, y, x_val, y_val, sample_weight = hold_out(x, y, x_val, validation_split, split_seed, sample_weight)
     check_fit_args(batch_size, epochs, lr_schedule, x_val, y_val, patience)
     x_dev, y_dev = model.to_device(x, y)
+    if all_rows_equal(x_dev):
+        warnings.warn(f"x: all {x_dev.shape[0]} training images are the same (every input feature is constant): "
+                      "there is no signal to learn (check how the images were read)", RuntimeWarning, stacklevel=3)
     w_dev = sample_weights(model, np.asarray(y), sample_weight, class_weight)
     val = None if x_val is None else model.to_device(x_val, y_val, name="x_val")
     return DeviceData(x_dev, y_dev, w_dev, val)
+
+
+def all_rows_equal(x, chunk: int = 1024) -> bool:
+    """Whether the N >= 2 rows of x (N, D) (NumPy or CuPy) are all the same (every feature constant).
+    Compared with the first row a chunk at a time: real data differs in its first chunk, so this
+    costs one small comparison; only constant data is read through."""
+    if x.shape[0] < 2:
+        return False
+    for start in range(0, x.shape[0], chunk):
+        if not bool((x[start:start + chunk] == x[0]).all()):
+            return False
+    return True
 
 
 class EpochLoop:

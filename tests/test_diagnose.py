@@ -3,11 +3,16 @@
 And healthy runs raise no alarm at all. On synthetic data of MNIST's shape (conftest).
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
 import fastnn
-from fastnn.diagnose import check_predictions
+from fastnn.backends.ops import Ops
+from fastnn.diagnose import check_own_gradients, check_predictions
+from fastnn.loop import stratified_split
+from fastnn.stack import ModelStack
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +192,59 @@ def test_a_learning_rate_far_below_the_range_tests_suggestion(data):
     found = next(i for i in f if i.code == "lr-far-off")
     ratio = float(found.evidence.split(" is ")[1].split("x ")[0])
     assert ratio < 1 / 30 and "try lr" in found.fix
+
+
+def all_the_same(x, image):
+    """The training images made all black, or all a copy of the first (identical, but not black)."""
+    return np.zeros_like(x) if image == "black" else np.repeat(x[:1], len(x), axis=0)
+
+
+@pytest.mark.parametrize("image", ["black", "identical"])
+def test_images_all_the_same_are_named_and_nothing_else_is_blamed(data, image):
+    x, y, xt, yt = data
+    f = fastnn.diagnose(net(), all_the_same(x, image), y, xt, yt, lr=1e-3, optimizer="adam")
+    found = next((i for i in f if i.code == "constant-inputs"), None)
+    assert found is not None and found.severity == "error", "\n".join(map(str, f))
+    assert f"all {len(x)} training images are the same" in found.evidence
+    assert ("every pixel 0" in found.evidence) == (image == "black")
+    # the backward pass is sound (all-black inputs put every relu unit at its kink, where central
+    # differences are no derivative), and the labels are not shuffled: neither is blamed
+    assert not codes(f) & {"gradient-mismatch", "bad-labels"}, "\n".join(map(str, f))
+
+
+def test_the_gradient_check_skips_samples_at_relus_kink_and_still_catches_a_broken_backward_pass(data, monkeypatch):
+    x, y, _, _ = data
+    assert "gradient-mismatch" not in codes(check_own_gradients(net(), x, y))
+    black = check_own_gradients(net(), np.zeros_like(x), y)
+    assert codes(black, "info") == {"gradient-check-skipped"} and len(black) == 1
+    original = Ops.input_grad
+
+    def broken(self, d, W, a, out, act, drop=None):  # half the gradient back through every hidden layer
+        original(self, d, W, a, out, act, drop)
+        out *= 0.5
+
+    monkeypatch.setattr(Ops, "input_grad", broken)
+    f = check_own_gradients(net(), x, y)
+    assert codes(f, "error") == {"gradient-mismatch"} and "fastnn's backward pass" in f[0].evidence
+
+
+@pytest.mark.parametrize("image", ["black", "identical"])
+def test_fit_and_fit_many_warn_before_training_on_images_all_the_same(data, image):
+    x, y, _, _ = data
+    same = all_the_same(x[:600], image)
+    with pytest.warns(RuntimeWarning, match=r"x: all 600 training images are the same \(every input feature is "
+                                            r"constant\): there is no signal to learn"):
+        fastnn.fit(fastnn.MLP([784, 8, 10]), same, y[:600], epochs=1)
+    n_train = len(stratified_split(y[:600], 0.1)[0])  # 10% held out first
+    with pytest.warns(RuntimeWarning, match=f"x: all {n_train} training images are the same"):
+        fastnn.fit_many(ModelStack([784, 8, 10], [0, 1]), same, y[:600], epochs=1, validation_split=0.1)
+
+
+def test_fit_does_not_warn_of_images_that_differ(data):
+    x, y, _, _ = data
+    same = all_the_same(x[:600], "identical")
+    same[599, 5] += 1  # one pixel of one image differs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fastnn.fit(fastnn.MLP([784, 8, 10]), same, y[:600], epochs=1)
+        fastnn.fit(fastnn.MLP([784, 8, 10]), x[:600], y[:600], epochs=1)

@@ -61,7 +61,7 @@ def download(urls, dest, md5: str, timeout: float = 30.0, progress: bool | None 
     leaves a file that looks valid. Raises DataError listing every failure.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(dest.parent)
     errors = []
     for url in urls:
         tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
@@ -92,4 +92,29 @@ def download(urls, dest, md5: str, timeout: float = 30.0, progress: bool | None 
         finally:
             if tmp.exists():
                 tmp.unlink()
+    _remove_empty(created)
     raise DataError(f"{dest.name}: download failed from every mirror: " + "; ".join(errors))
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those it created, deepest first."""
+    created, d = [], folder
+    while not d.exists() and d != d.parent:
+        created.append(d)
+        d = d.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise DataError(f"{folder}: cannot create the download folder ({exc.strerror or exc})") from None
+    return created
+
+
+def _remove_empty(folders) -> None:
+    """Remove the folders a failed download created, deepest first, while they are empty (a file another
+    download put there meanwhile keeps its folder)."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return

@@ -143,5 +143,27 @@ def test_corrupt_mirror_then_offline_message(server, tmp_path, monkeypatch):
         load("mnist", root=tmp_path, mirrors=[server + "/bad/"], progress=False)
     msg = str(info.value)
     assert "MD5" in msg and "not found in" in msg and "FASTNN_DATA" in msg
-    cache = cache_dir() / "mnist"
-    assert not cache.exists() or list(cache.iterdir()) == []
+    assert not (tmp_path / "cache").exists()  # the cache folders it created for the download are gone too
+
+
+def test_a_failed_download_removes_the_folders_it_created_and_only_those(server, tmp_path):
+    (tmp_path / "kept").mkdir()
+    dest = tmp_path / "kept" / "new" / "deeper" / "a.gz"
+    with pytest.raises(DataError, match="download failed from every mirror"):
+        download([server + "/nothing.gz"], dest, "0" * 32, progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_folder_holding_a_good_download_is_kept_when_the_next_fails(server, tmp_path):
+    Handler.files["/a.gz"] = b"good"
+    folder = tmp_path / "new"
+    download([server + "/a.gz"], folder / "a.gz", md5(b"good"), progress=False)
+    with pytest.raises(DataError):
+        download([server + "/b.gz"], folder / "b.gz", md5(b"other"), progress=False)
+    assert [p.name for p in folder.iterdir()] == ["a.gz"]
+
+
+def test_a_download_folder_that_cannot_be_made_is_a_data_error(server, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"afile/sub: cannot create the download folder"):
+        download([server + "/a.gz"], tmp_path / "afile" / "sub" / "a.gz", "0" * 32, progress=False)

@@ -28,6 +28,7 @@ from . import npzfile
 from .backends import ACTIVATIONS, Dropout, Ops, get_ops, resolve_dtype
 from .config import INITS, LOSSES, RULES, check
 from .errors import ConfigError, DataError
+from .guards import DIVERGED, check_fits, describe_nonfinite, nonfinite_params
 from .preprocessing import Preprocessing
 
 __all__ = ["MLP", "Workspace", "LOSSES", "INITS", "dropout_rates"]
@@ -109,6 +110,7 @@ class MLP:
         self.init = init
         self.seed = seed
         self.dtype = resolve_dtype(dtype)
+        check_fits(sizes, self.dtype, int(np.prod(self.stack)))  # before a byte is allocated
         self.ops = get_ops(device)
         self.device = self.ops.name
         self.preprocessing = Preprocessing()
@@ -120,8 +122,12 @@ class MLP:
             self.shapes += [(fi, fo), (fo,)]
         self.size = sum(int(np.prod(s)) for s in self.shapes)
         xp = self.ops.xp
-        self.params = xp.zeros(self.stack + (self.size,), self.dtype)  # (P,) the parameter arena ((K, P) in a stack)
-        self.grads = xp.zeros(self.stack + (self.size,), self.dtype)  # the gradient arena, same layout
+        try:
+            self.params = xp.zeros(self.stack + (self.size,), self.dtype)  # (P,) the arena ((K, P) in a stack)
+            self.grads = xp.zeros(self.stack + (self.size,), self.dtype)  # the gradient arena, same layout
+        except MemoryError:  # check_fits counts the whole machine; others may be using it
+            raise ConfigError(f"a {'-'.join(map(str, sizes))} network does not fit in the memory free on "
+                              f"{self.device} now ({self.size} parameters in {self.dtype.name})") from None
         self.W, self.b = self._views(self.params)  # W[l]: (n_l, n_{l+1}); b[l]: (n_{l+1},)
         self.gW, self.gb = self._views(self.grads)  # dL/dW[l], dL/db[l]
         self._workspaces: dict[int, Workspace] = {}
@@ -428,11 +434,42 @@ class MLP:
 
     @classmethod
     def load(cls, path, device="cpu") -> MLP:
-        """Load a model saved by ``save`` onto ``device``; raises DataError for a bad file."""
+        """Load a model saved by ``save`` onto ``device``.
+
+        DataError naming the file when it is unreadable, when its header's sizes would not fit in
+        memory or disagree with its arrays' shapes (checked before anything is allocated), or when
+        a parameter holds NaN or infinite values (the training that wrote it diverged).
+        """
         meta, arrays = npzfile.load(path, "fastnn-mlp", "fastnn model file")
         try:
-            model = cls.from_config(meta, device)
-            model.set_params([arrays[f"p{i}"] for i in range(len(model.shapes))])
-        except (KeyError, ValueError, TypeError, ConfigError) as exc:
+            params = _file_params(path, meta, arrays)
+            bad = nonfinite_params(params)
+            if not bad:
+                model = cls.from_config(meta, device)
+                model.set_params(params)
+        except DataError:
+            raise
+        except (KeyError, ValueError, TypeError, OverflowError, ConfigError) as exc:
             raise DataError(f"{path}: not a valid fastnn model file ({exc})") from None
+        if bad:
+            raise DataError(f"{path}: {describe_nonfinite(bad)}: {DIVERGED}")
         return model
+
+
+def _file_params(path, meta: dict, arrays: dict) -> list[np.ndarray]:
+    """A model file's ``[W1, b1, ...]`` (host arrays ``p0, p1, ...``), checked against its header before
+    anything is allocated: the sizes must fit in memory (DataError naming the file) and give each
+    array's shape (ValueError naming the array)."""
+    sizes, dtype = [int(n) for n in meta["sizes"]], resolve_dtype(meta["dtype"])
+    try:
+        check_fits(sizes, dtype)
+    except ConfigError as exc:  # a valid file, perhaps, but not for this machine
+        raise DataError(f"{path}: {exc}") from None
+    params = []
+    for i, (fi, fo) in enumerate((fi, fo) for fi, fo in zip(sizes[:-1], sizes[1:]) for _ in "Wb"):
+        shape = (fi, fo) if i % 2 == 0 else (fo,)
+        p = arrays[f"p{i}"]
+        if p.shape != shape:
+            raise ValueError(f"array p{i} has shape {p.shape}, but the header's sizes {sizes} make it {shape}")
+        params.append(p)
+    return params

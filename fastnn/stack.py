@@ -20,9 +20,10 @@ import math
 import numpy as np
 
 from . import config, npzfile
-from .backends import Dropout
+from .backends import Dropout, resolve_dtype
 from .config import DEFAULTS
 from .errors import ConfigError, DataError
+from .guards import DIVERGED, check_fits, describe_nonfinite, n_params, nonfinite_params
 from .loop import EpochLoop, prepare
 from .model import MLP, dropout_rates
 from .optim import make_optimizer
@@ -158,19 +159,33 @@ class ModelStack(MLP):
 
     @classmethod
     def load(cls, path, device="cpu") -> ModelStack:
+        """A stack saved by ``save``, on ``device``. DataError naming the file when it is unreadable,
+        when its header's sizes would not fit in memory or disagree with the ``params`` (K, P) array
+        (checked before anything is allocated), or when a model's parameter holds NaN or inf."""
         meta, arrays = npzfile.load(path, "fastnn-stack", "fastnn model-stack file")
         try:
-            stack = cls(meta["sizes"], meta["seeds"], meta["activation"], meta["loss"], meta["init"],
-                        device=device, dtype=meta["dtype"], dropout=meta["dropouts"])
-            stack.preprocessing = Preprocessing.from_config(meta)
-            stack.classes = meta.get("classes")
-            stack.ids = list(meta["ids"])
-            params = arrays["params"]
-            if params.shape != stack.params.shape:
-                raise ValueError(f"params has shape {params.shape}, expected {stack.params.shape}")
-            stack.params[...] = stack.ops.asarray(params, stack.dtype)
-        except (KeyError, ValueError, TypeError, ConfigError) as exc:
+            sizes, params = [int(n) for n in meta["sizes"]], arrays["params"]
+            _fits(path, sizes, resolve_dtype(meta["dtype"]), len(meta["seeds"]))
+            if params.shape != (len(meta["seeds"]), n_params(sizes)):
+                raise ValueError(f"params has shape {params.shape}, but the header's sizes {sizes} and "
+                                 f"{len(meta['seeds'])} seeds make it {(len(meta['seeds']), n_params(sizes))}")
+            bad = [(k, found) for k, row in enumerate(params) if (found := nonfinite_params(row, sizes))]
+            if not bad:
+                stack = cls(sizes, meta["seeds"], meta["activation"], meta["loss"], meta["init"],
+                            device=device, dtype=meta["dtype"], dropout=meta["dropouts"])
+                stack.preprocessing = Preprocessing.from_config(meta)
+                stack.classes = meta.get("classes")
+                stack.ids = list(meta["ids"])
+                stack.params[...] = stack.ops.asarray(params, stack.dtype)
+        except DataError:
+            raise
+        except (KeyError, ValueError, TypeError, OverflowError, ConfigError) as exc:
             raise DataError(f"{path}: not a valid fastnn model-stack file ({exc})") from None
+        if bad:
+            k, found = bad[0]
+            ids = meta.get("ids")
+            which = ids[k] if isinstance(ids, list) and len(ids) == len(params) else k
+            raise DataError(f"{path}: model {which}'s {describe_nonfinite(found)}: {DIVERGED}")
         return stack
 
     def __getstate__(self) -> dict:
@@ -181,6 +196,14 @@ class ModelStack(MLP):
 
     def to_onnx(self, path, input_type: str = "uint8") -> None:
         raise ConfigError("export one model: stack.model(stack.best()).to_onnx(path)")
+
+
+def _fits(path, sizes: list[int], dtype, n_models: int) -> None:
+    """A stack file's network must fit in memory (``guards.check_fits``): DataError naming the file."""
+    try:
+        check_fits(sizes, dtype, n_models)
+    except ConfigError as exc:
+        raise DataError(f"{path}: {exc}") from None
 
 
 def _seed(s) -> int:

@@ -508,3 +508,143 @@ def test_lr_find_command_prints_a_suggestion_and_plots(tmp_path, data_args):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("suggested learning rate for adam: ")
     assert (tmp_path / "lr_find.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------- nothing diverged is kept or loaded
+def one_line_error(r, code=2):
+    assert r.returncode == code, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    return r.stderr.strip()
+
+
+TINY = ["--limit", "100", "--hidden", "32", "--val-split", "0", "--batch-size", "100", "--lr-schedule", "constant",
+        "--quiet", "--device", "cpu"]
+
+
+def test_weights_that_diverge_in_an_epoch_with_a_finite_loss_are_neither_saved_nor_checkpointed(tmp_path, data_args):
+    # one Adam step of size ~2e38 per epoch: epoch 1's loss is measured before the step (finite), its weights are inf
+    ck, saved = tmp_path / "ck", tmp_path / "m.npz"
+    r = run(TRAIN + data_args + TINY + ["--lr", "2e38", "--epochs", "1", "--checkpoint-dir", str(ck),
+                                        "--save", str(saved)])
+    err = one_line_error(r, 1)
+    assert err.startswith("training stopped: the weights became NaN or infinite in epoch 1 (parameter W1 (layer 1 "
+                          "weights) holds 25088 NaN/inf values (and 3 other parameters)) although its training loss "
+                          "was 2.")
+    assert err.endswith(f"no checkpoint was written to {ck}")
+    assert not saved.exists() and checkpoint.checkpoint_files(ck) == []
+
+
+def test_divergence_leaves_the_last_good_checkpoint_newest(tmp_path, data_args):
+    ck, saved = tmp_path / "ck", tmp_path / "m.npz"
+    r = run(TRAIN + data_args + TINY + ["--lr", "3e37", "--epochs", "3", "--checkpoint-dir", str(ck),
+                                        "--save", str(saved)])
+    err = one_line_error(r, 1)
+    assert "the training loss became nan in epoch 2" in err
+    assert err.endswith(f"the last good checkpoint is {ck / 'ckpt-epoch-0001.npz'}")
+    assert [p.name for p in checkpoint.checkpoint_files(ck)] == ["ckpt-epoch-0001.npz"]
+    assert checkpoint.load_latest(ck)["meta"]["epoch"] == 1  # finite: it loads
+    assert not saved.exists()
+
+
+def test_predict_refuses_a_model_with_nan_weights(tmp_path, synthetic_dir):
+    m = fastnn.MLP([784, 8, 10])
+    params = m.get_params()
+    params[2][3, :] = np.nan
+    m.set_params(params)
+    m.save(tmp_path / "nan.npz")
+    images = synthetic_dir / "fashion-mnist" / "t10k-images-idx3-ubyte.gz"
+    err = one_line_error(run(PREDICT + [str(tmp_path / "nan.npz"), str(images)]))
+    assert err == (f"error: {tmp_path / 'nan.npz'}: parameter W2 (layer 2 weights) holds 10 NaN/inf values: the "
+                   "training that wrote it diverged")
+
+
+def test_ctrl_c_does_not_save_weights_that_went_nan(tmp_path, data_args, monkeypatch, capsys):
+    from fastnn.cli import train as cli_train
+
+    def diverge_then_ctrl_c(model, *args, **kwargs):
+        model.params[:5] = np.nan
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_train, "fit", diverge_then_ctrl_c)
+    saved = tmp_path / "m.npz"
+    assert cli_train.run_train(data_args + TINY + ["--save", str(saved)]) == 130
+    assert not saved.exists()
+    assert capsys.readouterr().err.strip() == ("interrupted; the current weights hold NaN/inf values (the training "
+                                               f"was diverging): not saved to {saved}")
+
+
+# ------------------------------------------------------- a resumed run keeps its network
+def test_resume_refuses_flags_that_change_the_network(tmp_path, data_args):
+    ck = tmp_path / "ck"
+    assert run(TRAIN + data_args + TINY + ["--epochs", "1", "--checkpoint-dir", str(ck)]).returncode == 0
+    ckpt = ck / "ckpt-epoch-0001.npz"
+    for flags, was in [(["--activation", "tanh"], "with --activation relu"),  # the same parameter count
+                       (["--hidden", "300,64"], "with --hidden 32"),
+                       (["--dropout", "0.2"], "with --dropout 0"),
+                       (["--dtype", "float64"], "with --dtype float32"),
+                       (["--standardize"], "without --standardize")]:
+        err = one_line_error(run(TRAIN + ["--resume", str(ck), "--epochs", "2"] + flags))
+        assert err == (f"error: {' '.join(flags)}: the checkpoint {ckpt} holds a network trained {was}; a resumed "
+                       f"run continues that network: drop {flags[0]}, or train the new network in another "
+                       "--checkpoint-dir")
+    assert [p.name for p in checkpoint.checkpoint_files(ck)] == ["ckpt-epoch-0001.npz"]
+    r = run(TRAIN + ["--resume", str(ck), "--epochs", "2", "--hidden", "32", "--dropout", "0", "--quiet"])
+    assert r.returncode == 0, r.stderr  # the same network, spelled out: fine
+
+
+# ------------------------------------------------------- one run per checkpoint folder
+def test_a_checkpoint_dir_in_use_is_refused_and_a_killed_runs_lock_taken_over(tmp_path, data_args):
+    import socket
+
+    ck = tmp_path / "ck"
+    args = TRAIN + data_args + ["--limit", "300", "--hidden", "64", "--epochs", "100000", "--device", "cpu",
+                                "--quiet", "--checkpoint-dir", str(ck)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while not checkpoint.checkpoint_files(ck) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        holder = f"pid {proc.pid} on host {socket.gethostname()} since "
+        assert (ck / ".fastnn.lock").read_text().startswith(holder)
+        for flags, flag in ((data_args + SMALL + ["--checkpoint-dir", str(ck)], "--checkpoint-dir"),
+                            (["--resume", str(ck), "--quiet"], "--resume")):
+            err = one_line_error(run(TRAIN + flags))
+            assert err.startswith(f"error: {flag} {ck}: in use by {holder}")
+            assert err.endswith(": wait for it to end, or use another folder")
+        assert proc.poll() is None  # the holder trains on
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = checkpoint.load_latest(ck)["meta"]["epoch"]
+    r = run(TRAIN + ["--resume", str(ck), "--quiet", "--epochs", str(last + 1)])  # the dead run's lock: taken over
+    assert r.returncode == 0, r.stderr
+    assert (ck / ".fastnn.lock").read_text() == ""  # released at exit
+
+
+# ------------------------------------------------------- sizes checked before allocating
+def test_a_network_too_big_for_the_machine_is_one_line_before_anything_is_allocated(tmp_path, data_args,
+                                                                                    synthetic_dir):
+    err = one_line_error(run(TRAIN + data_args + SMALL + ["--hidden", "1000000000"]))
+    assert err.startswith("error: --hidden 1000000000: a 784-1000000000-10 network would need 14 TB of memory "
+                          "(parameters, gradients, optimizer state, batch buffers, in float32); this machine has ")
+    from fastnn import npzfile
+
+    fastnn.MLP([784, 8, 10]).save(tmp_path / "m.npz")
+    meta, arrays = npzfile.load(tmp_path / "m.npz", "fastnn-mlp", "model")
+    npzfile.save(tmp_path / "huge.npz", "fastnn-mlp", dict(meta, sizes=[784, 10**9, 10]), arrays)
+    images = synthetic_dir / "fashion-mnist" / "t10k-images-idx3-ubyte.gz"
+    err = one_line_error(run(PREDICT + [str(tmp_path / "huge.npz"), str(images)]))
+    assert err.startswith(f"error: {tmp_path / 'huge.npz'}: a 784-1000000000-10 network would need 14 TB of memory "
+                          "(parameters, gradients, optimizer state, batch buffers, in float32); this machine has ")
+
+
+# ------------------------------------------------------- a validation split of nothing
+def test_a_limit_too_small_for_the_validation_split_is_one_line(data_args):
+    few = TRAIN + data_args + ["--epochs", "1", "--quiet", "--device", "cpu", "--hidden", "8"]
+    err = one_line_error(run(few + ["--limit", "5"]))
+    assert err == ("error: --limit 5 with --val-split 0.1 leaves no validation samples (each class needs 2 samples "
+                   "to give one to validation; the largest class here has 1): raise --limit or set --val-split 0")
+    err = one_line_error(run(few + ["--limit", "5", "--val-split", "0.6"]))
+    assert err.startswith("error: --limit 5 with --val-split 0.6 leaves no training samples")
+    assert run(few + ["--limit", "5", "--val-split", "0"]).returncode == 0
+    assert run(few + ["--limit", "30"]).returncode == 0  # a class with 2 samples gives one: a split

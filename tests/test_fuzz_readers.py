@@ -98,6 +98,29 @@ def model_and_checkpoint(tmp):
     return (tmp / "m.npz").read_bytes(), path.read_bytes()
 
 
+def refused_files(tmp):
+    """Model files and a checkpoint that read but must be refused: NaN/inf weights (a diverged training) and a
+    header claiming a billion hidden units (its arrays are small: the header alone must not allocate)."""
+    from fastnn import npzfile
+
+    m = fastnn.MLP([16, 5, 3])
+    params = m.get_params()
+    params[2][0, :2] = [np.nan, np.inf]
+    m.set_params(params)
+    m.save(tmp / "nan.npz")
+    meta, arrays = npzfile.load(tmp / "nan.npz", "fastnn-mlp", "model")
+    npzfile.save(tmp / "huge.npz", "fastnn-mlp", dict(meta, sizes=[16, 10**9, 3]), arrays)
+    ok = fastnn.MLP([16, 5, 3])
+    ck = checkpoint.save_checkpoint(tmp / "ck", ok, fastnn.make_optimizer("adam", ok, 0.01), 1,
+                                    np.random.default_rng(0), {"hidden": [5]}, [])
+    meta, arrays = npzfile.load(ck, "fastnn-checkpoint", "checkpoint")
+    arrays["params"] = arrays["params"].copy()
+    arrays["params"][-1] = np.nan  # b2
+    npzfile.save(tmp / "ck-nan.npz", "fastnn-checkpoint", meta, arrays)
+    return {"model-nan": (tmp / "nan.npz").read_bytes(), "model-huge": (tmp / "huge.npz").read_bytes(),
+            "checkpoint-nan": (tmp / "ck-nan.npz").read_bytes()}
+
+
 def png_bytes():
     import struct
     import zlib
@@ -115,6 +138,11 @@ def read_pickle(path):
 
 def read_csv_optional(path):
     return readers.read_csv(path, labels="optional")
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+    return refused_files(tmp_path_factory.mktemp("refused"))
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +170,33 @@ def test_valid_files_read(kind, valid, tmp_path):
     read(tmp_path / name)  # no exception
 
 
-@pytest.mark.parametrize("kind", READERS)
-def test_damaged_files_are_data_errors(kind, valid, tmp_path):
-    name, read = READERS[kind]
+# What each refused file must be refused for: (its reader's kind, the message after the file's name)
+REFUSED = {
+    "model-nan": ("model", "parameter W2 (layer 2 weights) holds 2 NaN/inf values: the training that wrote it "
+                           "diverged"),
+    "model-huge": ("model", "a 16-1000000000-3 network would need "),
+    "checkpoint-nan": ("checkpoint", "parameter b2 (layer 2 biases) holds 1 NaN/inf value: the training that "
+                                     "wrote it diverged"),
+}
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+def test_diverged_and_oversized_files_are_refused_naming_the_problem(kind, refused, tmp_path):
+    reader, message = REFUSED[kind]
+    name, read = READERS[reader]
+    check(read, tmp_path / name, refused[kind])  # a DataError naming the file, in bounded memory
+    with pytest.raises(fastnn.DataError) as e:
+        read(tmp_path / name)
+    assert str(e.value).startswith(f"{tmp_path / name}: {message}")
+
+
+@pytest.mark.parametrize("kind", [*READERS, *REFUSED])
+def test_damaged_files_are_data_errors(kind, valid, refused, tmp_path):
+    name, read = READERS[REFUSED[kind][0] if kind in REFUSED else kind]
+    corpus = refused if kind in REFUSED else valid
 
     @FUZZ
-    @given(data=mutated(valid[kind]))
+    @given(data=mutated(corpus[kind]))
     def fuzz(data):
         check(read, tmp_path / name, data)
 

@@ -469,3 +469,20 @@ def test_a_rows_prediction_does_not_depend_on_its_batch(dtype):
     stack = fastnn.ModelStack([50, 19, 6], seeds=[1, 2], dtype=dtype)
     each = stack.predict_proba(x, each=True)
     np.testing.assert_array_equal(stack.predict_proba(x[5:6], each=True), each[:, 5:6])
+
+
+def test_a_model_file_with_nan_or_inf_weights_is_refused_naming_the_parameter(tmp_path):
+    m = fastnn.MLP([12, 6, 4, 3])
+    params = m.get_params()
+    params[2].reshape(-1)[:12] = np.nan  # W2
+    params[2][0, 0], params[5][1] = np.inf, -np.inf  # and b3
+    m.set_params(params)
+    m.save(tmp_path / "diverged.npz")
+    with pytest.raises(fastnn.DataError) as e:
+        fastnn.MLP.load(tmp_path / "diverged.npz")
+    assert str(e.value) == (f"{tmp_path / 'diverged.npz'}: parameter W2 (layer 2 weights) holds 12 NaN/inf values "
+                            "(and 1 other parameter): the training that wrote it diverged")
+    params[2][...], params[5][...] = 0.0, 0.0
+    m.set_params(params)
+    m.save(tmp_path / "fine.npz")
+    fastnn.MLP.load(tmp_path / "fine.npz")

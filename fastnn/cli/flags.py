@@ -162,8 +162,12 @@ def _training_flags(p, add, S) -> None:
         action="store_true", default=S)
 
 
-def resolve_config(args, stored=None) -> dict:
-    """Defaults < preset < stored (resumed) configuration < flags given now."""
+def resolve_config(args, stored=None, checkpoint=None) -> dict:
+    """Defaults < preset < stored (resumed) configuration < flags given now.
+
+    A resumed run continues the checkpoint's network: a flag given now that would change it
+    (``NETWORK_FLAGS``) is a ConfigError naming the flag, the checkpoint file and both values.
+    """
     given = {k: v for k, v in vars(args).items() if k in RUN_KEYS or k == "preset"}
     cfg = dict(DEFAULTS, data_dir=None, train=None, test=None, allow_pickle=False, limit=None,
                download=True, classes=None)
@@ -173,6 +177,7 @@ def resolve_config(args, stored=None) -> dict:
     if stored:
         cfg.update({k: v for k, v in stored.items() if k in cfg})
         cfg["val_split"] = stored.get("val_split", 0.0)  # runs from before --val-split used all the data
+        check_same_network(cfg, given, checkpoint or "of --resume")
     for key in ("data_dir", "train", "test"):  # stored absolute: --resume works from any folder
         if given.get(key) is not None:
             given[key] = os.path.abspath(given[key])
@@ -194,3 +199,41 @@ def resolve_config(args, stored=None) -> dict:
     if cfg["tf32"] and cfg["gpu_gemm"] != "cublas":
         raise ConfigError("--tf32 applies to cuBLAS GEMMs only: add --gpu-gemm cublas")
     return cfg
+
+
+# The flags that decide a network's architecture or what its inputs are: a resumed run keeps them.
+NETWORK_FLAGS = ("hidden", "activation", "loss", "dtype", "dropout", "standardize")
+
+
+def check_same_network(stored: dict, given: dict, checkpoint) -> None:
+    """ConfigError when a flag given now (``given``) changes the network of the resumed run, whose
+    resolved configuration is ``stored``: one line naming the flag, the checkpoint file and both values."""
+    for key in NETWORK_FLAGS:
+        if key not in given:
+            continue
+        old, new = _network_value(key, stored), _network_value(key, {**stored, **given})
+        if old != new:
+            flag = "--" + key.replace("_", "-")
+            was = f"with {flag} {_flag_text(old)}" if not isinstance(old, bool) else \
+                f"{'with' if old else 'without'} {flag}"
+            raise ConfigError(f"{flag}{'' if isinstance(new, bool) else ' ' + _flag_text(new)}: the checkpoint "
+                              f"{checkpoint} holds a network trained {was}; a resumed run continues that network: "
+                              f"drop {flag}, or train the new network in another --checkpoint-dir")
+
+
+def _network_value(key: str, cfg: dict):
+    """``cfg[key]`` in one form for comparing: widths and rates as lists (the dropout per hidden layer)."""
+    value = cfg.get(key, DEFAULTS.get(key, False))
+    if key == "hidden":
+        return _hidden(value) if isinstance(value, str) else [int(n) for n in value]
+    if key == "dropout":
+        rates = _rates(value) if isinstance(value, str) else [float(p) for p in value]
+        n_hidden = len(_network_value("hidden", cfg))
+        return rates * n_hidden if len(rates) == 1 else rates
+    return value
+
+
+def _flag_text(value) -> str:
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)

@@ -4,7 +4,9 @@ training loop's printing and checkpointing, and the range test."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, checkpoint, datasets
-from ..backends import get_ops, set_tf32
+from ..backends import get_ops, resolve_dtype, set_tf32
 from ..diagnose import EpochMonitor, diagnose
-from ..errors import ConfigError, DivergedError
+from ..errors import ConfigError, DataError, DivergedError
+from ..guards import check_fits, describe_nonfinite, nonfinite_params
+from ..lock import FolderLock
 from ..loop import stratified_split
 from ..lrfind import lr_find, plot_lr_find
 from ..model import MLP
@@ -51,16 +55,50 @@ class Inputs:
     x_test: np.ndarray
 
 
-def model_inputs(ds, val_split: float, seed: int) -> Inputs:
+def model_inputs(ds, val_split: float, seed: int, limit: int | None = None) -> Inputs:
+    """The run's inputs: the training split divided by ``stratified_split`` (``val_split`` > 0).
+    ConfigError when that leaves no validation or no training sample (``limit``: the --limit that
+    made the training split so small, named in the message)."""
     xtr, xte = (x if x.dtype == np.uint8 else ds.preprocess(x) for x in (ds.train_images, ds.test_images))
     if not val_split:
         return Inputs(xtr, xtr, ds.train_labels, None, None, xte)
     tr, va = stratified_split(ds.train_labels, val_split, seed)
+    if len(va) == 0 or len(tr) == 0:
+        raise ConfigError(_split_problem(ds.train_labels, val_split, limit, empty="validation" if len(tr) else
+                                         "training"))
     return Inputs(xtr, xtr[tr], ds.train_labels[tr], xtr[va], ds.train_labels[va], xte)
 
 
+def _split_problem(labels: np.ndarray, val_split: float, limit: int | None, empty: str) -> str:
+    """Why ``stratified_split`` left no ``empty`` ("validation" or "training") samples: it gives a class
+    round(fraction * n) samples, at least one and at most n - 1 when the class has n >= 2, so a class
+    of one sample gives it all (fraction > 0.5) or nothing."""
+    source = f"--limit {limit}" if limit else f"the training data ({len(labels)} samples)"
+    largest = int(np.bincount(labels).max()) if len(labels) else 0
+    if empty == "validation":
+        return (f"{source} with --val-split {val_split:g} leaves no validation samples (each class needs 2 samples "
+                f"to give one to validation; the largest class here has {largest}): "
+                f"{'raise --limit' if limit else 'add training data'} or set --val-split 0")
+    return (f"{source} with --val-split {val_split:g} leaves no training samples (each class has 1 sample, and "
+            f"a fraction above 0.5 gives it to validation): lower --val-split or "
+            f"{'raise --limit' if limit else 'add training data'}")
+
+
+def check_size(cfg: dict, ds: datasets.Dataset, state: dict | None, given: dict) -> None:
+    """Before the network is allocated: ConfigError naming --hidden (or DataError naming the checkpoint
+    a resumed run took its layers from) when it would not fit in this machine's memory."""
+    sizes = [ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)]
+    try:
+        check_fits(sizes, resolve_dtype(cfg["dtype"]), batch=min(cfg["batch_size"], len(ds.train_labels)))
+    except ConfigError as exc:
+        if state is not None and "hidden" not in given:
+            raise DataError(f"{state['path']}: {exc}") from None
+        raise ConfigError(f"--hidden {','.join(map(str, cfg['hidden']))}: {exc}") from None
+
+
 def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Optimizer, np.random.Generator]:
-    """The network, its optimizer and the batch-order RNG for a run; a resumed run's state put back."""
+    """The network, its optimizer and the batch-order RNG for a run; a resumed run's state put back
+    (``checkpoint.restore`` refuses a checkpoint of another architecture)."""
     model = MLP([ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], cfg["activation"], cfg["loss"],
                 cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]), dtype=cfg["dtype"], seed=cfg["seed"],
                 dropout=cfg["dropout"][0] if len(cfg["dropout"]) == 1 else cfg["dropout"])  # one for all, or per layer
@@ -128,6 +166,7 @@ def train(run: Run) -> int | None:
     monitor = EpochMonitor(model, inputs.x_val, inputs.y_val) if args.doctor else None
 
     def on_epoch(rec):  # after fit printed the epoch's line (unless --quiet)
+        check_weights(model, rec, history)  # no record, checkpoint or model file of a diverged epoch
         history.append(rec)
         out.record({"type": "epoch", **rec})
         for f in monitor(rec) if monitor else []:
@@ -143,7 +182,11 @@ def train(run: Run) -> int | None:
             class_weight=cfg["class_weight"],
             cuda_graph=cfg["cuda_graph"] and model.device == "gpu")
     except DivergedError as exc:
-        where = f"; the last good checkpoint is in {args.checkpoint_dir}" if args.checkpoint_dir else ""
+        where = ""
+        if args.checkpoint_dir:
+            found = checkpoint.checkpoint_files(args.checkpoint_dir)
+            where = (f"; the last good checkpoint is {found[0]}" if found else
+                     f"; no checkpoint was written to {args.checkpoint_dir}")
         print(f"training stopped: {exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
@@ -151,7 +194,9 @@ def train(run: Run) -> int | None:
         if args.checkpoint_dir and checkpoint.checkpoint_files(args.checkpoint_dir):
             last = history[-1]["epoch"] if history else 0
             msg += f"; resume with --resume {args.checkpoint_dir} (last complete epoch: {last})"
-        if args.save:
+        if args.save and not bool(model.ops.xp.isfinite(model.params).all()):
+            msg += f"; the current weights hold NaN/inf values (the training was diverging): not saved to {args.save}"
+        elif args.save:
             save_model(model, args.save)
             msg += f"; current weights saved to {args.save}"
         print(msg, file=sys.stderr)
@@ -159,11 +204,24 @@ def train(run: Run) -> int | None:
     return None
 
 
-def check_outputs(args, resuming: bool) -> None:
+def check_weights(model: MLP, rec: dict, history: list) -> None:
+    """DivergedError when the weights hold NaN/inf after an epoch whose loss was finite (its last steps
+    diverged): fit checks the loss, which is computed before each step's update."""
+    if bool(model.ops.xp.isfinite(model.params).all()):
+        return
+    bad = nonfinite_params(model.ops.to_host(model.params), model.sizes)
+    raise DivergedError(f"the weights became NaN or infinite in epoch {rec['epoch']} ({describe_nonfinite(bad)}) "
+                        f"although its training loss was {rec['train_loss']:.4g}: the learning rate "
+                        f"({rec['lr']:g}) is probably far too high", history)
+
+
+def check_outputs(args, resuming: bool, locks: contextlib.ExitStack | None = None) -> None:
     """Every output path of a run is usable before training starts; ConfigError naming it if not.
 
-    A --checkpoint-dir that holds another run's checkpoints is refused unless that run
-    is being resumed (its newer files would otherwise replace this run's as "latest").
+    A --checkpoint-dir is locked for the run's life (``FolderLock``, entered into ``locks``): one in
+    use by another run is refused naming it. A --checkpoint-dir that holds another run's checkpoints
+    is refused unless that run is being resumed (its newer files would otherwise replace this run's
+    as "latest").
     """
     if args.save:
         save = Path(args.save)
@@ -179,6 +237,8 @@ def check_outputs(args, resuming: bool) -> None:
     for flag, folder in (("--checkpoint-dir", args.checkpoint_dir), ("--plots", args.plots)):
         if folder:
             _probe_folder(Path(folder), flag, folder, create=True)
+    if args.checkpoint_dir and locks is not None and not _same_folder(args.checkpoint_dir, args.resume):
+        locks.enter_context(FolderLock(args.checkpoint_dir, "--checkpoint-dir"))
     if args.checkpoint_dir and not resuming:
         found = checkpoint.checkpoint_files(args.checkpoint_dir)
         if found:
@@ -197,37 +257,61 @@ def run_train(argv=None, command="train") -> int:
     args = parser.parse_args(argv)
     for key in ("doctor", "quiet", "save", "checkpoint_dir", "resume", "plots"):  # output flags the doctor lacks
         args.__dict__.setdefault(key, None)
+    with contextlib.ExitStack() as locks:  # the checkpoint folders, held until the run ends
+        state = open_checkpoints(args, locks)
+        cfg = resolve_config(args, state["meta"]["config"] if state else None, state and state["path"])
+        set_tf32(cfg["tf32"])
+        ds = load_data(cfg)
+        check_size(cfg, ds, state, vars(args))
+        inputs = model_inputs(ds, cfg["val_split"], cfg["seed"], cfg["limit"])  # once, not per step of the run
+        model, opt, rng = build(cfg, ds, state)
+        resumed_after = state["meta"]["epoch"] if state else None
+        out = Output(args.quiet, args.metrics, resumed_after=resumed_after)
+        if args.checkpoint_dir:
+            checkpoint.remove_orphans(args.checkpoint_dir)
+        try:
+            run = Run(args, cfg, ds, inputs, model, opt, rng, out, state["meta"]["history"] if state else [],
+                      resumed_after)
+            return run_command(run, command)
+        finally:
+            out.close()
+
+
+def open_checkpoints(args, locks: contextlib.ExitStack) -> dict | None:
+    """Lock the --resume folder and read its newest usable checkpoint (None when not resuming), then
+    check (and lock) the outputs: all before the data is loaded or the network built."""
     state = None
     if args.resume:
+        if Path(args.resume).is_dir():
+            locks.enter_context(FolderLock(args.resume, "--resume"))
         state = checkpoint.load_latest(args.resume, warn=lambda m: print(m, file=sys.stderr))
         args.checkpoint_dir = args.checkpoint_dir or args.resume
-    check_outputs(args, resuming=state is not None)  # now, not after training
-    cfg = resolve_config(args, state["meta"]["config"] if state else None)
-    set_tf32(cfg["tf32"])
-    ds = load_data(cfg)
-    model, opt, rng = build(cfg, ds, state)
-    inputs = model_inputs(ds, cfg["val_split"], cfg["seed"])  # once, not per step of the run
-    resumed_after = state["meta"]["epoch"] if state else None
-    out = Output(args.quiet, args.metrics, resumed_after=resumed_after)
-    if args.checkpoint_dir:
-        checkpoint.remove_orphans(args.checkpoint_dir)
+    check_outputs(args, resuming=state is not None, locks=locks)  # now, not after training
+    return state
+
+
+def _same_folder(a, b) -> bool:
     try:
-        run = Run(args, cfg, ds, inputs, model, opt, rng, out, state["meta"]["history"] if state else [], resumed_after)
-        if command == "lr-find":
-            return run_lr_find(run)
-        if command == "doctor" or args.doctor:
-            findings = run_doctor(run)
-            if command == "doctor":
-                return 1 if any(f.severity == "error" for f in findings) else 0
-        announce(run)
-        t0 = time.perf_counter()
-        stopped = train(run)
-        if stopped is not None:
-            return stopped
-        report(run, time.perf_counter() - t0)
-        return 0
-    finally:
-        out.close()
+        return bool(a and b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def run_command(run: Run, command: str) -> int:
+    """The command's work once the run is set up: lr-find, the doctor, or training and the report."""
+    if command == "lr-find":
+        return run_lr_find(run)
+    if command == "doctor" or run.args.doctor:
+        findings = run_doctor(run)
+        if command == "doctor":
+            return 1 if any(f.severity == "error" for f in findings) else 0
+    announce(run)
+    t0 = time.perf_counter()
+    stopped = train(run)
+    if stopped is not None:
+        return stopped
+    report(run, time.perf_counter() - t0)
+    return 0
 
 
 def run_lr_find(run: Run) -> int:

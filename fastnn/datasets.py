@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import readers
 from .download import cache_dir, download, find_file, search_dirs
 from .errors import DataError
 from .preprocessing import Preprocessing
@@ -304,7 +305,8 @@ def _load_pair(train: Path, test: Path, standardize, classes=None):
             if not labels.is_file():
                 raise DataError(f"{p}: its labels file {labels.name} is not beside it")
             return read_idx(p), read_idx(labels)
-        raise DataError(f"{p}: unknown format; expected a .csv file or an IDX images file")
+        what = readers.describe(p) if p.is_file() else "no such file"
+        raise DataError(f"{p}: {what or 'unknown format'}; expected a .csv file or an IDX images file")
 
     xtr, ytr = one(train)
     xte, yte = one(test)

@@ -33,8 +33,13 @@ def read_image(path) -> np.ndarray:
     """Any image Pillow reads -> (H, W) uint8 luma; transparency is composited on white paper."""
     Image, ImageOps = _pillow()
     try:
-        data = io.BytesIO(Path(path).read_bytes())  # from memory: a chunk length past the data allocates nothing
-        with Image.open(data) as im:
+        raw = Path(path).read_bytes()  # from memory: a chunk length past the data allocates nothing
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: to 8 bits by its range
                 a = np.asarray(im, np.float64)
@@ -44,10 +49,27 @@ def read_image(path) -> np.ndarray:
                 paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(paper, rgba)
             return np.asarray(im.convert("L"), np.uint8)  # ITU-R 601-2 luma
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, ... for a broken file
+        if is_svg(raw):
+            raise svg_error(path) from None
         raise DataError(f"{path}: not an image Pillow can read ({type(exc).__name__}: {exc})") from None
+
+
+def is_svg(raw: bytes) -> bool:
+    """Whether file contents (gunzipped) are an SVG drawing: markup whose first 4 KiB open an <svg> element."""
+    head = raw[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith(b"<") and b"<svg" in head
+
+
+def svg_error(path, expected: str | None = None) -> DataError:
+    """The error for an SVG drawing: fastnn reads pixels. As an image to classify, how to get a PNG of it;
+    as data, what was ``expected`` instead."""
+    if expected is not None:
+        return DataError(f"{path}: an SVG vector drawing, which fastnn does not read; expected {expected}")
+    p = Path(path)
+    png = p.with_suffix(".png") if p.suffix.lower() in (".svg", ".svgz") else p.with_name(p.name + ".png")
+    return DataError(f"{path}: an SVG vector drawing, which fastnn does not read: export it as PNG "
+                     f"(e.g. `rsvg-convert -w 280 {path} -o {png}`)")
 
 
 def _border(a: np.ndarray) -> np.ndarray:

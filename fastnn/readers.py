@@ -20,6 +20,7 @@ import io
 import math
 import pickle
 import pickletools
+import re
 import warnings
 import zlib
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 
 from . import npzfile
 from .errors import DataError
-from .images import IMAGE_SUFFIXES, mnist_style, read_image
+from .images import IMAGE_SUFFIXES, is_svg, mnist_style, read_image, svg_error
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -100,6 +101,8 @@ def _read_bytes(path) -> bytes:
             raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
     if path.suffix == ".gz":
         head = raw[:200].lstrip().lower()
+        if is_svg(raw):
+            raise svg_error(path, "gzip data (the name ends in .gz)")
         if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
             raise DataError(f"{path}: an HTML page, not gzip data (a failed download? delete it and retry)")
         if not raw:
@@ -118,13 +121,39 @@ def _known_format(raw: bytes) -> str | None:
     return next((what for magic, what in MAGIC.items() if raw.startswith(magic)), None)
 
 
+def _refuse_markup(raw: bytes, path, expected: str) -> None:
+    """DataError for a file of markup where ``expected`` data was: an SVG drawing, or an HTML/XML page
+    (a failed download's error page, as a rule)."""
+    if is_svg(raw):
+        raise svg_error(path, expected)
+    if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
+        raise DataError(f"{path}: an HTML/XML page, not {expected} (a failed download? delete it and retry)")
+
+
+def describe(path) -> str | None:
+    """What a file is by its first bytes (an SVG drawing, an HTML page, a JPEG, a zip archive, ...), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if is_svg(head):
+        return "an SVG vector drawing, which fastnn does not read"
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
+        return "an HTML/XML page (a failed download?)"
+    return _known_format(head)
+
+
 def read_idx(path) -> np.ndarray:
     """An IDX file (``.gz`` or raw) -> array of its declared shape and type; strict."""
-    raw = _read_bytes(path)
+    return _parse_idx(_read_bytes(path), path)
+
+
+def _parse_idx(raw: bytes, path) -> np.ndarray:
+    """The contents of an IDX file (gunzipped) -> array; DataError naming ``path`` for anything else."""
     if len(raw) < 4:
         raise DataError(f"{path}: {len(raw)} bytes, too short for an IDX header")
-    if raw.lstrip()[:1] == b"<":
-        raise DataError(f"{path}: an HTML/XML page, not IDX data (a failed download? delete it and retry)")
+    _refuse_markup(raw, path, "IDX data")
     if _known_format(raw):
         raise DataError(f"{path}: {_known_format(raw)}, not IDX data")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES or raw[3] == 0:
@@ -156,16 +185,22 @@ def read_csv(path, labels: str = "required") -> tuple[np.ndarray, np.ndarray | N
     followed by a square image (785 = 1 + 28*28), and a row of side*side values is an
     image with no label. labels: ``"required"`` (training: a file without labels is
     a DataError) or ``"optional"`` (prediction). A UTF-8 byte-order mark is skipped.
+    The separator is ``,``, or ``;`` or a tab when the first line has one (``separator``).
     Ragged rows, non-numeric or NaN cells raise a DataError naming the line.
     """
     raw = _read_bytes(path)
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
+    _refuse_markup(raw, path, "CSV")
     end = raw.find(b"\n")
     first_line = raw[:end if end >= 0 else len(raw)].decode("utf-8", errors="replace").strip()
     if not first_line:
         raise DataError(f"{path}: empty file" if not raw.strip() else f"{path}: the first line is empty")
-    first = [c.strip().strip('"') for c in first_line.split(",")]
+    sep = separator(first_line, path)
+    if sep != "," and b"," in raw:  # decimal commas (0,5): the ';' export of a spreadsheet in a European locale
+        raw = raw.replace(b",", b".")
+        first_line = first_line.replace(",", ".")
+    first = [c.strip().strip('"') for c in first_line.split(sep)]
     width = len(first)
     if not all(_is_number(c) for c in first):  # a header row
         names = [c.lower() for c in first]
@@ -178,13 +213,25 @@ def read_csv(path, labels: str = "required") -> tuple[np.ndarray, np.ndarray | N
         label_col = _headerless_label_column(width, path, labels)
         body, first_row = io.BytesIO(raw), 1
     del raw
-    table = _parse_rows(body, width, path, first_row)
+    table = _parse_rows(body, width, path, first_row, sep)
     del body
     if label_col is None:
         return flatten_images(table, path), None
     y = table[:, label_col]
     images = np.delete(table, label_col, axis=1)
     return flatten_images(images, path), check_labels(y, len(y), path)
+
+
+def separator(first_line: str, path="CSV") -> str:
+    """A CSV's separator, from its first line: ``;`` (the CSV export of a spreadsheet in a locale whose
+    decimal separator is the comma), else a tab, else ``,``. Quoted cells are left out of the look; a
+    line of values separated by spaces alone is a DataError that says so."""
+    bare = re.sub(r'"[^"]*"', "", first_line)
+    sep = next((sep for sep in (";", "\t", ",") if sep in bare), None)
+    if sep is None and len(bare.split()) > 1:
+        raise DataError(f"{path}: the values of the first line are separated by spaces; fastnn reads CSV files "
+                        "separated by ',', ';' or tabs")
+    return sep or ","
 
 
 def _headerless_label_column(width: int, path, labels: str) -> int | None:
@@ -205,7 +252,7 @@ def _is_square(n: int) -> bool:
     return n > 0 and int(round(n ** 0.5)) ** 2 == n
 
 
-def _parse_rows(body: io.BytesIO, width: int, path, first_row: int) -> np.ndarray:
+def _parse_rows(body: io.BytesIO, width: int, path, first_row: int, sep: str = ",") -> np.ndarray:
     """CSV rows of ``width`` numbers from the current position of ``body`` -> (N, width):
     uint8 when every value is, else float32."""
     start = body.tell()
@@ -214,7 +261,7 @@ def _parse_rows(body: io.BytesIO, width: int, path, first_row: int) -> np.ndarra
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "input contained no data": said below
-                table = np.loadtxt(body, delimiter=",", dtype=dtype, ndmin=2, quotechar='"')
+                table = np.loadtxt(body, delimiter=sep, dtype=dtype, ndmin=2, quotechar='"')
         except ValueError:
             continue
         if table.shape[0] == 0:
@@ -229,7 +276,7 @@ def _parse_rows(body: io.BytesIO, width: int, path, first_row: int) -> np.ndarra
     for i, line in enumerate(lines):
         if not line.strip():
             continue
-        cells = line.split(",")
+        cells = line.split(sep)
         if len(cells) != width:
             raise DataError(f"{path}: line {i + first_row} has {len(cells)} fields, expected {width}")
         for c in cells:
@@ -333,7 +380,11 @@ def read_images(path, normalize: bool = True):
         return (mnist_style(gray, p) if normalize else gray.reshape(-1))[None], None
     if name.endswith((".csv", ".csv.gz")):
         return read_csv(p, labels="optional")
-    images = read_idx(p)
+    raw = _read_bytes(p)
+    if is_svg(raw):
+        raise svg_error(p)  # with how to make a PNG of it, which fastnn predict reads
+    images = _parse_idx(raw, p)
+    del raw
     labels_path = labels_file(p)
     if labels_path == p or not labels_path.is_file():
         return images, None

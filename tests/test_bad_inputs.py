@@ -58,6 +58,8 @@ def files(tmp_path_factory):
         "negative.csv": csv([[-1, *good[0][1:]]] + good[1:]), "fraction.csv": csv([[0.5, *good[0][1:]]] + good[1:]),
         "toobright.csv": csv([[0, *([300.5] * 9)]] + good[1:]),
         "label3.csv": csv(good[:4] + [[3, *good[4][1:]]] + good[5:]),
+        "spaces.csv": csv(good).replace(",", " "),
+        "photo.svg": '<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"><path d="M1 1L8 8"/></svg>',
         "junk.npz": "this is not a zip file", "model.txt": "not a model",
     }
     for name, t in text.items():
@@ -131,6 +133,10 @@ CASES = {  # id: (argv from the files fixture, what stderr must contain)
     "csv-fractional-label": (lambda f: ["--train", f("fraction.csv"), "--test", f("good.csv")], "whole numbers"),
     "csv-pixels-out-of-range": (lambda f: ["--train", f("toobright.csv"), "--test", f("good.csv")],
                                 "pixel values outside 0..255"),
+    "csv-separated-by-spaces": (lambda f: ["--train", f("spaces.csv"), "--test", f("good.csv")],
+                                "spaces.csv: the values of the first line are separated by spaces"),
+    "svg-as-training-data": (lambda f: ["--train", f("photo.svg"), "--test", f("good.csv")],
+                             "photo.svg: an SVG vector drawing, which fastnn does not read; expected a .csv file"),
     "train-without-test": (lambda f: ["--train", f("good.csv")], "--train and --test go together"),
     # flags
     "lr-negative": (lambda f: ["--lr", "-1"], "argument --lr: must be >= 0, got -1"),
@@ -169,6 +175,8 @@ PREDICT_CASES = {
     "input-ragged": (lambda f: [f("model.npz"), f("ragged.csv")], "line 4 has 3 fields"),
     "input-wrong-width": (lambda f: [f("model.npz"), f("wide.csv")], "images have 16 pixels, the model expects 9"),
     "input-idx-wrong-size": (lambda f: [f("model.npz"), f("images-idx3-ubyte.gz")], "25 pixels, the model expects 9"),
+    "input-svg": (lambda f: [f("model.npz"), f("photo.svg")],
+                  "photo.svg: an SVG vector drawing, which fastnn does not read: export it as PNG (e.g. `rsvg-convert"),
     # labels the model cannot have: refused as training refuses them, not scored into an accuracy
     "input-label-outside-model": (lambda f: [f("model.npz"), f("good.csv"), f("label3.csv")],
                                   "label3.csv: label 3 (row 4) is outside 0..2, the model's 3 classes"),

@@ -383,3 +383,76 @@ def test_the_readers_and_the_download_stay_importable_from_datasets():
         imported = {name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                     for name in [getattr(n, "module", None) or ""] + [a.name for a in n.names]}
         assert not any(name.split(".")[-1] == "datasets" for name in imported), module.__name__
+
+
+# ------------------------------------------------------- separators other than ','
+def test_a_semicolon_csv_from_a_european_spreadsheet_is_read(tmp_path):
+    """A spreadsheet in a locale whose decimal separator is ',' exports CSV with ';' between the
+    values and decimal commas: its 'label' column is found and its values read."""
+    rng = np.random.default_rng(3)
+    images, labels = rng.integers(0, 256, (6, 4)), [0, 1, 2, 0, 1, 2]
+    (tmp_path / "train.csv").write_text(csv_text(images, labels).replace(",", ";"))
+    floats = np.round(rng.random((3, 4)), 2)
+    (tmp_path / "test.csv").write_text(
+        "label;p0;p1;p2;p3\n" + "".join(f"{lab};" + ";".join(f"{v:.2f}".replace(".", ",") for v in img) + "\n"
+                                        for lab, img in zip([2, 1, 0], floats)))
+    x, y = read_csv(tmp_path / "train.csv")
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+    x, y = read_csv(tmp_path / "test.csv")
+    np.testing.assert_array_equal(x, floats.astype(np.float32))
+    np.testing.assert_array_equal(y, [2, 1, 0])
+    from fastnn.readers import read_images
+
+    x, y = read_images(tmp_path / "train.csv")  # what fastnn predict reads
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+
+
+def test_a_tab_separated_headerless_csv_is_read(tmp_path):
+    images = np.random.default_rng(4).integers(0, 256, (3, 9))
+    (tmp_path / "t.tsv.csv").write_text(csv_text(images, [1, 0, 1], header=False).replace(",", "\t"))
+    x, y = read_csv(tmp_path / "t.tsv.csv")
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, [1, 0, 1])
+    (tmp_path / "r.csv").write_text("label;a;b\n1;2;3\n4;5\n")
+    with pytest.raises(DataError, match="r.csv: line 3 has 2 fields, expected 3"):
+        read_csv(tmp_path / "r.csv")
+
+
+def test_a_csv_separated_by_spaces_is_named_as_such(tmp_path):
+    (tmp_path / "s.csv").write_text("label p0 p1 p2\n1 2 3 4\n")
+    with pytest.raises(DataError, match="s.csv: the values of the first line are separated by spaces; fastnn reads "
+                                        "CSV files separated by ',', ';' or tabs"):
+        read_csv(tmp_path / "s.csv")
+
+
+# ------------------------------------------------------- SVG drawings
+SVG = '<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="28"><path d="M4 4L20 20"/></svg>'
+
+
+@pytest.mark.parametrize("name,png", [("photo.svg", "photo.png"), ("photo.svgz", "photo.png"),
+                                      ("train-images-idx3-ubyte", "train-images-idx3-ubyte.png")])
+def test_an_svg_drawing_is_named_as_one_and_not_as_a_failed_download(tmp_path, name, png):
+    from fastnn.readers import read_images
+
+    p = tmp_path / name
+    p.write_bytes(gzip.compress(SVG.encode()) if name.endswith("z") else SVG.encode())
+    with pytest.raises(DataError) as info:
+        read_images(p)
+    assert str(info.value) == (f"{p}: an SVG vector drawing, which fastnn does not read: export it as PNG "
+                               f"(e.g. `rsvg-convert -w 280 {p} -o {tmp_path / png}`)")
+
+
+def test_svg_given_as_training_data_says_what_was_expected(tmp_path):
+    (tmp_path / "drawing.svg").write_text(SVG)
+    (tmp_path / "test.csv").write_text("label,a\n0,1\n1,2\n")
+    with pytest.raises(DataError, match=r"drawing.svg: an SVG vector drawing, which fastnn does not read; expected a "
+                                        r"\.csv file or an IDX images file"):
+        load(None, train=tmp_path / "drawing.svg", test=tmp_path / "test.csv")
+    (tmp_path / "svg.csv").write_text(SVG)
+    with pytest.raises(DataError, match="svg.csv: an SVG vector drawing, which fastnn does not read; expected CSV"):
+        read_csv(tmp_path / "svg.csv")
+    (tmp_path / "page.csv").write_text("<!DOCTYPE html><html>Not Found</html>")
+    with pytest.raises(DataError, match=r"page.csv: an HTML/XML page, not CSV \(a failed download"):
+        read_csv(tmp_path / "page.csv")

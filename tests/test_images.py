@@ -78,3 +78,18 @@ def test_pillow_modes_become_8_bit_luma(tmp_path, mode):
     img.save(tmp_path / "x.png")
     g = read_image(tmp_path / "x.png")
     assert g.dtype == np.uint8 and g.shape == (8, 8) and g[3, 3] >= 199 and g[0, 0] == 0
+
+
+def test_an_svg_saved_under_an_image_name_is_named_as_a_vector_drawing(tmp_path):
+    p = tmp_path / "photo.png"
+    p.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="28" height="28"><circle r="9"/></svg>')
+    with pytest.raises(fastnn.DataError) as info:
+        read_images(p)
+    assert str(info.value) == (f"{p}: an SVG vector drawing, which fastnn does not read: export it as PNG "
+                               f"(e.g. `rsvg-convert -w 280 {p} -o {p}.png`)")
+
+
+def test_an_image_path_that_cannot_be_read_is_a_data_error(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(fastnn.DataError, match="folder.png: cannot read"):
+        read_image(tmp_path / "folder.png")

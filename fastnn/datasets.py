@@ -76,7 +76,9 @@ class Dataset:
     train_labels / test_labels: (N,) int64 in 0..K-1; classes: K names;
     preprocessing: how raw pixels become network inputs (``x * scale + shift``
     for pixels of range pixel_max: 255 for raw pixels, 1 for images already in
-    [0, 1]), derived from the training split; source: where each file came from.
+    [0, 1]), derived from the training split; source: where each file came from;
+    image_shape: the images' (H, W) when the files hold them as such (IDX files,
+    arrays of shape (N, H, W)); None for rows of pixels (CSV), whose shape is unknown.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Dataset:
     classes: list
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     source: dict = field(default_factory=dict)
+    image_shape: tuple[int, int] | None = None  # (H, W) when the files say (IDX, (N, H, W) arrays), else None
 
     def preprocess(self, images) -> np.ndarray:
         """Raw images (N, D) of this data set's pixel range -> float32 network inputs."""
@@ -114,7 +117,7 @@ class Dataset:
         """A copy holding only the first n_train / n_test samples (same preprocessing)."""
         return Dataset(self.name, self.train_images[:n_train], self.train_labels[:n_train],
                        self.test_images[:n_test], self.test_labels[:n_test], self.classes,
-                       self.preprocessing, dict(self.source))
+                       self.preprocessing, dict(self.source), self.image_shape)
 
 
 def fit_preprocessing(train, test, standardize=False, train_name="train", test_name="test") -> Preprocessing:
@@ -155,6 +158,8 @@ def finish(name, train_images, train_labels, test_images, test_labels, classes, 
            standardize=False) -> Dataset:
     """Validate the four arrays together and build the Dataset."""
     tr, te = source.get("train_images", "train"), source.get("test_images", "test")
+    shape = tuple(int(n) for n in np.shape(train_images)[1:])
+    shape = shape if len(shape) == 2 and shape == tuple(np.shape(test_images)[1:]) else None
     train_images = flatten_images(train_images, tr)
     test_images = flatten_images(test_images, te)
     if train_images.shape[1] != test_images.shape[1]:
@@ -167,7 +172,8 @@ def finish(name, train_images, train_labels, test_images, test_labels, classes, 
     check_label_range(test_labels, len(classes), source.get("test_labels", "test_labels"),
                       whose=", the classes of the training labels")
     prep = fit_preprocessing(train_images, test_images, standardize, tr, te)
-    return Dataset(name, train_images, train_labels, test_images, test_labels, list(classes), prep, dict(source))
+    return Dataset(name, train_images, train_labels, test_images, test_labels, list(classes), prep, dict(source),
+                   shape)
 
 
 def class_names(classes, train_labels, where) -> list[str]:

@@ -17,12 +17,13 @@ def idx_bytes(a: np.ndarray) -> bytes:
     return bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, ">u4").tobytes() + a.astype(np.uint8).tobytes()
 
 
-def write_idx_set(folder, n_train=12, n_test=5, gz=True, seed=0, side=4):
+def write_idx_set(folder, n_train=12, n_test=5, gz=True, seed=0, side=4, shape=None):
     rng = np.random.default_rng(seed)
+    shape = shape or (side, side)
     arrays = {
-        "train_images": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
+        "train_images": rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
         "train_labels": rng.permutation(np.arange(n_train) % 10).astype(np.uint8),  # every class present
-        "test_images": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
         "test_labels": rng.integers(0, 10, n_test).astype(np.uint8),
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -456,3 +457,63 @@ def test_svg_given_as_training_data_says_what_was_expected(tmp_path):
     (tmp_path / "page.csv").write_text("<!DOCTYPE html><html>Not Found</html>")
     with pytest.raises(DataError, match=r"page.csv: an HTML/XML page, not CSV \(a failed download"):
         read_csv(tmp_path / "page.csv")
+
+
+# ------------------------------------------------------- image shapes, and the plots drawn at them
+def test_a_data_set_knows_its_image_shape_when_its_files_say_it(tmp_path):
+    write_idx_set(tmp_path / "idx", shape=(4, 6))
+    ds = load(tmp_path / "idx")
+    assert ds.image_shape == (4, 6) and ds.limit(5).image_shape == (4, 6)
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((3, 2, 5), np.uint8), y_train=[0, 1, 0],
+             x_test=np.zeros((1, 2, 5), np.uint8), y_test=[1])
+    assert load(tmp_path / "d.npz").image_shape == (2, 5)
+    (tmp_path / "train.csv").write_text(csv_text(np.zeros((4, 6), int), [0, 1, 0, 1]))
+    (tmp_path / "test.csv").write_text(csv_text(np.zeros((2, 6), int), [0, 1]))
+    assert load(None, train=tmp_path / "train.csv", test=tmp_path / "test.csv").image_shape is None  # rows of 6
+
+
+def plots_run(data_args, plots, capsys, monkeypatch):
+    """``fastnn train ... --plots`` in this process; returns (exit status, stderr, the shapes imshow drew)."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (the plots extra)")
+    import signal
+
+    from matplotlib.axes import Axes
+
+    from fastnn import cli
+
+    drawn, imshow = [], Axes.imshow
+
+    def recording_imshow(ax, a, *args, **kw):
+        drawn.append(np.shape(a))
+        return imshow(ax, a, *args, **kw)
+
+    monkeypatch.setattr(Axes, "imshow", recording_imshow)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = cli.main(["train", *data_args, "--plots", str(plots), "--epochs", "1", "--hidden", "8", "--quiet",
+                         "--device", "cpu", "--val-split", "0", "--no-download"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return code, capsys.readouterr().err, drawn
+
+
+def test_plots_draw_non_square_images_at_the_shape_their_files_give(tmp_path, capsys, monkeypatch):
+    write_idx_set(tmp_path / "d", n_train=40, n_test=30, shape=(4, 7))
+    code, err, drawn = plots_run(["--dataset", str(tmp_path / "d")], tmp_path / "p", capsys, monkeypatch)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["confusion.png", "curves.png", "misclassified.png"]
+    panels = [s for s in drawn if s != (10, 10)]  # the confusion matrix is the one (10, 10) drawing
+    assert panels and set(panels) == {(4, 7)}  # every misclassified image drawn, none left empty
+
+
+def test_plots_of_non_square_rows_of_pixels_skip_the_image_panels_and_say_why(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(5)
+    (tmp_path / "train.csv").write_text(csv_text(rng.integers(0, 256, (20, 6)), np.arange(20) % 2))
+    (tmp_path / "test.csv").write_text(csv_text(rng.integers(0, 256, (10, 6)), np.arange(10) % 2))
+    code, err, drawn = plots_run(["--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv")],
+                                 tmp_path / "p", capsys, monkeypatch)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["confusion.png", "curves.png"]
+    assert err.strip() == ("plots: no misclassified.png: the images are rows of 6 pixels, not a square, and the data "
+                           "does not say their height and width (IDX files and (N, H, W) arrays do)")
+    assert drawn == [(2, 2)]  # the confusion matrix only

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,9 +120,13 @@ def report(run: Run, seconds: float) -> None:
         save_model(model, args.save)
         out.say(f"model saved to {args.save}")
     if args.plots:
-        files = write_plots(args.plots, history, cm, ds.classes, ds.test_images, ds.test_labels, pred,
-                            side=int(round(math.sqrt(ds.test_images.shape[1]))))
+        shape = panel_shape(ds)
+        files = write_plots(args.plots, history, cm, ds.classes, ds.test_images, ds.test_labels, pred, shape)
         out.say("plots: " + ", ".join(map(str, files)))
+        if shape is None:
+            print(f"plots: no misclassified.png: the images are rows of {ds.test_images.shape[1]} pixels, not a "
+                  "square, and the data does not say their height and width (IDX files and (N, H, W) arrays do)",
+                  file=sys.stderr)
 
 
 def confusion_matrix(y_true, y_pred, k: int) -> np.ndarray:
@@ -147,8 +152,19 @@ def format_report(cm: np.ndarray, classes) -> str:
     return "\n".join(lines)
 
 
-def write_plots(folder, history, cm, classes, images, y_true, y_pred, side=28) -> list[Path]:
-    """Write curves.png, confusion.png and misclassified.png into ``folder`` (needs matplotlib)."""
+def panel_shape(ds) -> tuple[int, int] | None:
+    """The (H, W) to draw a data set's images at: as its files say (``Dataset.image_shape``), else a square
+    when the pixel count is one; None when neither (a factorisation near square would be a guess)."""
+    if getattr(ds, "image_shape", None):
+        return tuple(ds.image_shape)
+    d = ds.test_images.shape[1]
+    side = int(round(math.sqrt(d)))
+    return (side, side) if side * side == d else None
+
+
+def write_plots(folder, history, cm, classes, images, y_true, y_pred, shape=(28, 28)) -> list[Path]:
+    """Write curves.png, confusion.png and misclassified.png into ``folder`` (needs matplotlib); images
+    are drawn at ``shape`` (H, W), and with shape None misclassified.png is not drawn."""
     try:
         import matplotlib
 
@@ -158,7 +174,14 @@ def write_plots(folder, history, cm, classes, images, y_true, y_pred, side=28) -
         raise ConfigError("--plots needs matplotlib: pip install 'fastnn[plots]'") from None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
+    out = [_plot_curves(plt, folder / "curves.png", history),
+           _plot_confusion(plt, folder / "confusion.png", cm, classes)]
+    if shape is not None:
+        out.append(_plot_misclassified(plt, folder / "misclassified.png", classes, images, y_true, y_pred, shape))
+    return out
+
+
+def _plot_curves(plt, path: Path, history) -> Path:
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(ep, [h["train_loss"] for h in history], label="train")
@@ -171,10 +194,12 @@ def write_plots(folder, history, cm, classes, images, y_true, y_pred, side=28) -
     a1.legend()
     a2.legend()
     fig.tight_layout()
-    out.append(folder / "curves.png")
-    fig.savefig(out[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
+
+def _plot_confusion(plt, path: Path, cm, classes) -> Path:
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(cm, cmap="Blues")
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
@@ -187,23 +212,23 @@ def write_plots(folder, history, cm, classes, images, y_true, y_pred, side=28) -
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.colorbar(im)
     fig.tight_layout()
-    out.append(folder / "confusion.png")
-    fig.savefig(out[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
+
+def _plot_misclassified(plt, path: Path, classes, images, y_true, y_pred, shape) -> Path:
+    """The first 36 misclassified test images, each drawn at ``shape`` (H, W), with their classes."""
     wrong = np.flatnonzero(np.asarray(y_true) != np.asarray(y_pred))[:36]
     fig, axes = plt.subplots(6, 6, figsize=(9, 10))
     for ax, i in zip(axes.flat, list(wrong) + [None] * 36):
         ax.axis("off")
         if i is None:
             continue
-        img = np.asarray(images[i])
-        if img.size == side * side:
-            ax.imshow(img.reshape(side, side), cmap="gray")
+        ax.imshow(np.asarray(images[i]).reshape(shape), cmap="gray")
         ax.set_title(f"true {classes[y_true[i]]}\npred {classes[y_pred[i]]}", fontsize=7)
     fig.suptitle("misclassified test images")
     fig.tight_layout()
-    out.append(folder / "misclassified.png")
-    fig.savefig(out[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return out
+    return path

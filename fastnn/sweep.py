@@ -8,112 +8,40 @@ stack) and tells the study each result. Workers share the study through Optuna's
 a journal file for many processes on one machine, a database URL (PostgreSQL) for many
 machines; each is a plain process, so any scheduler can start them.
 
-A search space is given per hyperparameter as text: ``0.1`` (fixed), ``0.01,0.1,0.3``
-(choices) or ``1e-4..1e-2`` (a range: log-uniform for the learning rate and weight decay
-when it starts above 0, uniform otherwise). Hidden sizes are a list of shapes.
+Search spaces, their text and their Optuna distributions are ``fastnn.sweep_space``; the journal
+file's check and recovery, ``fastnn.journal``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULTS, RULES
+from . import journal
+from .config import DEFAULTS
 from .errors import ConfigError, DataError
 from .stack import ModelStack, fit_many
+from .sweep_space import (  # noqa: F401 (the search space's names are the sweep's too)
+    LOG_SCALE,
+    SCALARS,
+    SPACE_KEYS,
+    SearchSpace,
+    check_space,
+    optuna,
+    parse_space,
+    shape_text,
+)
 
-LOG_SCALE = ("lr", "weight_decay")  # ranges of these are searched on a log scale when they start above 0
-SCALARS = ("lr", "weight_decay", "momentum", "dropout", "seed")  # searched as numbers; hidden as shapes
 OVER_BUDGET = "asked after the study's last trial: not run"
 UNFINISHED = "unfinished: its worker stopped"  # Ctrl-C, SIGTERM or an error; a later run replaces it
 ABANDONED = "unfinished: its worker process was gone"  # SIGKILL, the OOM killer: found by the next worker
 NOT_COUNTED = (OVER_BUDGET, UNFINISHED, ABANDONED)  # failed trials that do not use up the study's budget
-SPACE_KEYS = ("lr", "weight_decay", "momentum", "dropout", "hidden", "seed")
-
-
-def optuna():
-    """The optuna module, or a ConfigError saying how to install it."""
-    try:
-        import optuna as o
-    except ImportError:
-        raise ConfigError("fastnn sweep needs Optuna: pip install 'fastnn[sweep]'") from None
-    o.logging.set_verbosity(o.logging.WARNING)
-    return o
-
-
-def parse_space(name: str, text: str, kind=float):
-    """``"0.1"`` -> [0.1]; ``"0.01,0.1"`` -> [0.01, 0.1]; ``"1e-4..1e-2"`` -> (1e-4, 1e-2). ConfigError if bad."""
-    text = str(text).strip()
-    try:
-        if ".." in text:
-            lo, hi = (kind(t) for t in text.split(".."))
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError
-            return (lo, hi)
-        values = [kind(t) for t in text.split(",") if t.strip()]
-        if not values or not all(math.isfinite(v) for v in values):
-            raise ValueError
-        return values
-    except ValueError:
-        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: expected a value (0.1), choices (0.01,0.1) "
-                          "or a range (1e-4..1e-2)") from None
-
-
-@dataclass
-class SearchSpace:
-    """Per hyperparameter: a list of choices or a (low, high) range; hidden: a list of shapes."""
-
-    lr: list | tuple
-    weight_decay: list | tuple = field(default_factory=lambda: [DEFAULTS.weight_decay])
-    momentum: list | tuple = field(default_factory=lambda: [DEFAULTS.momentum])
-    dropout: list | tuple = field(default_factory=lambda: [DEFAULTS.dropout])
-    seed: list = field(default_factory=lambda: [DEFAULTS.seed])
-    hidden: list = field(default_factory=lambda: [list(DEFAULTS.hidden)])
-
-    def check(self) -> None:
-        """ConfigError naming the flag of a value that breaks its rule (``config.RULES``)."""
-        for name in SCALARS:
-            bad = [v for v in getattr(self, name) if not RULES[name].holds(v)]
-            if bad:
-                raise ConfigError(f"--{name.replace('_', '-')}: {bad[0]} is out of range ({RULES[name].text})")
-        if not self.hidden:
-            raise ConfigError("--hidden: give at least one shape")
-
-    def distributions(self) -> dict:
-        """The Optuna distributions of this space (hidden shapes as the strings "256,128")."""
-        o = optuna()
-        out = {}
-        for name in SCALARS:
-            v = getattr(self, name)
-            if isinstance(v, tuple):
-                if name == "seed":
-                    out[name] = o.distributions.IntDistribution(int(v[0]), int(v[1]))
-                else:
-                    out[name] = o.distributions.FloatDistribution(v[0], v[1], log=name in LOG_SCALE and v[0] > 0)
-            else:
-                out[name] = o.distributions.CategoricalDistribution(list(v))
-        out["hidden"] = o.distributions.CategoricalDistribution([shape_text(h) for h in self.hidden])
-        return out
-
-    def grid(self) -> dict:
-        """The grid of a space made only of choices; ConfigError for a range."""
-        ranges = [k for k in SCALARS if isinstance(getattr(self, k), tuple)]
-        if ranges:
-            raise ConfigError(f"--sampler grid needs lists of values, not ranges (--{ranges[0].replace('_', '-')})")
-        g = {k: list(getattr(self, k)) for k in SCALARS}
-        g["hidden"] = [shape_text(h) for h in self.hidden]
-        return g
-
-
-def shape_text(hidden) -> str:
-    return ",".join(str(int(n)) for n in hidden)
 
 
 @dataclass
@@ -151,8 +79,9 @@ def make_sampler(kind: str, space: SearchSpace, seed: int | None):
     raise ConfigError(f"unknown sampler {kind!r}: choose grid, random or tpe")
 
 
-def make_storage(spec: str | None):
-    """None: in memory; a URL (``postgresql://...``, ``sqlite:///...``): a database; else a journal file."""
+def make_storage(spec: str | None, warn=None):
+    """None: in memory; a URL (``postgresql://...``, ``sqlite:///...``): a database; else a journal file,
+    checked first and a torn last record recovered (``fastnn.journal.recover``; ``warn`` says what it did)."""
     o = optuna()
     if spec is None:
         return None
@@ -164,7 +93,12 @@ def make_storage(spec: str | None):
                               f"{str(exc).splitlines()[0]})") from None
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    return JournalStorage(JournalFileBackend(str(spec)))
+    journal.recover(spec, warn)
+    try:
+        return JournalStorage(JournalFileBackend(os.path.abspath(spec)))  # its lock file links here: to resolve
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as exc:  # records Optuna cannot replay
+        raise DataError(f"{spec}: Optuna cannot read this journal file ({type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0]})") from None
 
 
 def open_study(name: str, storage, sampler, pruner):
@@ -182,6 +116,7 @@ def run_worker(study, space: SearchSpace, settings: Settings, data, out_dir: Pat
     of a trial that beats the study's best so far is saved (``trial-<number>.npz``).
     """
     o = optuna()
+    check_space(study, space)
     dists = space.distributions()
     ran = 0
     me = _this_process()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastnn import MLP, ConfigError, Preprocessing, cli, fit, sweep
+from fastnn import MLP, ConfigError, DataError, Preprocessing, cli, fit, sweep
 from fastnn.sweep import parse_space
 
 optuna = pytest.importorskip("optuna", reason="Optuna is not installed (the sweep extra)")
@@ -314,3 +314,200 @@ def test_a_class_weighted_sweep_trains_what_fit_trains_with_those_weights(data_a
     best = MLP.load(out / "best.npz")
     np.testing.assert_allclose(best.params, weighted.params, rtol=0, atol=1e-12)
     assert np.abs(best.params - plain.params).max() > 1e-9
+
+
+# ------------------------------------------------------------------ the journal file, torn and damaged
+BASE = ["--limit", "2000", "--hidden", "32", "--epochs", "2", "--device", "cpu", "--lr", "1e-3..1e-2",
+        "--dropout", "0,0.2", "--stack", "2", "--pruner", "none"]
+
+
+@pytest.fixture(scope="module")
+def real_journal(synthetic_dir, tmp_path_factory) -> bytes:
+    """The journal file of a real two-trial sweep (BASE), as bytes: its last line tells trial 1 COMPLETE.
+    Its worker is a process of its own, gone by the time the tests use the file, as a killed worker is."""
+    out = tmp_path_factory.mktemp("journal")
+    cmd = [sys.executable, "-m", "fastnn", "sweep", "--data-dir", str(synthetic_dir), *BASE, "--trials", "2",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    data = (out / "sweep.journal").read_bytes()
+    assert json.loads(data.splitlines()[-1])["op_code"] == 6  # the last tell
+    return data
+
+
+def last_line_cut(data: bytes, keep: int) -> bytes:
+    """``data`` with only the first ``keep`` bytes of its last line (its end of line included) left."""
+    start = data.rindex(b"\n", 0, len(data) - 1) + 1
+    return data[:start + keep]
+
+
+def backups(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.torn-*"))
+
+
+def reopen(path: Path):
+    """The study in the journal file ``path``, read by a storage of its own (as a later process reads it)."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return optuna.load_study(study_name="fastnn", storage=JournalStorage(JournalFileBackend(str(path))))
+
+
+def test_a_torn_last_line_is_dropped_with_a_backup_and_the_rerun_completes(real_journal, data_args, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    torn = last_line_cut(real_journal, len(real_journal.splitlines()[-1]) // 2)  # the last tell, cut in half
+    (out / "sweep.journal").write_bytes(torn)
+    assert cli.main(["sweep", *data_args, *BASE, "--trials", "4", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    [backup] = backups(out)
+    lines, cut = torn.count(b"\n") + 1, len(torn) - torn.rindex(b"\n") - 1
+    assert err == (f"warning: {out / 'sweep.journal'}: dropped its last line {lines}, a record cut short ({cut} bytes: "
+                   f"a worker stopped while it wrote, or a full disk); the file as it was is kept as {backup}\n")
+    assert backup.read_bytes() == torn  # the damaged file, as it was
+    journal = (out / "sweep.journal").read_bytes()
+    assert journal.startswith(torn[:-cut]) and sweep.journal.first_damage(out / "sweep.journal") is None
+    trials = reopen(out / "sweep.journal").trials
+    assert trials[1].user_attrs["reason"] == sweep.ABANDONED  # its tell was lost: failed, and trained anew
+    assert [t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE] == [0, 2, 3, 4]
+    assert cli.main(["sweep", *data_args, *BASE, "--trials", "4", "--out", str(out)]) == 0  # and again: nothing to do
+    assert capsys.readouterr().err == "" and backups(out) == [backup]
+
+
+@pytest.mark.parametrize("keep", [0, 1, 11, 40, 0.5, -3, -2, -1])
+def test_a_journal_torn_anywhere_in_its_last_line_opens_and_takes_new_trials(real_journal, keep, tmp_path):
+    """keep: how much of the last line is left (bytes; a fraction of it; from its end: -2 leaves all
+    but the closing brace and the end of line, -1 all but the end of line: a whole record, completed)."""
+    whole = len(real_journal.splitlines()[-1]) + 1
+    keep = int(keep * whole) if isinstance(keep, float) else keep % whole
+    path = tmp_path / "sweep.journal"
+    path.write_bytes(torn := last_line_cut(real_journal, keep))
+    said = []
+    study = sweep.open_study("fastnn", sweep.make_storage(str(path), warn=said.append), None, None)
+    assert len(said) == (keep > 0) and backups(tmp_path) == ([] if keep == 0 else [Path(said[0].split()[-1])])
+    complete = keep == whole - 1  # only its end of line was missing
+    assert (study.trials[1].state == optuna.trial.TrialState.COMPLETE) == complete
+    assert ("completed its last record" if complete else "dropped its last line") in "".join(said) or keep == 0
+    for value in (0.5, 0.6):  # new records go on their own lines, and every later process reads them back
+        t = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)})
+        study.tell(t, value)
+    assert [t.value for t in reopen(path).trials[-2:]] == [0.5, 0.6]
+    assert sweep.journal.first_damage(path) is None
+    assert [b.read_bytes() for b in backups(tmp_path)] == [torn] * (keep > 0)
+
+
+def test_every_cut_of_the_last_line_leaves_the_records_before_it(real_journal, tmp_path):
+    last = real_journal.splitlines()[-1]
+    before = real_journal[:len(real_journal) - len(last) - 1]
+    for keep in range(len(last) + 2):
+        path = tmp_path / f"{keep}" / "j"
+        path.parent.mkdir()
+        path.write_bytes(before + (last + b"\n")[:keep])
+        sweep.journal.recover(path, warn=lambda m: None)
+        assert path.read_bytes() == (real_journal if keep >= len(last) else before), keep
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda lines: lines[:10] + [b"garbage"] + lines[11:], "line 11 of {n} is not a journal record"),
+    (lambda lines: lines[:-3] + [lines[-3][:40] + lines[-2]] + lines[-1:],  # a torn record, and a rerun wrote on
+     "line {m} of {n} is not a journal record"),
+    (lambda lines: lines[:-1] + [b"[1, 2]"], "its last line {n} is not a journal record, nor the start of one"),
+    (lambda lines: [b"hello"] + lines, "not an Optuna journal file (line 1 is not a journal record)"),
+])
+def test_damage_before_the_torn_tail_is_refused_and_the_file_left_as_it_is(real_journal, data_args, tmp_path, capsys,
+                                                                          damage, match):
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = damage(real_journal.splitlines())
+    bad = b"\n".join(lines) + b"\n"
+    (out / "sweep.journal").write_bytes(bad)
+    assert cli.main(["sweep", *data_args, *BASE, "--trials", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    journal = out / "sweep.journal"
+    assert err.startswith(f"error: {journal}: " + match.format(n=len(lines), m=len(lines) - 1)) and err.count("\n") == 1
+    if "line 1 is" not in match:
+        assert f"cp {journal} {journal}.bak" in err  # how to keep a copy before cutting it
+    assert journal.read_bytes() == bad and backups(out) == []
+
+
+def test_a_stale_lock_file_is_removed_and_a_held_one_waited_for(real_journal, tmp_path, monkeypatch):
+    import threading
+
+    path = tmp_path / "sweep.journal"
+    lock = Path(f"{path}.lock")
+    path.write_bytes(last_line_cut(real_journal, 30))
+    monkeypatch.chdir(tmp_path)
+    os.symlink("elsewhere/sweep.journal", lock)  # as Optuna links it for a relative path: a link that does not resolve
+    os.utime(lock, (time.time() - 100,) * 2, follow_symlinks=False)
+    said = []
+    worker = threading.Thread(target=sweep.journal.recover, args=(path, said.append), daemon=True)
+    worker.start()
+    worker.join(20)  # Optuna's own lock waits for this one forever
+    assert not worker.is_alive()
+    assert said[0] == f"warning: {lock}: removed this lock file, 100 s old: its worker stopped while it wrote"
+    assert not os.path.lexists(lock) and sweep.journal.first_damage(path) is None
+    path.write_bytes(last_line_cut(real_journal, 30))
+    os.symlink(str(path), lock)  # a worker writing
+    threading.Timer(0.5, os.unlink, [lock]).start()
+    t0 = time.perf_counter()
+    sweep.journal.recover(path, warn=said.append)
+    assert time.perf_counter() - t0 >= 0.5 and sweep.journal.first_damage(path) is None
+
+
+def test_a_torn_journal_that_cannot_be_copied_is_left_as_it_is(real_journal, tmp_path, monkeypatch):
+    path = tmp_path / "sweep.journal"
+    path.write_bytes(torn := last_line_cut(real_journal, 30))
+
+    def full(src, dst):
+        Path(dst).write_bytes(b"x")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sweep.journal.shutil, "copy2", full)
+    with pytest.raises(DataError, match=r"sweep.journal: its last line is torn, but a copy of the file cannot be "
+                                        r"kept before it is cut \(No space left on device\)"):
+        sweep.journal.recover(path)
+    assert path.read_bytes() == torn and sorted(p.name for p in tmp_path.iterdir()) == ["sweep.journal"]
+
+
+# ------------------------------------------------------------------ a study goes on over its own space
+@pytest.mark.parametrize("flags,was,now", [
+    (["--hidden", "64", "32"], "--hidden 32", "--hidden 64 32"),
+    (["--lr", "1e-3..3e-2"], "--lr 0.001..0.01", "--lr 0.001..0.03"),
+    (["--lr", "0.001"], "--lr 0.001..0.01", "--lr 0.001"),
+    (["--dropout", "0.2,0", "--seeds", "0..3"], "--dropout 0,0.2 and --seeds 0",
+     "--dropout 0.2,0 and --seeds 0..3 (choices in another order are another space)"),
+])
+def test_a_changed_search_space_is_refused_before_any_work(real_journal, data_args, tmp_path, capsys, flags, was, now):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.journal").write_bytes(real_journal)
+    assert cli.main(["sweep", *data_args, *BASE, *flags, "--trials", "4", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: --out {out}: its study 'fastnn' was searched over {was}; this run asks for {now}: "
+                            "use a new --out or --study NAME to start a new study, or give the same space to continue "
+                            "it\n")
+    assert captured.out == "" and len(reopen(out / "sweep.journal").trials) == 2  # no data read, no trial asked
+    journal = tmp_path / "elsewhere.journal"
+    journal.write_bytes(real_journal)
+    assert cli.main(["sweep", *data_args, *BASE, *flags, "--storage", str(journal), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --storage {journal}: its study 'fastnn' was searched over")
+
+
+def test_the_same_search_space_continues_its_study(real_journal, data_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.journal").write_bytes(real_journal)
+    assert cli.main(["sweep", *data_args, *BASE, "--trials", "4", "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    trials = reopen(out / "sweep.journal").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
+def test_a_worker_refuses_another_space_for_its_study(synthetic):
+    study, space, settings, data = _tiny_sweep(synthetic, trials=2)
+    assert sweep.run_worker(study, space, settings, data, log=lambda m: None) == 2
+    other = sweep.SearchSpace(lr=(1e-3, 1e-2), hidden=[[8], [16]])
+    with pytest.raises(ConfigError, match=r"^study '.*' was searched over --hidden 8; this run asks for --hidden 8 16"):
+        sweep.run_worker(study, other, settings, data, log=lambda m: None)
+    assert len(study.trials) == 2

@@ -120,6 +120,8 @@ def run_sweep(argv=None) -> int:
     sampler_seed = int(np.random.SeedSequence([cfg["seed"], args.worker or 0]).generate_state(1)[0])
     study = sweep.open_study(args.study, sweep.make_storage(storage_spec),
                              sweep.make_sampler(args.sampler, space, sampler_seed), pruner)
+    # a study goes on over its own space: another one is refused here, before any data is read
+    sweep.check_space(study, space, f"--storage {args.storage}" if args.storage else f"--out {args.out}")
     ds = load_data(cfg)
     inputs = model_inputs(ds, cfg["val_split"], cfg["seed"])
     data = (inputs.x_train, inputs.y_train, inputs.x_val, inputs.y_val, ds.preprocessing, ds.classes)

@@ -13,7 +13,9 @@ import os
 
 import numpy as np
 
-from .errors import ConfigError
+from .backends import resolve_dtype
+from .errors import ConfigError, DataError
+from .layers import image_shape_of, parse
 
 # When the machine does not say how much memory it has: generous, but a typo's terabytes are still refused.
 UNKNOWN_MEMORY = 1 << 40
@@ -108,3 +110,26 @@ def describe_nonfinite(bad: list[tuple[str, int]]) -> str:
 
 
 DIVERGED = "the training that wrote it diverged"
+
+
+def file_params(path, meta: dict, arrays: dict) -> list[np.ndarray]:
+    """A model file's ``[W1, b1, ...]`` (host arrays ``p0, p1, ...``), checked against its header before
+    anything is allocated: the sizes must fit in memory (DataError naming the file) and give each
+    array's shape (ValueError naming the array)."""
+    sizes, dtype = [int(n) for n in meta["sizes"]], resolve_dtype(meta["dtype"])
+    if meta.get("layers"):  # a conv net: the spec gives the shapes
+        layers = parse(meta["layers"], image_shape_of(sizes[0], meta.get("image_shape")), sizes[-1])
+        shapes = [s for l in layers if l.kind != "pool" for s in (l.weight_shape, (l.size,))]
+    else:
+        try:
+            check_fits(sizes, dtype)
+        except ConfigError as exc:  # a valid file, perhaps, but not for this machine
+            raise DataError(f"{path}: {exc}") from None
+        shapes = [s for fi, fo in zip(sizes[:-1], sizes[1:]) for s in ((fi, fo), (fo,))]
+    params = []
+    for i, shape in enumerate(shapes):
+        p = arrays[f"p{i}"]
+        if p.shape != shape:
+            raise ValueError(f"array p{i} has shape {p.shape}, but the header's sizes {sizes} make it {shape}")
+        params.append(p)
+    return params

@@ -25,47 +25,14 @@ import warnings
 import numpy as np
 
 from . import npzfile
-from .backends import ACTIVATIONS, Dropout, Ops, get_ops, resolve_dtype
-from .config import INITS, LOSSES, RULES, check
+from .backends import ACTIVATIONS, Dropout, get_ops, resolve_dtype
+from .config import INITS, LOSSES, check
 from .errors import ConfigError, DataError
-from .guards import DIVERGED, check_fits, describe_nonfinite, nonfinite_params
+from .guards import DIVERGED, check_fits, describe_nonfinite, file_params, nonfinite_params
+from .layers import Workspace, dense_spec, dropout_rates, image_shape_of, layer_dropout, parse
 from .preprocessing import Preprocessing
 
 __all__ = ["MLP", "Workspace", "LOSSES", "INITS", "dropout_rates"]
-
-
-def dropout_rates(dropout, n_hidden: int) -> list[float]:
-    """One dropout probability per hidden layer, from one for all or a list; ConfigError if invalid."""
-    rates = [dropout] * n_hidden if np.isscalar(dropout) else list(dropout)
-    if len(rates) != n_hidden or not RULES["dropout"].holds_all(rates):
-        raise ConfigError(f"dropout must be one probability {RULES['dropout'].text} or one per hidden layer "
-                          f"({n_hidden}), got {dropout!r}")
-    return [float(p) for p in rates]
-
-
-class Workspace:
-    """Preallocated buffers for one batch size B.
-
-    x: (B, D) float input batch; y: (B,) int32 labels; w: (B,) float per-sample weights
-    (used when ``weighted``); acts[l]: (B, n_{l+1}) activations a[l+1]; deltas[l]:
-    (B, n_{l+1}) dL/dz of layer l; loss (1,) float: the sum of the batch's (weighted)
-    per-sample losses; hits (1,) int32: its correct argmaxes.
-
-    For a stack of K models (``stack=(K,)``) acts, deltas, loss and hits get a leading K
-    axis, and so do x, y and w when each model has its own batch (``per_model``).
-    """
-
-    def __init__(self, ops: Ops, sizes, batch: int, dtype, stack: tuple = (), per_model: bool = False):
-        xp = ops.xp
-        lead = stack if per_model else ()
-        self.x = xp.empty(lead + (batch, sizes[0]), dtype)
-        self.y = xp.empty(lead + (batch,), np.int32)
-        self.w = xp.empty(lead + (batch,), dtype)
-        self.weighted = False
-        self.acts = [xp.empty(stack + (batch, n), dtype) for n in sizes[1:]]
-        self.deltas = [xp.empty(stack + (batch, n), dtype) for n in sizes[1:]]
-        self.loss = xp.zeros(stack or (1,), dtype)
-        self.hits = xp.zeros(stack or (1,), np.int32)
 
 
 class MLP:
@@ -92,10 +59,19 @@ class MLP:
     stack: tuple = ()  # (K,) in a ModelStack: the leading axis of every arena, view and activation
 
     def __init__(self, sizes, activation="relu", loss="xent", init=None, device="cpu",
-                 dtype="float32", seed=0, dropout=0.0):
+                 dtype="float32", seed=0, dropout=0.0, layers=None, image_shape=None):
         sizes = tuple(int(n) for n in sizes)
         if len(sizes) < 2 or min(sizes) < 1:
             raise ConfigError(f"sizes must list at least two positive widths, got {sizes}")
+        self.layer_spec, self.image_shape = layers, None  # a conv net's spec (fastnn.layers) and (H, W, C)
+        if layers is None:
+            self.layers = dense_spec(sizes[1:-1], sizes[0], sizes[-1])
+        else:
+            if self.stack:
+                raise ConfigError("a stack of conv nets is not supported yet: train them one at a time")
+            self.image_shape = image_shape_of(sizes[0], image_shape)
+            self.layers = parse(layers, self.image_shape, sizes[-1])
+            sizes = (sizes[0], *(l.width_out for l in self.layers))  # every layer's output, flattened
         if activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         check("loss", loss)
@@ -103,23 +79,25 @@ class MLP:
         check("seed", seed)
         if loss == "xent" and sizes[-1] < 2:
             raise ConfigError("softmax cross-entropy needs at least 2 output classes")
-        self.dropout = dropout_rates(dropout, len(sizes) - 2)
+        self.dropout = layer_dropout(dropout, self.layers)
         self.sizes = sizes
         self.activation = activation
         self.loss = loss
         self.init = init
         self.seed = seed
         self.dtype = resolve_dtype(dtype)
-        check_fits(sizes, self.dtype, int(np.prod(self.stack)))  # before a byte is allocated
+        if layers is None:
+            check_fits(sizes, self.dtype, int(np.prod(self.stack)))  # before a byte is allocated
         self.ops = get_ops(device)
         self.device = self.ops.name
         self.preprocessing = Preprocessing()
         self.classes = None  # optional class names, saved with the model
         # the activation of each layer's output: hidden layers, then the output layer
-        self.layer_activations = [activation] * (len(sizes) - 2) + ["linear" if loss == "xent" else "sigmoid"]
-        self.shapes = []  # [W0, b0, W1, b1, ...] shapes, in arena order
-        for fi, fo in zip(sizes[:-1], sizes[1:]):
-            self.shapes += [(fi, fo), (fo,)]
+        self.layer_activations = ["linear" if l.kind == "pool" else activation for l in self.layers[:-1]] + [
+            "linear" if loss == "xent" else "sigmoid"]
+        self.shapes = []  # [W0, b0, W1, b1, ...] shapes, in arena order (pooling layers have none)
+        for l in self.layers:
+            self.shapes += [l.weight_shape, (l.size,)] if l.kind != "pool" else []
         self.size = sum(int(np.prod(s)) for s in self.shapes)
         xp = self.ops.xp
         try:
@@ -152,18 +130,22 @@ class MLP:
             view_shape = self.stack + ((1,) + shape if self.stack and len(shape) == 1 else shape)
             views.append(arena[..., off:off + n].reshape(view_shape))
             off += n
-        return views[0::2], views[1::2]
+        pairs = iter(zip(views[0::2], views[1::2]))  # pooling layers: (None, None)
+        W, b = zip(*[(None, None) if l.kind == "pool" else next(pairs) for l in self.layers])
+        return list(W), list(b)
 
     def param_list(self, arena_views=None) -> list:
         """``[W0, b0, W1, b1, ...]``: the parameter views (or ``(gW, gb)``'s), interleaved."""
         ws, bs = arena_views or (self.W, self.b)
-        return [t for pair in zip(ws, bs) for t in pair]
+        return [t for pair in zip(ws, bs) for t in pair if t is not None]
 
     def _init_params(self, rng):
         out = []
-        for fi, fo in zip(self.sizes[:-1], self.sizes[1:]):
+        for layer in (l for l in self.layers if l.kind != "pool"):
+            fi, fo = layer.weight_shape
+            fan_out = fo * layer.k * layer.k if layer.kind == "conv" else fo  # as PyTorch counts a conv's
             if self.init in ("xavier", "glorot"):
-                std = np.sqrt(2.0 / (fi + fo))
+                std = np.sqrt(2.0 / (fi + fan_out))
             elif self.init == "he":
                 std = np.sqrt(2.0 / fi)
             else:  # "normal": N(0, 1/fan_in), as in Nielsen's network.py
@@ -193,7 +175,7 @@ class MLP:
         key = (batch, per_model)
         ws = self._workspaces.pop(key, None)
         if ws is None:
-            ws = Workspace(self.ops, self.sizes, batch, self.dtype, self.stack, per_model)
+            ws = Workspace(self.ops, self.layers, batch, self.dtype, self.stack, per_model)
             while len(self._workspaces) >= 4:
                 self._workspaces.pop(next(iter(self._workspaces)))
         self._workspaces[key] = ws  # most recently used last
@@ -268,10 +250,17 @@ class MLP:
         cannot promise (prediction); ``evaluate``'s aggregate figures take the batch GEMM."""
         rowwise = not train if rowwise is None else rowwise
         ops, a = self.ops, ws.x
-        for l in range(self.n_layers):
-            drop = self._drop(l) if train else None
-            ops.linear_act(a, self.W[l], self.b[l], ws.acts[l], self.layer_activations[l], drop, rowwise)
-            a = ws.acts[l]  # (B, n_{l+1})
+        for l, layer in enumerate(self.layers):
+            out, act = ws.acts[l], self.layer_activations[l]
+            if self.layer_spec is not None:  # a conv net: each layer sees its input in its own shape
+                a = a.reshape((a.shape[0], *layer.shape_in))
+            if layer.kind == "conv":
+                ops.conv_act(a, self.W[l], self.b[l], ws.cols[l], out, act, layer.pad, rowwise)
+            elif layer.kind == "pool":
+                ops.maxpool(a, layer.k, out, ws.args[l])
+            else:
+                ops.linear_act(a, self.W[l], self.b[l], out, act, self._drop(l) if train else None, rowwise)
+            a = out  # (B, n_{l+1}), or (B, H, W, C)
         return a
 
     def loss_and_delta(self, ws: Workspace, loss_out=None, hits_out=None, want_grad=True) -> None:
@@ -290,11 +279,36 @@ class MLP:
         ops = self.ops
         for l in reversed(range(self.n_layers)):
             a_prev = ws.x if l == 0 else ws.acts[l - 1]
-            d = ws.deltas[l]  # (B, n_{l+1})
+            d = ws.deltas[l]  # (B, n_{l+1}), or (B, H, W, C)
+            if self.layer_spec is not None:
+                self._conv_net_backward(ws, l, a_prev, d)
+                continue
             ops.param_grads(a_prev, d, self.gW[l], self.gb[l])
             if l > 0:
                 ops.input_grad(d, self.W[l], a_prev, ws.deltas[l - 1], self.layer_activations[l - 1],
                                self._drop(l - 1))
+
+    def _conv_net_backward(self, ws: Workspace, l: int, a_prev, d) -> None:
+        """Layer l's part of ``backward`` in a conv net: its parameters' gradients, then dL/dz of the
+        layer below (``ws.deltas[l - 1]``) through a convolution (col2im), pooling (to each window's
+        max) or a dense layer, and the activation derivative of the layer below."""
+        ops, layer = self.ops, self.layers[l]
+        B = d.shape[0]
+        if layer.kind == "conv":
+            ops.conv_param_grads(ws.cols[l], d, self.gW[l], self.gb[l])
+        elif layer.kind == "dense":
+            ops.param_grads(a_prev.reshape(B, -1), d, self.gW[l], self.gb[l])
+        if l == 0:
+            return
+        d_prev, act, drop = ws.deltas[l - 1], self.layer_activations[l - 1], self._drop(l - 1)
+        if layer.kind == "dense":
+            ops.input_grad(d, self.W[l], a_prev.reshape(B, -1), d_prev.reshape(B, -1), act, drop)
+            return
+        if layer.kind == "conv":
+            ops.conv_input_grad(d, self.W[l], ws.dcols[l], d_prev, layer.pad)
+        else:
+            ops.maxpool_backward(d, ws.args[l], layer.k, d_prev)
+        ops.act_backward(d_prev, a_prev, act, drop)
 
     def forward_backward(self, ws: Workspace, loss_out=None, hits_out=None) -> None:
         """The step before the update: forward, loss, backward of the batch in ``ws``.
@@ -330,8 +344,16 @@ class MLP:
     def _batches(self, x, y, batch_size):
         return self._batches_device(*self.to_device(x, y), batch_size)
 
+    def _eval_batch(self, batch_size: int) -> int:
+        """The batch size for evaluation and prediction: ``batch_size``, or for a conv net, whose
+        patch buffers are large, as many images as take about 64 MB of buffers."""
+        if self.layer_spec is None:
+            return batch_size
+        per_sample = sum(2 * l.k * l.k * l.width_in + 2 * l.width_out for l in self.layers)
+        return max(1, min(batch_size, (64 << 20) // (per_sample * self.dtype.itemsize)))
+
     def _batches_device(self, xd, yd, batch_size):
-        n = xd.shape[0]
+        n, batch_size = xd.shape[0], self._eval_batch(batch_size)
         idx_all = self.ops.xp.arange(n)
         for s in range(0, n, batch_size):
             idx = idx_all[s:s + batch_size]
@@ -372,7 +394,7 @@ class MLP:
 
     def evaluate_device(self, x_dev, y_dev, batch_size=10000) -> dict:
         """``evaluate`` on data already uploaded by ``to_device`` (fit's validation set)."""
-        xp, n = self.ops.xp, y_dev.shape[0]
+        xp, n, batch_size = self.ops.xp, y_dev.shape[0], self._eval_batch(batch_size)
         n_batches = -(-n // batch_size)
         losses = xp.zeros((n_batches,) + self.stack, self.dtype)
         hits = xp.zeros((n_batches,) + self.stack, np.int32)
@@ -410,8 +432,10 @@ class MLP:
         """A model of the architecture ``cfg`` (``config()``'s dict, as model files, checkpoints and
         pickles hold it) with its preprocessing and class names, initialised from its seed, on
         ``device`` (a name or an ``Ops``), in ``dtype`` (default: the config's)."""
-        model = cls(cfg["sizes"], cfg["activation"], cfg["loss"], cfg["init"], device=device,
-                    dtype=dtype or cfg["dtype"], seed=cfg.get("seed", 0), dropout=cfg.get("dropout", 0.0))
+        sizes = [cfg["sizes"][0], cfg["sizes"][-1]] if cfg.get("layers") else cfg["sizes"]
+        model = cls(sizes, cfg["activation"], cfg["loss"], cfg["init"], device=device,
+                    dtype=dtype or cfg["dtype"], seed=cfg.get("seed", 0), dropout=cfg.get("dropout", 0.0),
+                    layers=cfg.get("layers"), image_shape=cfg.get("image_shape"))
         model.preprocessing = Preprocessing.from_config(cfg)
         model.classes = cfg.get("classes")
         return model
@@ -420,10 +444,13 @@ class MLP:
         """The architecture, preprocessing and class names (``from_config`` builds the model back)."""
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed, "dropout": self.dropout,
-                **self.preprocessing.to_config(), "classes": self.classes}
+                **self.preprocessing.to_config(), "classes": self.classes,
+                **({"layers": self.layer_spec, "image_shape": list(self.image_shape)} if self.layer_spec else {})}
 
     def to_onnx(self, path, input_type: str = "uint8") -> None:
         """Export to ONNX (``fastnn.export.export_onnx``): preprocessing, layers, probabilities, label."""
+        if self.layer_spec is not None:
+            raise ConfigError("ONNX export of conv nets is not supported yet (dense networks only)")
         from .export import export_onnx
 
         export_onnx(self, path, input_type)
@@ -442,7 +469,7 @@ class MLP:
         """
         meta, arrays = npzfile.load(path, "fastnn-mlp", "fastnn model file")
         try:
-            params = _file_params(path, meta, arrays)
+            params = file_params(path, meta, arrays)
             bad = nonfinite_params(params)
             if not bad:
                 model = cls.from_config(meta, device)
@@ -454,22 +481,3 @@ class MLP:
         if bad:
             raise DataError(f"{path}: {describe_nonfinite(bad)}: {DIVERGED}")
         return model
-
-
-def _file_params(path, meta: dict, arrays: dict) -> list[np.ndarray]:
-    """A model file's ``[W1, b1, ...]`` (host arrays ``p0, p1, ...``), checked against its header before
-    anything is allocated: the sizes must fit in memory (DataError naming the file) and give each
-    array's shape (ValueError naming the array)."""
-    sizes, dtype = [int(n) for n in meta["sizes"]], resolve_dtype(meta["dtype"])
-    try:
-        check_fits(sizes, dtype)
-    except ConfigError as exc:  # a valid file, perhaps, but not for this machine
-        raise DataError(f"{path}: {exc}") from None
-    params = []
-    for i, (fi, fo) in enumerate((fi, fo) for fi, fo in zip(sizes[:-1], sizes[1:]) for _ in "Wb"):
-        shape = (fi, fo) if i % 2 == 0 else (fo,)
-        p = arrays[f"p{i}"]
-        if p.shape != shape:
-            raise ValueError(f"array p{i} has shape {p.shape}, but the header's sizes {sizes} make it {shape}")
-        params.append(p)
-    return params

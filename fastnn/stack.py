@@ -42,7 +42,7 @@ class ModelStack(MLP):
     """
 
     def __init__(self, sizes, seeds=(0,), activation="relu", loss="xent", init=None, device="cpu",
-                 dtype="float32", dropout=0.0):
+                 dtype="float32", dropout=0.0, layers=None):
         seeds = list(seeds)
         if not seeds:
             raise ConfigError("a stack needs at least one model (one seed per model)")
@@ -51,7 +51,7 @@ class ModelStack(MLP):
         per_model = dropout if not np.isscalar(dropout) else [dropout] * len(seeds)
         if len(per_model) != len(seeds):
             raise ConfigError(f"dropout must be one rate or one entry per model ({len(seeds)}), got {dropout!r}")
-        super().__init__(sizes, activation, loss, init, device, dtype, seed=seeds[0])
+        super().__init__(sizes, activation, loss, init, device, dtype, seed=seeds[0], layers=layers)
         self.dropouts = np.array([dropout_rates(d, n_hidden) for d in per_model]).reshape(len(seeds), n_hidden)
         self.seeds = seeds
         self.ids = list(range(len(seeds)))

@@ -255,13 +255,13 @@ class Ops:
             for j in range(k):
                 cols[:, :, :, i, j, :] = x[:, i:i + Ho, j:j + Wo, :]
 
-    def conv_act(self, x, W, b, cols, out, act: str, pad: int) -> None:
+    def conv_act(self, x, W, b, cols, out, act: str, pad: int, rowwise: bool = False) -> None:
         """Forward: ``out = act(im2col(x) @ W + b)``, one GEMM. x: (B, H, W, C_in); W: (k*k*C_in, C_out);
         b: (C_out,); cols: (B, Ho, Wo, k, k, C_in), the patches (kept for the weight gradient);
-        out: (B, Ho, Wo, C_out)."""
+        out: (B, Ho, Wo, C_out); rowwise: each patch's product on its own (as ``linear_act``)."""
         self.im2col(x, cols.shape[3], pad, cols)
         rows = out.shape[0] * out.shape[1] * out.shape[2]
-        self.linear_act(cols.reshape(rows, -1), W, b, out.reshape(rows, -1), act)
+        self.linear_act(cols.reshape(rows, -1), W, b, out.reshape(rows, -1), act, rowwise=rowwise)
 
     def conv_param_grads(self, cols, d, gW, gb) -> None:
         """``gW = patches.T @ d`` and ``gb = d summed over images and positions``. cols: (B, Ho, Wo, k, k,

@@ -1,0 +1,96 @@
+"""Convolutional networks in the one model type: gradients, batched = mean of per-sample, training,
+saving and the refusals, on the same kernels and arenas as the dense layers."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn import ConfigError, layers
+
+SPEC = "conv4k3,pool2,conv6k3s,pool2,dense12"  # 10 x 10 images: 8x8x4, 4x4x4, 4x4x6, 2x2x6, 12
+
+
+def small(n=40, side=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, side * side)), rng.integers(0, 3, n)
+
+
+def net(spec=SPEC, side=10, classes=3, **kw):
+    return fastnn.MLP([side * side, classes], layers=spec, **kw)
+
+
+def test_the_spec_gives_every_layers_shape():
+    ls = layers.parse("conv20k5,pool2,conv40k5,pool2,dense100", (28, 28, 1), 10)
+    assert [(l.token(), l.shape_out) for l in ls] == [
+        ("conv20k5", (24, 24, 20)), ("pool2", (12, 12, 20)), ("conv40k5", (8, 8, 40)), ("pool2", (4, 4, 40)),
+        ("dense100", (100,)), ("dense10", (10,))]
+    assert [l.weight_shape for l in ls] == [(25, 20), (), (500, 40), (), (640, 100), (100, 10)]
+    m = net("conv20k5,pool2,conv40k5,pool2,dense100", side=28, classes=10)
+    assert m.sizes == (784, 11520, 2880, 2560, 640, 100, 10)
+    assert [p.shape for p in m.get_params()] == [(25, 20), (20,), (500, 40), (40,), (640, 100), (100,), (100, 10),
+                                                 (10,)]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("conv20x5", "'conv20x5' is not a layer"),
+    ("dense10,conv4k3", "'conv4k3' comes after a dense layer"),
+    ("conv4k4s", "odd kernel"),
+    ("pool20", "pools 20 x 20 windows of 10 x 10 images"),
+])
+def test_a_bad_spec_is_one_error_naming_the_token(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        net(bad)
+
+
+@pytest.mark.parametrize("spec", [SPEC, "conv3k5s,pool3,dense7", "conv5k1,conv4k3,dense6"])
+def test_conv_gradients_match_float64_central_differences(spec):
+    x, y = small()
+    m = net(spec, dtype="float64", activation="tanh", seed=3)
+    report = fastnn.gradcheck(m, x[:6], y[:6], max_entries=40)
+    assert report.max_rel_error < 1e-6, str(report)
+
+
+def test_batched_gradient_is_the_mean_of_per_sample_gradients():
+    x, y = small(n=8)
+    m = net(dtype="float64", seed=1)
+    loss, grads = m.gradients(x, y)
+    singles = [m.gradients(x[i:i + 1], y[i:i + 1]) for i in range(8)]
+    assert loss == pytest.approx(np.mean([s[0] for s in singles]), rel=1e-12)
+    for k, g in enumerate(grads):
+        np.testing.assert_allclose(g, np.mean([s[1][k] for s in singles], axis=0), rtol=1e-10, atol=1e-13)
+
+
+def test_a_conv_net_learns_the_synthetic_digits(synthetic):
+    xtr, ytr, xte, yte = synthetic
+    m = fastnn.MLP([784, 10], layers="conv8k5,pool2,conv16k5,pool2,dense32", seed=0)
+    fastnn.fit(m, xtr[:3000], ytr[:3000], epochs=3, batch_size=64)
+    assert m.evaluate(xte, yte)["accuracy"] > 0.95
+
+
+def test_save_load_pickle_and_clone_keep_the_network(tmp_path):
+    x, y = small()
+    m = net(dropout=0.3, seed=2)
+    fastnn.fit(m, x, y, epochs=2, batch_size=8)
+    m.save(tmp_path / "conv.npz")
+    for other in (fastnn.MLP.load(tmp_path / "conv.npz"), pickle.loads(pickle.dumps(m)), m.clone()):
+        assert other.layers == m.layers and other.dropout == m.dropout
+        np.testing.assert_array_equal(other.predict_proba(x), m.predict_proba(x))
+
+
+def test_dropout_is_for_the_dense_layers():
+    m = net(dropout=0.5)
+    assert m.dropout == [0.0, 0.0, 0.0, 0.0, 0.5]  # conv, pool, conv, pool: none; dense12: 0.5
+    with pytest.raises(ConfigError, match="dropout"):
+        net(dropout=[0.5, 0.5])
+
+
+def test_what_conv_nets_cannot_do_yet_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="stack"):
+        fastnn.ModelStack([100, 3], seeds=[0, 1], layers=SPEC)
+    with pytest.raises(ConfigError, match="ONNX"):
+        net().to_onnx("x.onnx")
+    with pytest.raises(ConfigError, match="square"):
+        fastnn.MLP([90, 3], layers=SPEC)  # 90 pixels: not a square image; give image_shape
+    assert fastnn.MLP([90, 3], layers="conv2k3,dense4", image_shape=(9, 10, 1)).sizes[1] == 7 * 8 * 2

@@ -94,3 +94,38 @@ def test_what_conv_nets_cannot_do_yet_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="square"):
         fastnn.MLP([90, 3], layers=SPEC)  # 90 pixels: not a square image; give image_shape
     assert fastnn.MLP([90, 3], layers="conv2k3,dense4", image_shape=(9, 10, 1)).sizes[1] == 7 * 8 * 2
+
+
+def run_cli(args, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+
+
+def test_the_cli_trains_resumes_and_predicts_a_conv_net_bit_for_bit(synthetic_dir, tmp_path):
+    base = ["--data-dir", str(synthetic_dir), "--layers", "conv4k5,pool2,dense16", "--limit", "600", "--device",
+            "cpu", "--quiet"]
+    r = run_cli(base + ["--epochs", "2", "--save", "whole.npz"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(base + ["--epochs", "1", "--checkpoint-dir", "ck"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["--resume", "ck", "--epochs", "2", "--save", "resumed.npz", "--quiet"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    whole, resumed = fastnn.MLP.load(tmp_path / "whole.npz"), fastnn.MLP.load(tmp_path / "resumed.npz")
+    assert whole.layer_spec == "conv4k5,pool2,dense16"
+    for a, b in zip(whole.get_params(), resumed.get_params()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--layers", "conv4k5,poool2"], "'poool2' is not a layer"),
+    (["--layers", "conv4k5", "--hidden", "32"], "give --layers or --hidden, not both"),
+    (["--preset", "network3", "--hidden", "32"], "give --layers or --hidden, not both"),
+])
+def test_a_bad_conv_flag_is_one_line_and_exit_2(args, match, synthetic_dir, tmp_path):
+    r = run_cli(["--data-dir", str(synthetic_dir), "--epochs", "1", *args], tmp_path)
+    assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

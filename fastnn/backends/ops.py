@@ -286,31 +286,28 @@ class Ops:
         if pad:
             out[...] = full[:, pad:pad + H, pad:pad + Wd]
 
-    def _windows(self, x, p: int):
-        """x (B, H, W, C) -> its p x p windows (B, H//p, W//p, p*p, C) (a copy; rows and columns past
-        the last whole window are left out)."""
-        B, H, W, C = x.shape
-        Ho, Wo = H // p, W // p
-        v = x[:, :Ho * p, :Wo * p].reshape(B, Ho, p, Wo, p, C).transpose(0, 1, 3, 2, 4, 5)
-        return v.reshape(B, Ho, Wo, p * p, C)
-
     def maxpool(self, x, p: int, out, arg) -> None:
         """out (B, H//p, W//p, C) = the max of each p x p window of x (B, H, W, C); arg (same shape,
         int8): the window position of that max, the first in row-major order on ties (the backward
-        pass sends the whole gradient there)."""
-        v = self._windows(x, p)
-        arg[...] = v.argmax(axis=3)
-        out[...] = self.xp.take_along_axis(v, arg[:, :, :, None, :].astype(np.int64), axis=3)[:, :, :, 0]
+        pass sends the whole gradient there). p*p passes over strided views: no window copies."""
+        Ho, Wo = out.shape[1], out.shape[2]
+        arg[...] = 0
+        out[...] = x[:, 0:Ho * p:p, 0:Wo * p:p]
+        for q in range(1, p * p):
+            i, j = divmod(q, p)
+            v = x[:, i:Ho * p:p, j:Wo * p:p]
+            self.xp.copyto(arg, q, where=v > out)  # strictly greater: ties keep the first
+            self.xp.maximum(out, v, out=out)
 
     def maxpool_backward(self, d, arg, p: int, out) -> None:
         """dL/dx (out, (B, H, W, C)) of max pooling from d (B, H//p, W//p, C): each window's gradient
         goes to its max (``arg`` from ``maxpool``), zero elsewhere (rows and columns no window read too)."""
-        B, Ho, Wo, C = d.shape
-        out[...] = 0
+        Ho, Wo = d.shape[1], d.shape[2]
+        if out.shape[1] != Ho * p or out.shape[2] != Wo * p:
+            out[...] = 0
         for q in range(p * p):
             i, j = divmod(q, p)
-            view = out[:, i:Ho * p:p, j:Wo * p:p, :]
-            view += self.xp.where(arg == q, d, 0)
+            self.xp.multiply(d, arg == q, out=out[:, i:Ho * p:p, j:Wo * p:p])
 
     # ----------------------------------------------------------------- losses
     def _at_labels(self, z, y) -> tuple:

@@ -10,6 +10,7 @@ from ..backends import ACTIVATIONS, DEVICES, GEMMS
 from ..config import DEFAULTS as RUN
 from ..config import INITS, LOSSES, LR_SCHEDULES, OPTIMIZERS, RULES, flag_type
 from ..errors import ConfigError
+from ..layers import parse as parse_layers
 
 # What a run does when no flag, preset or checkpoint says otherwise: fastnn.config's defaults.
 DEFAULTS = {
@@ -18,10 +19,10 @@ DEFAULTS = {
     "weight_decay": RUN.weight_decay, "batch_size": RUN.batch_size, "epochs": RUN.epochs,
     "lr_schedule": RUN.lr_schedule, "seed": RUN.seed, "dtype": RUN.dtype, "val_split": RUN.val_split,
     "class_weight": None, "device": RUN.device, "per_sample": False, "patience": None, "standardize": False,
-    "cuda_graph": False, "gpu_gemm": RUN.gpu_gemm, "tf32": False,
+    "cuda_graph": False, "gpu_gemm": RUN.gpu_gemm, "tf32": False, "layers": None,
 }
 
-# The two networks of the questions in the README, done right.
+# The two networks of the questions in the README, done right; then the conv nets.
 PRESETS = {
     "seed1": {"hidden": "128,64", "activation": "sigmoid", "loss": "xent", "init": "xavier",
               "optimizer": "sgd", "lr": 0.05, "per_sample": True, "epochs": 3,
@@ -29,6 +30,12 @@ PRESETS = {
     "seed2": {"hidden": "16,16", "activation": "sigmoid", "loss": "mse", "init": "xavier",
               "optimizer": "sgd", "lr": 20.0, "batch_size": 125, "epochs": 30,
               "lr_schedule": "constant", "weight_decay": 0.0},
+    # Nielsen's network3 (Neural Networks and Deep Learning, ch. 6) with ReLU, on Adam and a cosine schedule
+    "network3": {"layers": "conv20k5,pool2,conv40k5,pool2,dense100", "dropout": "0.5", "activation": "relu",
+                 "optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "epochs": 10},
+    # fastnn's recommended conv net for MNIST-like data: 3x3 'same' convolutions, 32 then 64 channels
+    "cnn": {"layers": "conv32k3s,pool2,conv64k3s,pool2,dense128", "dropout": "0.25", "activation": "relu",
+            "optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "epochs": 10},
 }
 RUN_KEYS = list(DEFAULTS) + ["data_dir", "train", "test", "allow_pickle", "limit", "download", "classes"]
 
@@ -123,9 +130,13 @@ def _data_flags(p, add, S) -> None:
 
 def _network_flags(p, add, S) -> None:
     g = p.add_argument_group("network")
-    add(g, "--preset", "seed1/seed2: the networks of the two questions in the README, done right",
-        choices=sorted(PRESETS), default=S)
+    add(g, "--preset", "seed1/seed2: the networks of the two questions in the README, done right; network3: "
+        "Nielsen's conv net (ReLU, dropout 0.5); cnn: fastnn's recommended conv net",
+        choices=list(PRESETS), default=S)
     add(g, "--hidden", "hidden widths, e.g. 128,64", type=_hidden, default=S)
+    add(g, "--layers", "a conv net instead: e.g. conv20k5,pool2,conv40k5,pool2,dense100 (convCkK: C channels, "
+        "K x K kernel, 'valid'; convCkKs: 'same' padding; poolP: P x P max pooling; denseN: N units)",
+        metavar="SPEC", default=S)
     add(g, "--activation", choices=ACTIVATIONS, default=S)
     add(g, "--loss", choices=LOSSES, default=S)
     add(g, "--init", "(default: he for relu, xavier otherwise)", choices=INITS, default=S)
@@ -185,6 +196,11 @@ def resolve_config(args, stored=None, checkpoint=None) -> dict:
         given["dataset"] = os.path.abspath(given["dataset"])
     cfg.update(given)
     cfg["preset"] = preset
+    if cfg["layers"]:
+        if "hidden" in given:
+            raise ConfigError(f"--hidden applies to an MLP, and this run is the conv net {cfg['layers']}: give "
+                              "--layers or --hidden, not both")
+        parse_layers(cfg["layers"], (1 << 16, 1 << 16, 1), 2)  # the grammar, before any data is read
     if isinstance(cfg["hidden"], str):
         cfg["hidden"] = _hidden(cfg["hidden"])
     if isinstance(cfg["dropout"], str):
@@ -202,7 +218,7 @@ def resolve_config(args, stored=None, checkpoint=None) -> dict:
 
 
 # The flags that decide a network's architecture or what its inputs are: a resumed run keeps them.
-NETWORK_FLAGS = ("hidden", "activation", "loss", "dtype", "dropout", "standardize")
+NETWORK_FLAGS = ("hidden", "layers", "activation", "loss", "dtype", "dropout", "standardize")
 
 
 def check_same_network(stored: dict, given: dict, checkpoint) -> None:

@@ -99,8 +99,9 @@ def check_size(cfg: dict, ds: datasets.Dataset, state: dict | None, given: dict)
 def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Optimizer, np.random.Generator]:
     """The network, its optimizer and the batch-order RNG for a run; a resumed run's state put back
     (``checkpoint.restore`` refuses a checkpoint of another architecture)."""
-    model = MLP([ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], cfg["activation"], cfg["loss"],
-                cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]), dtype=cfg["dtype"], seed=cfg["seed"],
+    sizes = [ds.train_images.shape[1], *([] if cfg["layers"] else cfg["hidden"]), len(ds.classes)]
+    model = MLP(sizes, cfg["activation"], cfg["loss"], cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]),
+                dtype=cfg["dtype"], seed=cfg["seed"], layers=cfg["layers"], image_shape=ds.image_shape,
                 dropout=cfg["dropout"][0] if len(cfg["dropout"]) == 1 else cfg["dropout"])  # one for all, or per layer
     model.preprocessing, model.classes = ds.preprocessing, ds.classes
     opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])

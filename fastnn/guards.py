@@ -14,12 +14,13 @@ import os
 import numpy as np
 
 from .backends import resolve_dtype
+from .config import DEFAULTS
 from .errors import ConfigError, DataError
 from .layers import image_shape_of, parse
 
 # When the machine does not say how much memory it has: generous, but a typo's terabytes are still refused.
 UNKNOWN_MEMORY = 1 << 40
-BATCH = 128  # the batch the estimate allows workspace for (fastnn.config's default batch size)
+BATCH = DEFAULTS.batch_size  # the batch the estimate allows workspace for
 
 
 def physical_memory() -> int:

@@ -110,33 +110,6 @@ class NumpyOps(Ops):
         windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # (B, Ho, Wo, C, k, k)
         cols[...] = windows.transpose(0, 1, 2, 4, 5, 3)
 
-    def conv_input_grad(self, d, W, dcols, out, pad):
-        # the generic col2im, with its padded sum kept in a scratch buffer instead of a new array
-        rows = d.shape[0] * d.shape[1] * d.shape[2]
-        np.matmul(d.reshape(rows, -1), W.T, out=dcols.reshape(rows, -1))
-        B, H, Wd, C = out.shape
-        k, Ho, Wo = dcols.shape[3], d.shape[1], d.shape[2]
-        full = self.scratch((B, H + 2 * pad, Wd + 2 * pad, C), out.dtype) if pad else out
-        full[...] = 0
-        for i in range(k):
-            for j in range(k):
-                full[:, i:i + Ho, j:j + Wo, :] += dcols[:, :, :, i, j, :]
-        if pad:
-            out[...] = full[:, pad:pad + H, pad:pad + Wd]
-
-    def maxpool(self, x, p, out, arg):
-        # the generic passes, with the comparison written into a scratch mask instead of a new array
-        Ho, Wo = out.shape[1], out.shape[2]
-        greater = self.scratch(out.shape, np.bool_)
-        arg[...] = 0
-        out[...] = x[:, 0:Ho * p:p, 0:Wo * p:p]
-        for q in range(1, p * p):
-            i, j = divmod(q, p)
-            v = x[:, i:Ho * p:p, j:Wo * p:p]
-            np.greater(v, out, out=greater)
-            np.copyto(arg, q, where=greater)
-            np.maximum(out, v, out=out)
-
     def matmul(self, a, b, out):
         np.matmul(a, b, out=out)
 

@@ -97,6 +97,11 @@ class Ops:
         return c
 
     # ----------------------------------------------------------------- memory
+    def scratch(self, shape, dtype):
+        """A work array of this shape and dtype, overwritten by the next kernel that asks for one
+        (here a new array; NumPy's backend keeps one per shape)."""
+        return self.xp.empty(shape, dtype)
+
     def asarray(self, a, dtype=None):
         """Host or device array -> array of this backend (copies only if needed)."""
         return self.xp.asarray(a, dtype=dtype)
@@ -277,9 +282,8 @@ class Ops:
         self.matmul(d.reshape(rows, -1), W.swapaxes(-1, -2), dcols.reshape(rows, -1))
         B, H, Wd, C = out.shape
         k, Ho, Wo = dcols.shape[3], d.shape[1], d.shape[2]
-        full = self.xp.zeros((B, H + 2 * pad, Wd + 2 * pad, C), out.dtype) if pad else out
-        if not pad:
-            out[...] = 0
+        full = self.scratch((B, H + 2 * pad, Wd + 2 * pad, C), out.dtype) if pad else out
+        full[...] = 0
         for i in range(k):
             for j in range(k):
                 full[:, i:i + Ho, j:j + Wo, :] += dcols[:, :, :, i, j, :]
@@ -291,12 +295,14 @@ class Ops:
         int8): the window position of that max, the first in row-major order on ties (the backward
         pass sends the whole gradient there). p*p passes over strided views: no window copies."""
         Ho, Wo = out.shape[1], out.shape[2]
+        greater = self.scratch(out.shape, np.bool_)
         arg[...] = 0
         out[...] = x[:, 0:Ho * p:p, 0:Wo * p:p]
         for q in range(1, p * p):
             i, j = divmod(q, p)
             v = x[:, i:Ho * p:p, j:Wo * p:p]
-            self.xp.copyto(arg, q, where=v > out)  # strictly greater: ties keep the first
+            self.xp.greater(v, out, out=greater)  # strictly greater: ties keep the first
+            self.xp.copyto(arg, q, where=greater)
             self.xp.maximum(out, v, out=out)
 
     def maxpool_backward(self, d, arg, p: int, out) -> None:

@@ -42,7 +42,7 @@ def estimators(name):
     hidden, epochs = CASES[name]
     common = dict(hidden_layer_sizes=hidden, solver="adam", batch_size=200, learning_rate_init=1e-3,
                   max_iter=epochs, alpha=1e-4, random_state=0)
-    return {"fastnn": lambda: MLPClassifier(**common),
+    return {"fastnn": lambda: MLPClassifier(**common, dtype="float32"),  # fastnn's float32 on float64 data
             "scikit-learn": lambda: SkMLP(**common, tol=0.0, n_iter_no_change=epochs)}
 
 

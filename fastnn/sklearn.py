@@ -8,6 +8,8 @@ Parameters mirror scikit-learn's ``MLPClassifier`` where they overlap. Differenc
 ``solver`` is "adam" or "sgd" (Nesterov momentum, as scikit-learn's default "sgd"); no
 "lbfgs". ``alpha`` is decoupled weight decay (AdamW) rather than an L2 term in the loss.
 ``max_iter`` epochs always run unless ``early_stopping`` stops them; ``tol`` is not used.
+``dtype`` (default: X's, as scikit-learn computes: float64 X trains in float64; float32 X and
+uint8 pixels, which the model's Preprocessing scales by 1/255, in float32, twice as fast).
 Needs scikit-learn (``pip install 'fastnn[sklearn]'``); ``import fastnn`` does not.
 """
 
@@ -38,7 +40,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam", alpha=0.0001,
                  batch_size="auto", learning_rate_init=0.001, max_iter=200, momentum=0.9, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, random_state=None, verbose=False, device="cpu",
-                 dropout=0.0, class_weight=None, dtype="float32"):
+                 dropout=0.0, class_weight=None, dtype=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -67,12 +69,15 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {self.solver!r}")
         seed = 0 if self.random_state is None else int(np.random.RandomState(self.random_state).randint(2 ** 31))
-        self.model_ = self._new_model(X.shape[1], seed)
+        self.model_ = self._new_model(X, seed)
         return self._train(X, y_idx, self.max_iter, sample_weight, seed)
 
-    def _new_model(self, n_features: int, seed: int) -> MLP:
+    def _new_model(self, X, seed: int) -> MLP:
+        """The network for X (n_samples, n_features): in ``dtype``, or by default in X's float dtype as
+        scikit-learn's estimators compute (float64 for float64 X; float32 for float32 X and uint8 pixels)."""
         hidden = [self.hidden_layer_sizes] if np.isscalar(self.hidden_layer_sizes) else list(self.hidden_layer_sizes)
-        return MLP([n_features, *hidden, len(self.classes_)], self.activation, device=self.device, dtype=self.dtype,
+        dtype = self.dtype or ("float64" if X.dtype == np.float64 else "float32")
+        return MLP([X.shape[1], *hidden, len(self.classes_)], self.activation, device=self.device, dtype=dtype,
                    seed=seed, dropout=self.dropout)
 
     def partial_fit(self, X, y, classes=None, sample_weight=None):
@@ -82,7 +87,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 raise ValueError("classes must be given in the first call to partial_fit")
             X, y = validate_data(self, X, y, dtype=DTYPES)
             self.classes_ = np.unique(classes)
-            self.model_ = self._new_model(X.shape[1], 0 if self.random_state is None else int(self.random_state))
+            self.model_ = self._new_model(X, 0 if self.random_state is None else int(self.random_state))
         else:
             X, y = validate_data(self, X, y, dtype=DTYPES, reset=False)
         unknown = np.setdiff1d(y, self.classes_)

@@ -19,13 +19,8 @@ from sklearn.utils.estimator_checks import (  # noqa: E402
 
 from fastnn.sklearn import MLPClassifier  # noqa: E402
 
-MINIBATCH_WEIGHTS = ("float32 training: weighted and repeated samples sum in other orders, which moves the "
-                     "probabilities by ~1e-7 relative, the check's tolerance; checked in float64 with full batches "
-                     "in test_sample_weights_equal_repeated_samples_with_full_batches")
 
-
-@parametrize_with_checks([MLPClassifier(max_iter=50)], expected_failed_checks=lambda est: {
-    "check_sample_weight_equivalence_on_dense_data": MINIBATCH_WEIGHTS})
+@parametrize_with_checks([MLPClassifier(max_iter=50)])
 def test_scikit_learns_estimator_checks(estimator, check):
     check(estimator)
 
@@ -35,12 +30,20 @@ def test_methods_are_invariant_to_subsets(dtype):
     check_methods_subset_invariance("MLPClassifier", MLPClassifier(max_iter=50, dtype=dtype))
 
 
+def test_the_models_dtype_is_the_inputs_unless_given():
+    x, y = load_digits(return_X_y=True)
+    assert MLPClassifier(max_iter=1).fit(x, y).model_.dtype == np.float64
+    assert MLPClassifier(max_iter=1).fit(x.astype(np.float32), y).model_.dtype == np.float32
+    assert MLPClassifier(max_iter=1).fit(x.astype(np.uint8), y).model_.dtype == np.float32
+    assert MLPClassifier(max_iter=1, dtype="float32").fit(x, y).model_.dtype == np.float32
+
+
 def test_uint8_pixels_are_scaled_as_everywhere_in_fastnn():
     """uint8 images (as datasets.load gives them) train and predict as the same images / 255."""
     x, y = load_digits(return_X_y=True)
     pixels = np.round(x * 255 / 16).astype(np.uint8)
-    a = MLPClassifier(hidden_layer_sizes=(32,), max_iter=40, random_state=0).fit(pixels, y)
-    b = MLPClassifier(hidden_layer_sizes=(32,), max_iter=40, random_state=0).fit(pixels / 255.0, y)
+    a = MLPClassifier(hidden_layer_sizes=(32,), max_iter=40, random_state=0, dtype="float32").fit(pixels, y)
+    b = MLPClassifier(hidden_layer_sizes=(32,), max_iter=40, random_state=0, dtype="float32").fit(pixels / 255.0, y)
     np.testing.assert_allclose(a.predict_proba(pixels), b.predict_proba(pixels / 255.0), rtol=1e-5, atol=1e-6)
     assert a.score(pixels, y) == b.score(pixels / 255.0, y) > 0.9
 

@@ -8,6 +8,7 @@ cupy`` works without a driver); skips with the reason where they are absent.
 """
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,10 @@ def cupy_options():
 
 
 def launched_kernels() -> set[str]:
-    """The kernel names the Python code looks up: ``kernel("x"...)``, and ``_typed("x"...)`` and
-    ``_layer_gemm("x"...)`` (both dtypes)."""
+    """The kernel names the Python code of fastnn/ looks up (``cupy_ops.py``, ``cuda_graph.py``):
+    ``kernel("x"...)``, and ``_typed("x"...)`` and ``_layer_gemm("x"...)`` (both dtypes)."""
     names = set()
-    for path in (REPO / "fastnn" / "backends").glob("*.py"):
+    for path in (REPO / "fastnn").rglob("*.py"):
         text = path.read_text()
         names |= set(re.findall(r'\bkernel\("(\w+)"', text))
         names |= {f"{n}_{s}" for n in re.findall(r'(?:_typed|_layer_gemm)\("(\w+)"', text) for s in ("f32", "f64")}
@@ -71,6 +72,43 @@ def test_every_kernel_the_code_launches_is_in_kernels_cu():
     launched = launched_kernels()
     assert {"linear_act_f32", "weight_grad_f64", "stage", "record_f32", "step_count"} <= launched
     assert launched <= defined, launched - defined
+
+
+SHARED_DECL = re.compile(r"^\s*\.shared \.align \d+ \.b8 (\w+)\[(\d+)\];\s*$", re.M)
+
+
+def shared_footprints(ptx: str) -> dict[str, int]:
+    """Each entry's static shared memory in bytes: the module's ``.shared`` arrays that its body names."""
+    sizes = {name: int(n) for name, n in SHARED_DECL.findall(ptx)}
+    entries = re.split(r"\.visible \.entry ", SHARED_DECL.sub("", ptx))[1:]
+    return {e.split("(")[0]: sum(n for name, n in sizes.items() if re.search(rf"\b{name}\b", e)) for e in entries}
+
+
+def test_every_kernels_static_shared_memory_fits_a_block_as_the_emulator_counts_it():
+    """NVRTC's shared arrays per kernel: at most the 48 KiB a block may have, and what the CUDA
+    emulator counts from the declarations (it refuses a launch over 48 KiB)."""
+    footprint = shared_footprints(compile_ptx(SOURCE, "compute_90", OPTIONS))
+    assert len(footprint) == len(re.findall(r'extern\s+"C"\s+__global__', SOURCE))
+    assert max(footprint.values()) <= 48 * 1024
+    assert footprint["weight_grad_f64"] == 2 * 16 * 17 * 8 and footprint["row_loss_f32"] == 256 * 4 + 256 * 4
+    assert footprint["sgd_f32"] == 0
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler for the CUDA emulator")
+    import cuda_emulator
+
+    fake = cuda_emulator.fake_cupy()
+    mod = fake.RawModule(code=SOURCE)
+    z, y = fake.zeros(16 * 16), fake.zeros(16, np.int32)
+    zf = fake.zeros(16 * 16, np.float32)
+    gemm_args = (z, z, z, z, np.int32(16), np.int32(15), np.int32(16), *[np.int64(0)] * 3)
+    loss_args = (zf, y, zf, zf, zf, y, np.int32(16), np.int32(10), np.int32(1), np.int32(0), np.int32(0),
+                 np.int64(0), np.int64(0))
+    for name, grid, block, args in (("weight_grad_f64", (1, 1, 1), (16, 16), gemm_args),
+                                    ("row_loss_f32", (1,), (256,), loss_args),
+                                    ("sgd_f32", (1,), (256,), (zf, zf, np.int64(256), np.float32(0.1), np.float32(0)))):
+        k = mod.get_function(name)
+        k(grid, block, args)
+        assert k.emulated.shared_bytes == footprint[name], name
 
 
 def test_a_broken_kernel_fails_to_compile():

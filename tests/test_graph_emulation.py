@@ -19,7 +19,7 @@ import pytest
 
 import fastnn
 
-SIZES = (40, 33, 18, 4)  # widths over and under the GEMM tile (16), and not multiples of it
+SIZES = (40, 33, 18, 4)  # widths over and under the GEMM tile (16), and not multiples of it (784-256-128-10 below)
 
 
 def data(n, seed=0):
@@ -31,12 +31,13 @@ def data(n, seed=0):
 
 
 def train(x, y, optimizer, batch, epochs=1, cuda_graph=False, dtype="float32", device="gpu", dropout=0.0, **kw):
-    """A model, its optimizer and the history after ``fit``; every warning fails the test."""
-    model = fastnn.MLP(SIZES, device=device, dtype=dtype, seed=3, dropout=dropout)
-    lr = 1e-2 if optimizer == "adam" else 0.1
-    opt = fastnn.make_optimizer(optimizer, model, lr, momentum=0.9, weight_decay=1e-3)
+    """A model, its optimizer and the history after ``fit``; every warning fails the test (the GPU
+    self-check's too: a kernel it replaced by the generic path would pass unseen)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        model = fastnn.MLP(SIZES, device=device, dtype=dtype, seed=3, dropout=dropout)
+        lr = 1e-2 if optimizer == "adam" else 0.1
+        opt = fastnn.make_optimizer(optimizer, model, lr, momentum=0.9, weight_decay=1e-3)
         hist = fastnn.fit(model, x, y, epochs=epochs, batch_size=batch, optimizer=opt, seed=1,
                           cuda_graph=cuda_graph, **kw)
     return model, opt, hist
@@ -113,6 +114,27 @@ def test_class_weighted_training_captured_equals_uncaptured_and_the_cpu(emulated
     cpu = train(x, y, "adam", 16, dtype="float64", class_weight={1: 3.0}, device="cpu")
     for pg, pc in zip(gpu[0].get_params(), cpu[0].get_params()):
         np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)
+
+
+def test_emulated_gpu_training_at_tile_aligned_widths_equals_cpu_training(emulated_gpu):
+    """784-256-128-10: every fan-in a multiple of the GEMM tile (16), so each weight_grad's bias row is
+    a row tile of its own; and a ragged last batch (40 = 16 + 16 + 8)."""
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 10, 40)
+    x = (rng.random((40, 784)) * 64 + 160 * np.eye(10)[y].repeat(79, axis=1)[:, :784]).astype(np.uint8)
+    runs = []
+    for device in ("gpu", "cpu"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = fastnn.MLP([784, 256, 128, 10], device=device, dtype="float64", seed=3)
+            opt = fastnn.make_optimizer("momentum", model, 0.05, momentum=0.9, weight_decay=1e-3)
+            hist = fastnn.fit(model, x, y, epochs=1, batch_size=16, optimizer=opt, seed=1,
+                              cuda_graph=device == "gpu")
+        runs.append((model, hist))
+    (gpu, hg), (cpu, hc) = runs
+    for pg, pc in zip(gpu.get_params(), cpu.get_params()):
+        np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)
+    assert hg[-1]["train_loss"] == pytest.approx(hc[-1]["train_loss"], rel=1e-10)
 
 
 def test_emulated_gpu_training_learns_in_float32(emulated_gpu):
@@ -194,9 +216,9 @@ STACK_HYPER = {"sgd": [0.1, 0.05, 0.02], "momentum": [0.1, 0.05, 0.02], "nestero
 
 def train_stack(x, y, optimizer, order, device="gpu", dtype="float32", **kw):
     """A stack of three models with per-model lr, momentum, weight decay and dropout; every warning fails."""
-    st = fastnn.ModelStack(SIZES, [1, 2, 3], device=device, dtype=dtype, dropout=[0.0, 0.2, [0.3, 0.1]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        st = fastnn.ModelStack(SIZES, [1, 2, 3], device=device, dtype=dtype, dropout=[0.0, 0.2, [0.3, 0.1]])
         hist = fastnn.fit_many(st, x, y, epochs=3, batch_size=16, lr=STACK_HYPER[optimizer], optimizer=optimizer,
                                momentum=[0.9, 0.5, 0.0], weight_decay=[0, 1e-3, 1e-2],
                                seed=[1, 2, 3] if order == "per-model" else 5, x_val=x[:40], y_val=y[:40], **kw)

@@ -32,6 +32,7 @@ ACT_CODES = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}  # as in kernels.c
 TILE = 16  # kernels.cu's GEMM tile: TILE x TILE threads per block
 THREADS = 256  # per block of the elementwise kernels and of row_loss (its shared arrays hold 256)
 MAX_BLOCKS = 4096  # the elementwise kernels loop over the rest (grid-stride)
+MAX_GRID_Y = 65535  # a launch's grid.y and grid.z on every GPU: the GEMMs' blocks take further row tiles in turn
 
 
 @functools.cache
@@ -61,8 +62,13 @@ def _blocks(n: int) -> tuple[int]:
     return (max(1, min(-(-n // THREADS), MAX_BLOCKS)),)
 
 
-def _gemm_grid(rows: int, cols: int) -> tuple[int, int]:
-    return (-(-cols // TILE), -(-rows // TILE))
+def _gemm_grid(rows: int, cols: int, models: int = 1) -> tuple[int, int, int]:
+    """The grid of a fused GEMM kernel of (rows, cols) outputs: column tiles on x, row tiles on y,
+    at most MAX_GRID_Y of them (kernels.cu's FOR_ROW_TILES: a block takes every gridDim.y-th row
+    tile), models of a stack on z."""
+    if models > MAX_GRID_Y:
+        raise ConfigError(f"a stack of {models} models: the GEMM kernels take at most {MAX_GRID_Y} in one launch")
+    return (-(-cols // TILE), max(1, min(-(-rows // TILE), MAX_GRID_Y)), models)
 
 
 class CupyOps(Ops):
@@ -129,7 +135,7 @@ class CupyOps(Ops):
     def _layer_gemm(self, name, arrays, out, m, n, k, act, drop, strides, models):
         """Launch linear_act or input_grad: (arrays..., out, M, N, K, act, dropout args, strides); grid z: models."""
         rows, cols = out.shape
-        _typed(name, out.dtype)(_gemm_grid(rows, cols) + (models,), (TILE, TILE), (
+        _typed(name, out.dtype)(_gemm_grid(rows, cols, models), (TILE, TILE), (
             *arrays, out, np.int32(m), np.int32(n), np.int32(k), _act_code(act),
             *self._dropout_arrays(drop, out.dtype), *(np.int64(s) for s in strides)))
 
@@ -166,7 +172,7 @@ class CupyOps(Ops):
         (a0, sa), (d0, sd), (gW0, sg) = _part(a, 2), _part(d, 2), _part(gW, 2)
         m, k = a0.shape
         n = d0.shape[1]
-        _typed("weight_grad", gW.dtype)(_gemm_grid(k + 1, n) + (_models(gW),), (TILE, TILE), (
+        _typed("weight_grad", gW.dtype)(_gemm_grid(k + 1, n, _models(gW)), (TILE, TILE), (
             a0, d0, gW0, _part(gb, 1)[0], np.int32(m), np.int32(k), np.int32(n), np.int64(sa), np.int64(sd),
             np.int64(sg)))
 

@@ -3,7 +3,10 @@
 // Loaded by cupy_ops.py as a CuPy RawModule (compiled by NVRTC on first use); the
 // tests also compile this file for sm_80/sm_90 with NVRTC, and run it on the CPU
 // through a small CUDA emulator (tests/cuda_emulator.py), so every kernel here is
-// executed in CI without a GPU.
+// executed in CI without a GPU. The emulator runs a block's threads in a random order
+// between barriers and reports races on __shared__ arrays, reads of unwritten ones and
+// launches over the hardware's limits; tests/test_kernel_mutants.py removes each
+// __syncthreads() in turn and checks that the emulated tests fail.
 //
 // Conventions: arrays are row-major and contiguous; T is float or double, and each
 // kernel exists as NAME_f32 and NAME_f64 (the extern "C" lines at the end of each
@@ -70,19 +73,26 @@ __device__ bool dropout_keep(long long e, int thr, unsigned int seed, int step, 
 }
 
 // ------------------------------------------------------------------------ GEMM
-// One thread's element of C = op(A) @ op(B), C (M, N), summed over P in tiles.
-// op(A)[i][p] is A[i * lda + p], or A[p * lda + i] when TA (A stored transposed);
-// rows i >= a_rows of op(A) read as 1 (weight_grad's extra row gives the bias
-// gradient). op(B)[p][j] is B[p * ldb + j], or B[j * ldb + p] when TB. Every
-// thread of the block must call it (it synchronises); the caller stores C[i][j]
-// for i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x.
+// The row tiles of a GEMM's output (M rows): block y takes the tiles from row0 = blockIdx.y * TILE
+// on, every gridDim.y-th. A launch has at most 65535 blocks on grid.y (cupy_ops.MAX_GRID_Y, the limit
+// of every GPU), so each block of a larger GEMM (over 1048560 rows) takes several tiles in turn. All
+// threads of a block run the same tiles: tile_dot's barriers are reached by all.
+#define FOR_ROW_TILES(row0, M) \
+    for (long long row0 = (long long)blockIdx.y * TILE; row0 < (M); row0 += (long long)gridDim.y * TILE)
+
+// One thread's element of C = op(A) @ op(B), C (M, N), summed over P in tiles, in the row
+// tile from row row0 (FOR_ROW_TILES). op(A)[i][p] is A[i * lda + p], or A[p * lda + i] when
+// TA (A stored transposed); rows i >= a_rows of op(A) read as 1 (weight_grad's extra row
+// gives the bias gradient). op(B)[p][j] is B[p * ldb + j], or B[j * ldb + p] when TB. Every
+// thread of the block must call it (it synchronises); the caller stores C[i][j] for
+// i = row0 + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x.
 template <typename T, bool TA, bool TB>
 __device__ T tile_dot(const T* __restrict__ A, const T* __restrict__ B, int M, int N, int P, int a_rows,
-                      int lda, int ldb) {
+                      int lda, int ldb, long long row0_) {
     __shared__ T As[TILE][TILE + 1];  // As[r][q] = op(A)[row0 + r][p0 + q]
     __shared__ T Bs[TILE][TILE + 1];  // Bs[q][c] = op(B)[p0 + q][col0 + c]
     const int tx = threadIdx.x, ty = threadIdx.y;
-    const int row0 = blockIdx.y * TILE, col0 = blockIdx.x * TILE;
+    const int row0 = (int)row0_, col0 = blockIdx.x * TILE;
     T acc = 0;
     for (int p0 = 0; p0 < P; p0 += TILE) {
         // loads: consecutive threadIdx.x read consecutive addresses in both layouts
@@ -115,11 +125,14 @@ __device__ void linear_act(const T* x, const T* W, const T* b, T* out, int M, in
                            long long sx, long long sw, long long so) {
     const long long k = blockIdx.z;
     x += k * sx; W += k * sw; b += k * sw; out += k * so;
-    const T acc = tile_dot<T, false, false>(x, W, M, N, K, M, K, N);
-    const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
-    if (i < M && j < N) {
-        const long long e = (long long)i * N + j, r = k * sdrop;
-        out[e] = dropout_keep(e, thr[r], seed[r], step[0], layer) ? activate(acc + b[j], act) * scale[r] : (T)0;
+    FOR_ROW_TILES(row0, M) {
+        const T acc = tile_dot<T, false, false>(x, W, M, N, K, M, K, N, row0);
+        const long long i = row0 + threadIdx.y;
+        const int j = blockIdx.x * TILE + threadIdx.x;
+        if (i < M && j < N) {
+            const long long e = i * N + j, r = k * sdrop;
+            out[e] = dropout_keep(e, thr[r], seed[r], step[0], layer) ? activate(acc + b[j], act) * scale[r] : (T)0;
+        }
     }
 }
 
@@ -132,28 +145,34 @@ __device__ void input_grad(const T* d, const T* W, const T* a, T* out, int M, in
                            long long sd, long long sw, long long sa) {
     const long long k = blockIdx.z;
     d += k * sd; W += k * sw; a += k * sa; out += k * sa;
-    const T acc = tile_dot<T, false, true>(d, W, M, K, N, M, N, N);
-    const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
-    if (i < M && j < K) {
-        const long long e = (long long)i * K + j, r = k * sdrop;
-        out[e] = dropout_keep(e, thr[r], seed[r], step[0], layer) ? act_grad(acc * scale[r], a[e] / scale[r], act)
-                                                                   : (T)0;
+    FOR_ROW_TILES(row0, M) {
+        const T acc = tile_dot<T, false, true>(d, W, M, K, N, M, N, N, row0);
+        const long long i = row0 + threadIdx.y;
+        const int j = blockIdx.x * TILE + threadIdx.x;
+        if (i < M && j < K) {
+            const long long e = i * K + j, r = k * sdrop;
+            out[e] = dropout_keep(e, thr[r], seed[r], step[0], layer) ? act_grad(acc * scale[r], a[e] / scale[r], act)
+                                                                       : (T)0;
+        }
     }
 }
 
 // gW (K, N) = a (M, K)^T @ d (M, N) and gb (N,) = the column sums of d, as one
-// GEMM of K + 1 output rows (row K of op(A) is all ones): grid (ceil(N/TILE), ceil((K+1)/TILE))
+// GEMM of K + 1 output rows (row K of op(A) is all ones): grid (ceil(N/TILE), row tiles of K + 1)
 // (a stack: strides sa, sd, sg (gW and gb) between models)
 template <typename T>
 __device__ void weight_grad(const T* a, const T* d, T* gW, T* gb, int M, int K, int N, long long sa, long long sd,
                             long long sg) {
     const long long k = blockIdx.z;
     a += k * sa; d += k * sd; gW += k * sg; gb += k * sg;
-    const T acc = tile_dot<T, true, false>(a, d, K + 1, N, M, K, K, N);
-    const int i = blockIdx.y * TILE + threadIdx.y, j = blockIdx.x * TILE + threadIdx.x;
-    if (j < N) {
-        if (i < K) gW[(long long)i * N + j] = acc;
-        else if (i == K) gb[j] = acc;
+    FOR_ROW_TILES(row0, K + 1) {
+        const T acc = tile_dot<T, true, false>(a, d, K + 1, N, M, K, K, N, row0);
+        const long long i = row0 + threadIdx.y;
+        const int j = blockIdx.x * TILE + threadIdx.x;
+        if (j < N) {
+            if (i < K) gW[i * N + j] = acc;
+            else if (i == K) gb[j] = acc;
+        }
     }
 }
 

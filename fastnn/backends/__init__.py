@@ -6,6 +6,10 @@
   loop each, compiled by Numba when it is installed (``fastnn[fast]``), bit for bit those sequences.
 * ``cupy_ops.py``: ``CupyOps(Ops)``, which launches the CUDA kernels of ``kernels.cu``.
 * ``kernels.cu``: every CUDA kernel of the training step (fused GEMMs, loss, optimizers).
+* ``selfcheck.py``: the first time a process asks for the GPU, each of those kernels against the
+  generic CuPy path on a small problem (cached per device, driver and fastnn version;
+  ``FASTNN_SELFCHECK=0`` skips it); a kernel that differs is warned about and replaced by the
+  generic path for the run.
 
 The CUDA-graph capture of a training step is not a backend: it is ``fastnn.cuda_graph``,
 beside the training loop. Only ``cupy_ops.py`` here imports CuPy, and only when the GPU is
@@ -70,7 +74,10 @@ def get_ops(device: str | Ops = "cpu", gemm: str = "fastnn") -> Ops:
     gemm: on the GPU, ``"fastnn"`` (its own fused GEMM kernels, which a CUDA graph can
     capture) or ``"cublas"`` (cuBLAS products; faster for wide layers, not capturable).
     Raises ConfigError for an unknown name and DeviceError when ``"gpu"`` is asked
-    for and CuPy or a CUDA device is missing.
+    for and CuPy or a CUDA device is missing. The GPU backend is self-checked once per process
+    and device (``selfcheck.check_once``): a kernel that differs from the generic CuPy path is
+    warned about (RuntimeWarning) and replaced by that path. An ``Ops`` instance passed in is
+    returned as it is, unchecked.
     """
     global _CPU
     if isinstance(device, Ops):
@@ -82,9 +89,12 @@ def get_ops(device: str | Ops = "cpu", gemm: str = "fastnn") -> Ops:
     if device in ("gpu", "auto"):
         problem = cuda_status()
         if problem is None:
+            from . import selfcheck
             from .cupy_ops import get_cupy_ops
 
-            return get_cupy_ops(gemm)
+            ops = get_cupy_ops(gemm)
+            selfcheck.check_once(ops)
+            return ops
         if device == "gpu":
             raise DeviceError(f"device 'gpu' is not usable: {problem}")
     if _CPU is None:

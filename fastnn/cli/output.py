@@ -1,5 +1,6 @@
-"""What a run writes: the progress bar, epoch lines and metrics file (``Output``), the model file,
-and the final report: test accuracy, the per-class table and confusion matrix, the plots."""
+"""What a run writes: its messages, findings and metrics file (``Output``), the model file, and the
+pieces of the final report (per-class table, confusion matrix, plots) that ``cli/train.py``'s
+``report`` puts together."""
 
 from __future__ import annotations
 
@@ -7,18 +8,13 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ConfigError, FastnnError
 from ..model import MLP
-
-if TYPE_CHECKING:
-    from .train import Run
 
 
 class Terminated(KeyboardInterrupt):
@@ -104,29 +100,6 @@ def save_model(model: MLP, path) -> None:
         except OSError as exc2:
             kept = f"saving it to {rescue} failed too ({exc2.strerror or exc2})"
         raise FastnnError(f"--save {path}: cannot write the model ({exc.strerror or exc}); {kept}") from None
-
-
-def report(run: Run, seconds: float) -> None:
-    """Test accuracy (the test set is predicted once, here), per-class report, model, plots."""
-    args, ds, model, out, history = run.args, run.ds, run.model, run.out, run.history
-    pred = model.predict(run.inputs.x_test)
-    cm = confusion_matrix(ds.test_labels, pred, len(ds.classes))
-    acc = float(np.trace(cm)) / cm.sum()
-    out.record({"type": "result", "test_accuracy": acc, "train_seconds": seconds, "confusion_matrix": cm.tolist()})
-    out.say()
-    out.say(format_report(cm, ds.classes))
-    print(f"test accuracy {acc:.4f} after {len(history)} epochs ({seconds:.1f} s)")
-    if args.save:
-        save_model(model, args.save)
-        out.say(f"model saved to {args.save}")
-    if args.plots:
-        shape = panel_shape(ds)
-        files = write_plots(args.plots, history, cm, ds.classes, ds.test_images, ds.test_labels, pred, shape)
-        out.say("plots: " + ", ".join(map(str, files)))
-        if shape is None:
-            print(f"plots: no misclassified.png: the images are rows of {ds.test_images.shape[1]} pixels, not a "
-                  "square, and the data does not say their height and width (IDX files and (N, H, W) arrays do)",
-                  file=sys.stderr)
 
 
 def confusion_matrix(y_true, y_pred, k: int) -> np.ndarray:

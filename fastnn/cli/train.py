@@ -25,7 +25,16 @@ from ..model import MLP
 from ..optim import Optimizer, make_optimizer
 from ..train import fit
 from .flags import resolve_config, train_parser
-from .output import Output, Terminated, _probe_folder, report, save_model
+from .output import (
+    Output,
+    Terminated,
+    _probe_folder,
+    confusion_matrix,
+    format_report,
+    panel_shape,
+    save_model,
+    write_plots,
+)
 
 LR_FIND_HELP = ("The learning-rate range test: 100 steps on a copy of the network with the rate rising from 1e-6 "
                 "to 10; prints the rate where the loss falls fastest (and plots the curve with --plots).")
@@ -214,6 +223,29 @@ def check_weights(model: MLP, rec: dict, history: list) -> None:
     raise DivergedError(f"the weights became NaN or infinite in epoch {rec['epoch']} ({describe_nonfinite(bad)}) "
                         f"although its training loss was {rec['train_loss']:.4g}: the learning rate "
                         f"({rec['lr']:g}) is probably far too high", history)
+
+
+def report(run: Run, seconds: float) -> None:
+    """Test accuracy (the test set is predicted once, here), per-class report, model, plots."""
+    args, ds, model, out, history = run.args, run.ds, run.model, run.out, run.history
+    pred = model.predict(run.inputs.x_test)
+    cm = confusion_matrix(ds.test_labels, pred, len(ds.classes))
+    acc = float(np.trace(cm)) / cm.sum()
+    out.record({"type": "result", "test_accuracy": acc, "train_seconds": seconds, "confusion_matrix": cm.tolist()})
+    out.say()
+    out.say(format_report(cm, ds.classes))
+    print(f"test accuracy {acc:.4f} after {len(history)} epochs ({seconds:.1f} s)")
+    if args.save:
+        save_model(model, args.save)
+        out.say(f"model saved to {args.save}")
+    if args.plots:
+        shape = panel_shape(ds)
+        files = write_plots(args.plots, history, cm, ds.classes, ds.test_images, ds.test_labels, pred, shape)
+        out.say("plots: " + ", ".join(map(str, files)))
+        if shape is None:
+            print(f"plots: no misclassified.png: the images are rows of {ds.test_images.shape[1]} pixels, not a "
+                  "square, and the data does not say their height and width (IDX files and (N, H, W) arrays do)",
+                  file=sys.stderr)
 
 
 def check_outputs(args, resuming: bool, locks: contextlib.ExitStack | None = None) -> None:

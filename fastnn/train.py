@@ -14,6 +14,7 @@ import numpy as np
 
 from .config import DEFAULTS
 from .errors import ConfigError, DivergedError
+from .guards import describe_nonfinite, nonfinite_params
 from .loop import EpochLoop, prepare, stratified_split, train_epoch, train_step
 from .model import MLP
 from .optim import Optimizer, make_optimizer
@@ -108,10 +109,18 @@ class EarlyStopping:
 
 
 def _check_finite(rec: dict, opt: Optimizer, history: list) -> None:
+    """DivergedError when the epoch's loss, or the weights after it, are NaN or infinite (the loss is
+    computed before each step's update, so an epoch can end with inf weights and a finite loss)."""
     if not math.isfinite(rec["train_loss"]):
         raise DivergedError(
             f"the training loss became {rec['train_loss']} in epoch {rec['epoch']}: the learning "
             f"rate ({opt.lr:g}) is probably too high, or the inputs are not scaled to about [0, 1]", history)
+    model = opt.model
+    if not bool(model.ops.xp.isfinite(model.params).all()):  # one reduction per epoch
+        bad = nonfinite_params(model.ops.to_host(model.params), model.sizes)
+        raise DivergedError(f"the weights became NaN or infinite in epoch {rec['epoch']} ({describe_nonfinite(bad)}) "
+                            f"although its training loss was {rec['train_loss']:.4g}: the learning rate "
+                            f"({rec['lr']:g}) is probably far too high", history)
 
 
 def _optimizer(optimizer, model: MLP, lr, momentum, weight_decay) -> Optimizer:

@@ -486,3 +486,12 @@ def test_a_model_file_with_nan_or_inf_weights_is_refused_naming_the_parameter(tm
     m.set_params(params)
     m.save(tmp_path / "fine.npz")
     fastnn.MLP.load(tmp_path / "fine.npz")
+
+
+def test_fit_stops_when_the_weights_diverge_in_an_epoch_whose_loss_was_finite():
+    """One step per epoch: the loss is computed before the update, so only the weights show it."""
+    x, y = toy(n=64)
+    m = fastnn.MLP([12, 8, 3], seed=0)
+    with pytest.raises(fastnn.DivergedError, match="weights became NaN or infinite in epoch 1") as info:
+        fastnn.fit(m, x, y, epochs=3, batch_size=64, lr=1e39, optimizer="sgd", lr_schedule="constant")
+    assert np.isfinite(info.value.history[0]["train_loss"]) and len(info.value.history) == 1

@@ -311,9 +311,11 @@ class Ops:
         Ho, Wo = d.shape[1], d.shape[2]
         if out.shape[1] != Ho * p or out.shape[2] != Wo * p:
             out[...] = 0
+        at_q = self.scratch(d.shape, np.bool_)
         for q in range(p * p):
             i, j = divmod(q, p)
-            self.xp.multiply(d, arg == q, out=out[:, i:Ho * p:p, j:Wo * p:p])
+            self.xp.equal(arg, q, out=at_q)
+            self.xp.multiply(d, at_q, out=out[:, i:Ho * p:p, j:Wo * p:p])
 
     # ----------------------------------------------------------------- losses
     def _at_labels(self, z, y) -> tuple:

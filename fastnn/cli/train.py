@@ -17,7 +17,7 @@ from .. import __version__, checkpoint, datasets
 from ..backends import get_ops, resolve_dtype, set_tf32
 from ..diagnose import EpochMonitor, diagnose
 from ..errors import ConfigError, DataError, DivergedError
-from ..guards import check_fits, describe_nonfinite, nonfinite_params
+from ..guards import check_fits
 from ..lock import FolderLock
 from ..loop import stratified_split
 from ..lrfind import lr_find, plot_lr_find
@@ -175,8 +175,7 @@ def train(run: Run) -> int | None:
     history, start = run.history, run.start
     monitor = EpochMonitor(model, inputs.x_val, inputs.y_val) if args.doctor else None
 
-    def on_epoch(rec):  # after fit printed the epoch's line (unless --quiet)
-        check_weights(model, rec, history)  # no record, checkpoint or model file of a diverged epoch
+    def on_epoch(rec):  # after fit printed the epoch's line and checked its loss and weights
         history.append(rec)
         out.record({"type": "epoch", **rec})
         for f in monitor(rec) if monitor else []:
@@ -212,17 +211,6 @@ def train(run: Run) -> int | None:
         print(msg, file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     return None
-
-
-def check_weights(model: MLP, rec: dict, history: list) -> None:
-    """DivergedError when the weights hold NaN/inf after an epoch whose loss was finite (its last steps
-    diverged): fit checks the loss, which is computed before each step's update."""
-    if bool(model.ops.xp.isfinite(model.params).all()):
-        return
-    bad = nonfinite_params(model.ops.to_host(model.params), model.sizes)
-    raise DivergedError(f"the weights became NaN or infinite in epoch {rec['epoch']} ({describe_nonfinite(bad)}) "
-                        f"although its training loss was {rec['train_loss']:.4g}: the learning rate "
-                        f"({rec['lr']:g}) is probably far too high", history)
 
 
 def report(run: Run, seconds: float) -> None:

@@ -36,6 +36,8 @@ def export_onnx(model: Any, path, input_type: str = "uint8") -> None:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:
         raise ConfigError(f"ONNX export needs the onnx package ({exc}): pip install 'fastnn[onnx]'") from None
+    if getattr(model, "layer_spec", None) is not None:
+        raise ConfigError("ONNX export of conv nets is not supported yet (dense networks only)")
     if input_type not in ("uint8", "float"):
         raise ConfigError(f"input_type must be 'uint8' or 'float', got {input_type!r}")
     nodes, inits = [], []

@@ -295,7 +295,7 @@ class MLP:
         ops, layer = self.ops, self.layers[l]
         B = d.shape[0]
         if layer.kind == "conv":
-            ops.conv_param_grads(ws.cols[l], d, self.gW[l], self.gb[l])
+            ops.conv_param_grads(a_prev.reshape((B, *layer.shape_in)), ws.cols[l], d, self.gW[l], self.gb[l], layer.pad)
         elif layer.kind == "dense":
             ops.param_grads(a_prev.reshape(B, -1), d, self.gW[l], self.gb[l])
         if l == 0:
@@ -449,8 +449,6 @@ class MLP:
 
     def to_onnx(self, path, input_type: str = "uint8") -> None:
         """Export to ONNX (``fastnn.export.export_onnx``): preprocessing, layers, probabilities, label."""
-        if self.layer_spec is not None:
-            raise ConfigError("ONNX export of conv nets is not supported yet (dense networks only)")
         from .export import export_onnx
 
         export_onnx(self, path, input_type)

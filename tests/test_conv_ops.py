@@ -88,7 +88,7 @@ def test_convolution_gradients_match_float64_central_differences(case):
 
     _, cols = conv(GENERIC, x, W, b, k, pad)
     gW, gb, gx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
-    GENERIC.conv_param_grads(cols, r, gW, gb)
+    GENERIC.conv_param_grads(x, cols, r, gW, gb, pad)
     GENERIC.conv_input_grad(r, W, np.empty_like(cols), gx, pad)
     for analytic, param in ((gW, W), (gb, b), (gx, x)):
         np.testing.assert_allclose(analytic, central_difference(loss, param), rtol=1e-7, atol=1e-8)
@@ -142,7 +142,7 @@ def test_convolution_and_pooling_match_pytorch(case, dtype, tol, torch):
     r = np.random.default_rng(4).standard_normal(out.shape).astype(dtype)
     (ty * torch.tensor(r.transpose(0, 3, 1, 2).copy())).sum().backward()
     gW, gb, gx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
-    ops.conv_param_grads(cols, r, gW, gb)
+    ops.conv_param_grads(x, cols, r, gW, gb, pad)
     ops.conv_input_grad(r, W, np.empty_like(cols), gx, pad)
     np.testing.assert_allclose(gx, tx.grad.numpy().transpose(0, 2, 3, 1), rtol=tol, atol=tol)
     np.testing.assert_allclose(gW, tW.grad.numpy().transpose(2, 3, 1, 0).reshape(W.shape), rtol=tol, atol=tol)

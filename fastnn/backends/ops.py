@@ -268,9 +268,11 @@ class Ops:
         rows = out.shape[0] * out.shape[1] * out.shape[2]
         self.linear_act(cols.reshape(rows, -1), W, b, out.reshape(rows, -1), act, rowwise=rowwise)
 
-    def conv_param_grads(self, cols, d, gW, gb) -> None:
-        """``gW = patches.T @ d`` and ``gb = d summed over images and positions``. cols: (B, Ho, Wo, k, k,
-        C_in); d: (B, Ho, Wo, C_out) dL/dz; gW: (k*k*C_in, C_out); gb: (C_out,)."""
+    def conv_param_grads(self, x, cols, d, gW, gb, pad: int) -> None:
+        """``gW = patches.T @ d`` and ``gb = d summed over images and positions``. x: (B, H, W, C_in) the
+        layer's input; cols: (B, Ho, Wo, k, k, C_in), its patches from the forward pass (this version reads
+        them; a backend that never materializes them reads x and pad); d: (B, Ho, Wo, C_out) dL/dz;
+        gW: (k*k*C_in, C_out); gb: (C_out,)."""
         rows = d.shape[0] * d.shape[1] * d.shape[2]
         self.param_grads(cols.reshape(rows, -1), d.reshape(rows, -1), gW, gb)
 

@@ -319,6 +319,26 @@ class Ops:
             self.xp.equal(arg, q, out=at_q)
             self.xp.multiply(d, at_q, out=out[:, i:Ho * p:p, j:Wo * p:p])
 
+    def translate(self, x, out, limit: int, seed: int, step, fill: float) -> None:
+        """Random translation, the conv nets' augmentation: out (B, H, W, C) = each image of x (same
+        shape) moved by dy rows and dx columns, both in [-limit, limit], the pixels moved in from
+        outside set to ``fill``. (dy, dx) of row i is a hash of (seed, the 1-element int32 device
+        counter ``step``, i), as the dropout masks are: ``h % n - limit`` and ``h // n % n - limit``
+        with n = 2 limit + 1 and h = mix(seed ^ mix(step ^ mix(i ^ 0x9E3779B9)))."""
+        xp = self.xp
+        B, H, W, _ = x.shape
+        n = 2 * limit + 1
+        step = np.uint32(int(self.to_host(step)[0]) & 0xFFFFFFFF)
+        rows = xp.arange(B, dtype=np.uint32) ^ np.uint32(0x9E3779B9)
+        h = _mix32(np.uint32(seed & 0xFFFFFFFF) ^ _mix32(step ^ _mix32(rows)))
+        dy = (h % np.uint32(n)).astype(np.int64) - limit
+        dx = (h // np.uint32(n) % np.uint32(n)).astype(np.int64) - limit
+        ys = xp.arange(H)[None, :] - dy[:, None]  # (B, H): the source row of each output row
+        xs = xp.arange(W)[None, :] - dx[:, None]  # (B, W)
+        inside = ((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :]
+        moved = x[xp.arange(B)[:, None, None], xp.clip(ys, 0, H - 1)[:, :, None], xp.clip(xs, 0, W - 1)[:, None, :]]
+        out[...] = xp.where(inside[..., None], moved, xp.asarray(fill, out.dtype))
+
     # ----------------------------------------------------------------- losses
     def _at_labels(self, z, y) -> tuple:
         """The index of each row's label entry in z (B, K) or (K_models, B, K); y (B,) or (K_models, B)."""

@@ -89,8 +89,6 @@ def test_dropout_is_for_the_dense_layers():
 def test_what_conv_nets_cannot_do_yet_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="stack"):
         fastnn.ModelStack([100, 3], seeds=[0, 1], layers=SPEC)
-    with pytest.raises(ConfigError, match="ONNX"):
-        net().to_onnx("x.onnx")
     with pytest.raises(ConfigError, match="square"):
         fastnn.MLP([90, 3], layers=SPEC)  # 90 pixels: not a square image; give image_shape
     assert fastnn.MLP([90, 3], layers="conv2k3,dense4", image_shape=(9, 10, 1)).sizes[1] == 7 * 8 * 2

@@ -150,3 +150,55 @@ def test_convolution_and_pooling_match_pytorch(case, dtype, tol, torch):
     pooled, _ = pool(ops, out, 2)
     tp = torch.nn.functional.max_pool2d(torch.tensor(out.transpose(0, 3, 1, 2).copy()), 2)
     np.testing.assert_array_equal(pooled, tp.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def fast_path(request, monkeypatch):
+    """NumpyOps on each of its paths: cpu_fused's compiled loops (Numba) and the NumPy sequences."""
+    from fastnn.backends import cpu_fused
+
+    if request.param == "compiled" and cpu_fused.compiled() is None:
+        pytest.skip("Numba is not installed (the fast extra): the NumPy sequences are the only path")
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu_fused, "_compiled", [None])
+    return NumpyOps()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_numpy_conv_kernel_equals_the_generic_one_bit_for_bit(case, dtype, fast_path):
+    x, W, b = random_case(case, dtype)
+    k, pad = case[5], case[6]
+    ref, ref_cols = conv(GENERIC, x, W, b, k, pad, "relu")
+    out, cols = conv(fast_path, x, W, b, k, pad, "relu")
+    np.testing.assert_array_equal(cols, ref_cols)
+    np.testing.assert_array_equal(out, ref)
+    d = np.random.default_rng(5).standard_normal(out.shape).astype(dtype)
+    grads = []
+    for ops in (GENERIC, fast_path):
+        gW, gb, gx = np.empty_like(W), np.empty_like(b), np.full_like(x, np.nan)  # every element must be written
+        ops.conv_param_grads(x, cols, d, gW, gb, pad)
+        ops.conv_input_grad(d, W, np.empty_like(cols), gx, pad)
+        grads.append((gW, gb, gx))
+    np.testing.assert_array_equal(grads[1][2], grads[0][2])  # dL/dx: the same GEMM, col2im in the same order
+    tol = 1e-6 if dtype == np.float32 else 1e-13  # gW, gb: BLAS's sums (a GEMV for gb) vs NumPy's
+    for fast, generic in zip(grads[1][:2], grads[0][:2]):
+        np.testing.assert_allclose(fast, generic, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape,p", [((2, 6, 6, 3), 2), ((2, 7, 9, 2), 2), ((1, 9, 7, 4), 3), ((3, 4, 4, 33), 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_pooling_equals_the_generic_one_bit_for_bit_with_ties_and_nan(shape, p, dtype, fast_path):
+    x = np.random.default_rng(6).integers(-2, 3, shape).astype(dtype)  # few values: many ties
+    x[0, 0, 0, 0], x[-1, -1, 0, -1] = np.nan, -np.inf
+    results = []
+    for ops in (GENERIC, fast_path):
+        out, arg = pool(ops, x, p)
+        r = np.random.default_rng(7).standard_normal(out.shape).astype(dtype)
+        r[0, 0, 0, 1 % shape[3]] = -0.0
+        gx = np.full_like(x, np.nan)  # every element must be written, the unread rows and columns too
+        ops.maxpool_backward(r, arg, p, gx)
+        results.append((out, arg, gx))
+    for fast, generic in zip(results[1], results[0]):
+        np.testing.assert_array_equal(fast, generic)
+        assert np.array_equal(np.signbit(fast), np.signbit(generic))

@@ -18,12 +18,14 @@ import math
 import os
 import types
 
+import numpy as np
+
 _compiled: list = []  # [namespace or None], filled on first use
 
 
 def compiled() -> types.SimpleNamespace | None:
-    """``sgd``, ``momentum`` and ``adam`` compiled by Numba (cached on disk), or None without Numba
-    or with ``FASTNN_NUMBA=0``."""
+    """``sgd``, ``momentum``, ``adam`` and the conv and pooling loops compiled by Numba (each on its
+    first call, cached on disk), or None without Numba or with ``FASTNN_NUMBA=0``."""
     if not _compiled:
         try:
             if os.environ.get("FASTNN_NUMBA", "1") == "0":
@@ -33,7 +35,8 @@ def compiled() -> types.SimpleNamespace | None:
             _compiled.append(None)
         else:
             jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-            _compiled.append(types.SimpleNamespace(sgd=jit(sgd), momentum=jit(momentum), adam=jit(adam)))
+            _compiled.append(types.SimpleNamespace(**{f.__name__: jit(f) for f in (sgd, momentum, adam, im2col, col2im,
+                                                                                   maxpool, maxpool_backward)}))
     return _compiled[0]
 
 
@@ -65,3 +68,89 @@ def adam(p, g, m, v, b1, a1, b2, a2, inv_sqrt_c2, eps, decay, lr_c1):
         v[e] = ve
         root = p.dtype.type(math.sqrt(ve) * inv_sqrt_c2)
         p[e] = p[e] * decay - (me / (root + eps)) * lr_c1
+
+
+# Convolution and pooling (NHWC; ``ops.Ops`` has their definitions and docstrings): one pass each,
+# the channel loop innermost (contiguous), every output element written once in the generic
+# version's order of operations, so the results are the same bit for bit.
+def im2col(x, k, pad, cols):
+    """cols (B, Ho, Wo, k, k, C) = the k x k patches of x (B, H, W, C), zeros where a patch
+    reaches past the border by ``pad``."""
+    B, H, W, C = x.shape
+    Ho, Wo = cols.shape[1], cols.shape[2]
+    for b in range(B):
+        for oy in range(Ho):
+            for ox in range(Wo):
+                patch = cols[b, oy, ox]
+                for i in range(k):
+                    y = oy + i - pad
+                    for j in range(k):
+                        xx = ox + j - pad
+                        dst = patch[i, j]
+                        if 0 <= y < H and 0 <= xx < W:
+                            src = x[b, y, xx]
+                            for c in range(C):
+                                dst[c] = src[c]
+                        else:
+                            dst[:] = 0
+
+
+def col2im(dcols, pad, out):
+    """out (B, H, W, C) = the sum, over the patches that read each element of the input, of their
+    gradients dcols (B, Ho, Wo, k, k, C): per image, the k*k offsets added in (i, j) order from zero,
+    as the generic version's strided adds do."""
+    B, H, W, C = out.shape
+    Ho, Wo, k = dcols.shape[1], dcols.shape[2], dcols.shape[3]
+    out[:] = 0
+    for b in range(B):
+        for i in range(k):
+            for j in range(k):
+                for oy in range(max(0, pad - i), min(Ho, H + pad - i)):
+                    for ox in range(max(0, pad - j), min(Wo, W + pad - j)):
+                        o, g = out[b, oy + i - pad, ox + j - pad], dcols[b, oy, ox, i, j]
+                        for c in range(C):
+                            o[c] += g[c]
+
+
+def maxpool(x, p, out, arg):
+    """out (B, Ho, Wo, C) = the max of each p x p window of x, arg its first position (int8); NaN
+    propagates to out as ``np.maximum`` does, without moving arg (``np.greater`` is false)."""
+    B, Ho, Wo, C = out.shape
+    at = np.empty(C, np.int32)  # the window's arg in int32: selects into int8 do not vectorize (3x slower)
+    for b in range(B):
+        for oy in range(Ho):
+            for ox in range(Wo):
+                m, first = out[b, oy, ox], x[b, oy * p, ox * p]
+                for c in range(C):
+                    m[c] = first[c]
+                    at[c] = 0
+                for q in range(1, p * p):
+                    v = x[b, oy * p + q // p, ox * p + q % p]
+                    for c in range(C):  # selects, not branches: random data would mispredict half
+                        vc, mc = v[c], m[c]
+                        greater = vc > mc
+                        m[c] = vc if greater | (vc != vc) else mc
+                        at[c] = q if greater else at[c]
+                a = arg[b, oy, ox]
+                for c in range(C):
+                    a[c] = at[c]
+
+
+def maxpool_backward(d, arg, p, out):
+    """out (B, H, W, C) = each window's gradient d (B, Ho, Wo, C) at its max (``d * (arg == q)``), zero
+    elsewhere, also in the rows and columns no window read."""
+    B, H, W, C = out.shape
+    Ho, Wo = d.shape[1], d.shape[2]
+    zero = out.dtype.type(0)
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                oy, ox = y // p, x // p
+                o = out[b, y, x]
+                if oy < Ho and ox < Wo:
+                    q = (y - oy * p) * p + (x - ox * p)
+                    g, a = d[b, oy, ox], arg[b, oy, ox]
+                    for c in range(C):
+                        o[c] = g[c] * (1 if a[c] == q else zero)
+                else:
+                    o[:] = 0

@@ -99,9 +99,12 @@ class NumpyOps(Ops):
         else:
             super().bias_act(h, b, act, drop)
 
+    # Convolution and pooling: Numba's one-pass loops (``cpu_fused``) when installed, else NumPy's
+    # strided copies. Each is the generic definition's result bit for bit.
     def im2col(self, x, k, pad, cols):
-        # one strided copy of all k*k patches (the generic version makes one copy per offset)
-        if pad:
+        if fused := cpu_fused.compiled():
+            return fused.im2col(x, k, pad, cols)
+        if pad:  # one strided copy of all k*k patches (the generic version makes one copy per offset)
             B, H, W, C = x.shape
             padded = self.scratch((B, H + 2 * pad, W + 2 * pad, C), x.dtype)
             padded[:, :pad], padded[:, H + pad:], padded[:, :, :pad], padded[:, :, W + pad:] = 0, 0, 0, 0
@@ -109,6 +112,23 @@ class NumpyOps(Ops):
             x = padded
         windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # (B, Ho, Wo, C, k, k)
         cols[...] = windows.transpose(0, 1, 2, 4, 5, 3)
+
+    def conv_input_grad(self, d, W, dcols, out, pad):
+        if not (fused := cpu_fused.compiled()):
+            return super().conv_input_grad(d, W, dcols, out, pad)
+        rows = d.shape[0] * d.shape[1] * d.shape[2]
+        np.matmul(d.reshape(rows, -1), W.T, out=dcols.reshape(rows, -1))
+        fused.col2im(dcols, pad, out)
+
+    def maxpool(self, x, p, out, arg):
+        if fused := cpu_fused.compiled():
+            return fused.maxpool(x, p, out, arg)
+        super().maxpool(x, p, out, arg)
+
+    def maxpool_backward(self, d, arg, p, out):
+        if fused := cpu_fused.compiled():
+            return fused.maxpool_backward(d, arg, p, out)
+        super().maxpool_backward(d, arg, p, out)
 
     def matmul(self, a, b, out):
         np.matmul(a, b, out=out)

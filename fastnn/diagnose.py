@@ -8,6 +8,8 @@ gradients, and returns ``Finding``s, each with a stable ``code``, a ``severity``
 constant-inputs, unscaled-inputs, train-test-mismatch, bad-labels, saturated-units,
 dead-units, bad-init, collapsed-predictions, loss-at-chance, no-weight-change,
 update-too-large, non-finite, gradient-mismatch (and the info gradient-check-skipped).
+Conv nets are checked too: a convolution's units are its channels, and findings name
+layers by their spec token, "layer 2 (pool2)".
 
 Every check looks at the network through the model's own forward pass, run on a
 float64 CPU clone. ``EpochMonitor`` repeats the cheap checks after every epoch.
@@ -23,7 +25,17 @@ import numpy as np
 from . import progress
 from .config import DEFAULTS
 from .errors import ConfigError, DataError
-from .gradcheck import check_gradients, gradcheck
+from .gradcheck import (
+    check_gradients,
+    effective_inputs,
+    fault_layers,
+    gradcheck,
+    layer_label,
+    layer_outputs,
+    off_kink_rows,
+    param_layers,
+    param_names,
+)
 from .loop import all_rows_equal, train_step
 from .lrfind import lr_find
 from .model import MLP
@@ -47,11 +59,7 @@ CHANCE_TOLERANCE_EPOCH = 0.02  # the same after a whole epoch, measured on more 
 RANGE_TEST_BATCH = 64  # the smallest batch the range test reads a slope from
 LR_FACTOR = 30.0  # lr over 30x off the range test's suggestion (1.5 decades; the test's noise is far less)
 GRAD_REL_ERROR = 1e-4  # float64 central differences agree to about 1e-8: past 1e-4 the gradient is wrong
-GRAD_ROWS, GRAD_POOL = 8, 256  # the gradient check's samples, chosen from the first 256 of the training set
-# relu pre-activations within KINK_BAND x (1 + the largest |input|) of 0 are at relu's kink for the check: its
-# step of 1e-6 in a weight moves a pre-activation by up to 1e-6 x its inputs (more through the layers after it),
-# and a unit crossing 0 inside the step is measured at slope 1/2 where backpropagation uses 0 or 1 (100x margin)
-KINK_BAND = 1e-4
+GRAD_POOL = 256  # the gradient check's samples (gradcheck.GRAD_ROWS) come from the first 256 training rows
 
 
 @dataclass
@@ -66,28 +74,8 @@ class Finding:
 
 
 # ------------------------------------------------------------------ helpers
-def effective_inputs(model: MLP, x) -> np.ndarray:
-    """What the network sees (float64): uint8 pixels after the model's preprocessing, floats as given."""
-    return model.preprocessing.network_inputs(x, np.float64)
-
-
 def _sample(n, k, seed=0):
     return np.sort(np.random.default_rng(seed).choice(n, min(n, k), replace=False))
-
-
-def layer_outputs(model: MLP, x) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The model's own forward pass on a float64 CPU clone, for inputs x (N, D).
-
-    Returns ``(zs, acts)``: per layer, the pre-activations ``a[l] @ W[l] + b[l]`` and
-    the activations, each (N, n_{l+1}) float64.
-    """
-    ref = model.clone(device="cpu", dtype="float64")
-    ws = ref.workspace(len(x))
-    ws.x[...] = effective_inputs(model, x)
-    ref.forward(ws)
-    acts = [a.copy() for a in ws.acts]
-    zs = [a @ w + b for a, w, b in zip([ws.x] + acts[:-1], ref.W, ref.b)]
-    return zs, acts
 
 
 def chance_loss(model) -> float:
@@ -220,7 +208,8 @@ def check_labels(model: MLP, x_train, y_train, y_test=None) -> tuple[list[Findin
 
 
 def check_units(model: MLP, x, when) -> list[Finding]:
-    """Saturated sigmoid/tanh units and dead relu units on the inputs x (N, D).
+    """Saturated sigmoid/tanh units and dead relu units on the inputs x (N, D); a convolution's unit
+    is a channel (dead: it fires at no position of any input).
 
     Codes: saturated-units, dead-units.
     """
@@ -234,37 +223,39 @@ def check_units(model: MLP, x, when) -> list[Finding]:
             if sat > SATURATED_SHARE:
                 out.append(Finding(
                     "saturated-units", "warning",
-                    f"{when}: {sat:.0%} of the {act} outputs of hidden layer {i + 1} are saturated "
+                    f"{when}: {sat:.0%} of the {act} outputs of hidden {layer_label(model, i)} are saturated "
                     "(gradients there are near 0)",
                     "scale the inputs to [0, 1], use Xavier initialisation, or lower the learning rate"))
         if act == "relu":
-            dead = float(np.mean((a <= 0).all(axis=0)))
+            dead = float(np.mean((a <= 0).all(axis=tuple(range(a.ndim - 1)))))  # per unit or channel
             if dead > DEAD_SHARE:
                 out.append(Finding(
                     "dead-units", "warning",
-                    f"{when}: {dead:.0%} of the relu units of hidden layer {i + 1} never fire on {len(x)} inputs",
+                    f"{when}: {dead:.0%} of the relu {'channels' if a.ndim == 4 else 'units'} of hidden "
+                    f"{layer_label(model, i)} never fire on {len(x)} inputs",
                     "lower the learning rate, use He initialisation, and check the input scaling"))
     return out
 
 
 def check_init(model: MLP, x) -> list[Finding]:
-    """Identical units and badly scaled pre-activations at initialisation. Code: bad-init."""
+    """Identical units (a convolution's: channels) and badly scaled pre-activations at initialisation,
+    on the inputs x (N, D). Code: bad-init."""
     out = []
-    for i, w in enumerate(model.ops.to_host(w) for w in model.W):
-        if w.shape[1] > 1 and float(np.abs(w - w[:, :1]).max()) == 0.0:
+    for i, w in enumerate(None if w is None else model.ops.to_host(w) for w in model.W):
+        if w is not None and w.shape[1] > 1 and float(np.abs(w - w[:, :1]).max()) == 0.0:
             out.append(Finding(
                 "bad-init", "error",
-                f"all {w.shape[1]} units of layer {i + 1} start with identical weights "
+                f"all {w.shape[1]} units of {layer_label(model, i)} start with identical weights "
                 f"({'all zero' if not w.any() else 'equal columns'}): they get identical gradients and stay "
                 "identical forever",
                 "initialise weights randomly (xavier for sigmoid/tanh, he for relu), biases to 0"))
     zs, _ = layer_outputs(model, x)
     for i, z in enumerate(zs[:-1]):
         sd = float(z.std())
-        if sd > 0 and not PREACT_STD[0] < sd < PREACT_STD[1]:
+        if model.layers[i].kind != "pool" and sd > 0 and not PREACT_STD[0] < sd < PREACT_STD[1]:
             out.append(Finding(
                 "bad-init", "warning",
-                f"pre-activations of layer {i + 1} have std {sd:.3g} at initialisation (about 1 is healthy)",
+                f"pre-activations of {layer_label(model, i)} have std {sd:.3g} at initialisation (about 1 is healthy)",
                 "use xavier (sigmoid/tanh) or he (relu) initialisation, and inputs of about unit scale"))
     return out
 
@@ -279,10 +270,10 @@ def check_first_step(model: MLP, before: list, after: list, lr: float) -> list[F
         return [Finding("no-weight-change", "error", f"no parameter changed after an optimizer step (lr {lr:g})",
                         "apply the update (w -= lr * grad) and use a learning rate > 0")]
     out = []
-    for i in range(model.n_layers):
-        w0, w1 = before[2 * i], after[2 * i]
+    for j, i in enumerate(param_layers(model)[::2]):  # the weights of each layer with parameters
+        w0, w1 = before[2 * j], after[2 * j]
         ratio = float(np.linalg.norm(w1 - w0) / (np.linalg.norm(w0) or 1.0))
-        evidence = (f"one step changes the weights of layer {i + 1} by {ratio:.2g} of their norm "
+        evidence = (f"one step changes the weights of {layer_label(model, i)} by {ratio:.2g} of their norm "
                     "(healthy: about 1e-5 to 1e-1)")
         if ratio < UPDATE_RATIO[0]:
             out.append(Finding("no-weight-change", "warning", evidence, "raise the learning rate"))
@@ -374,50 +365,56 @@ def check_predictions(model: MLP, x, y, when) -> list[Finding]:
     return []
 
 
-def off_kink_rows(model: MLP, x) -> np.ndarray:
-    """Up to GRAD_ROWS indices of rows of x whose relu pre-activations all stay off relu's kink at 0 by
-    more than a central difference's step moves them (KINK_BAND): there the derivative exists, and the
-    gradient check compares like with like. Healthy data: the first rows; all-zero inputs: none."""
-    zs, _ = layer_outputs(model, x)
-    band = KINK_BAND * (1.0 + float(np.abs(effective_inputs(model, x)).max(initial=0.0)))
-    ok = np.ones(len(x), bool)
-    for z, act in zip(zs, model.layer_activations):
-        if act == "relu":
-            ok &= (np.abs(z) > band).all(axis=1)
-    return np.flatnonzero(ok)[:GRAD_ROWS]
-
-
 def check_own_gradients(model: MLP, x, y, loss_fn=None, grad_fn=None, params=None) -> list[Finding]:
-    """fastnn's backward pass (or your grad_fn) against central differences. Code: gradient-mismatch.
+    """fastnn's backward pass (or your grad_fn) against central differences, on inputs x (N, D) and
+    labels y (N,). Code: gradient-mismatch, naming the array and the layers it points to.
 
-    fastnn's pass is checked on samples that keep relu units off their kink (``off_kink_rows``): at the
-    kink central differences are not a derivative, and a mismatch there is no fault of the backward pass
-    (code gradient-check-skipped, info, when no sample does)."""
+    Every parameter array is checked, a conv net's too (pooling through the layers below it). fastnn's
+    pass is checked on samples where the loss is differentiable (``off_kink_rows``: relu units off their
+    kink, no near ties in a max-pooling window): there central differences are no derivative, and a
+    mismatch is no fault of the backward pass (code gradient-check-skipped, info, when no sample is)."""
     if loss_fn is not None and grad_fn is not None:
-        report = check_gradients(loss_fn, grad_fn, params if params is not None else model.get_params(),
-                                 max_entries=30)
+        params = params if params is not None else model.get_params()
+        names = param_names(model) if len(params) == len(model.shapes) else None
+        report = check_gradients(loss_fn, grad_fn, params, max_entries=30, names=names)
         who = "your gradient function"
     else:
         rows = off_kink_rows(model, np.asarray(x)[:GRAD_POOL])
         if len(rows) == 0:
+            conv = model.layer_spec is not None
             return [Finding(
                 "gradient-check-skipped", "info",
                 f"fastnn's backward pass was not checked: on each of the first {min(len(x), GRAD_POOL)} training "
-                "samples some relu units sit at their kink (pre-activation 0, as all-zero inputs with zero biases "
-                "give), where central differences measure a slope of 1/2 and backpropagation 0",
+                f"samples some relu units sit at their kink (pre-activation 0, as all-zero {'patches' if conv else ''}"
+                f"{' (black image borders)' if conv else 'inputs'} with zero biases give)"
+                f"{', or max-pooling windows hold near ties' if conv else ''}, where central differences measure a "
+                "slope of 1/2 and backpropagation 0",
+                "the inputs may be sound (a conv net's zero biases put all-zero patches at the kink): run "
+                "fastnn.gradcheck on inputs without them, e.g. random ones" if conv else
                 "fix the inputs first; the check runs on samples that keep every relu unit off 0")]
         report = gradcheck(model, np.asarray(x)[rows], np.asarray(y)[rows], max_entries=20)
         who = "fastnn's backward pass"
-    if report.max_rel_error > GRAD_REL_ERROR:
-        i = int(np.argmax(report.rel_errors))
-        where, a, n = report.worst[i]
-        return [Finding(
-            "gradient-mismatch", "error",
-            f"{who} disagrees with central differences: relative error {report.max_rel_error:.2g} on "
-            f"parameter array {i} (at {where}: analytic {a:.4g}, numeric {n:.4g})",
-            "re-derive that gradient; for softmax + cross-entropy the gradient of the logits is "
-            "softmax - onehot, with no extra softmax derivative")]
-    return []
+    return _mismatch(model, report, who) if report.max_rel_error > GRAD_REL_ERROR else []
+
+
+def _mismatch(model: MLP, report, who: str) -> list[Finding]:
+    """The gradient-mismatch finding of a failed ``GradReport``. With names in the report: the topmost wrong
+    array (backpropagation's errors flow down, so it is the one nearest the fault) and the layers it points
+    to (``fault_layers``); without: the worst array."""
+    bad = [e > GRAD_REL_ERROR for e in report.rel_errors]
+    named = len(report.names) == len(bad)
+    i = max(j for j, b in enumerate(bad) if b) if named else int(np.argmax(report.rel_errors))
+    where, a, n = report.worst[i]
+    evidence = (f"{who} disagrees with central differences: relative error {report.rel_errors[i]:.2g} on "
+                f"parameter array {i}{', ' + report.names[i] if named else ''} (at {where}: analytic {a:.4g}, "
+                f"numeric {n:.4g})")
+    if named:
+        layers = fault_layers(model, bad)
+        evidence += (f"; {'the layers above agree, so ' if i < len(bad) - 2 else ''}the fault is in the backward "
+                     "pass of " + ", ".join(layer_label(model, l) for l in layers))
+    return [Finding("gradient-mismatch", "error", evidence,
+                    "re-derive that gradient; for softmax + cross-entropy the gradient of the logits is "
+                    "softmax - onehot, with no extra softmax derivative")]
 
 
 # ---------------------------------------------------------------- entry points

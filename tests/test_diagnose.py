@@ -10,7 +10,8 @@ import pytest
 
 import fastnn
 from fastnn.backends.ops import Ops
-from fastnn.diagnose import check_own_gradients, check_predictions
+from fastnn.diagnose import check_init, check_own_gradients, check_predictions, check_units
+from fastnn.gradcheck import off_kink_rows
 from fastnn.loop import stratified_split
 from fastnn.stack import ModelStack
 
@@ -248,3 +249,59 @@ def test_fit_does_not_warn_of_images_that_differ(data):
         warnings.simplefilter("error", RuntimeWarning)
         fastnn.fit(fastnn.MLP([784, 8, 10]), same, y[:600], epochs=1)
         fastnn.fit(fastnn.MLP([784, 8, 10]), x[:600], y[:600], epochs=1)
+
+
+# ------------------------------------------------------------------ conv nets
+CONV = "conv4k5,pool2,conv6k3,pool2,dense16"
+
+
+def conv_net():
+    return fastnn.MLP([784, 10], layers=CONV)
+
+
+def test_a_healthy_conv_net_passes_the_gradient_check_with_every_layer_named(data):
+    x, y, xt, yt = data
+    m = conv_net()
+    rows = off_kink_rows(m, x[:256])
+    assert len(rows) == 8  # the check runs (the synthetic images' noise keeps every patch off relu's kink)
+    report = fastnn.gradcheck(m, x[rows], y[rows], max_entries=20)
+    assert report.max_rel_error < 1e-6, str(report)
+    assert report.names == [f"layer {i} ({t}) {p}" for i, t in [(1, "conv4k5"), (3, "conv6k3"), (5, "dense16"),
+                                                                 (6, "dense10")] for p in ("weights", "biases")]
+    f = fastnn.diagnose(m, x, y, xt, yt, lr=1e-2, optimizer="adam", trial_samples=1000)
+    assert not codes(f) & {"gradient-mismatch", "gradient-check-skipped", "bad-init", "dead-units", "non-finite"}, \
+        "\n".join(map(str, f))
+
+
+@pytest.mark.parametrize("op,out_arg,fault", [
+    ("conv_input_grad", 3, "layer 1 (conv4k5), layer 2 (pool2), layer 3 (conv6k3)"),  # into conv6k3's input
+    ("maxpool_backward", 3, "layer 3 (conv6k3), layer 4 (pool2), layer 5 (dense16)"),  # both pools: the top one
+])
+def test_a_broken_conv_or_pool_backward_is_named_by_its_layers(data, monkeypatch, op, out_arg, fault):
+    x, y, _, _ = data
+    m = conv_net()
+    cls = type(m.ops)
+    original = getattr(cls, op)
+
+    def broken(self, *args):  # half the gradient handed down
+        original(self, *args)
+        args[out_arg][...] *= 0.5
+
+    monkeypatch.setattr(cls, op, broken)
+    f = check_own_gradients(m, x, y)
+    assert codes(f) == {"gradient-mismatch"} and f[0].severity == "error", "\n".join(map(str, f))
+    assert f"the fault is in the backward pass of {fault}" in f[0].evidence, f[0].evidence
+    report = fastnn.gradcheck(m, x[off_kink_rows(m, x[:256])], y[off_kink_rows(m, x[:256])], max_entries=20)
+    wrong = [n for n, e in zip(report.names, report.rel_errors) if e > 0.1]
+    assert wrong and all("conv" in n for n in wrong) and max(report.rel_errors[4:]) < 1e-6, str(report)
+
+
+def test_the_doctor_names_the_conv_layers_in_its_unit_checks(data):
+    x, y, _, _ = data
+    m = conv_net()
+    p = m.get_params()
+    p[0] = np.zeros_like(p[0])  # conv4k5's four channels: identical, and dead (relu(0))
+    m.set_params(p)
+    f = check_init(m, x[:256]) + check_units(m, x[:256], "at initialisation")
+    assert any(i.code == "bad-init" and "all 4 units of layer 1 (conv4k5)" in i.evidence for i in f), f
+    assert any(i.code == "dead-units" and "relu channels of hidden layer 1 (conv4k5)" in i.evidence for i in f), f

@@ -94,3 +94,63 @@ def test_partial_fit_continues_one_epoch_at_a_time(digits):
     for _ in range(10):
         clf.partial_fit(xtr / 16, ytr, classes=np.arange(10))
     assert clf.n_iter_ == 10 and len(clf.loss_curve_) == 10 and clf.score(xte / 16, yte) > 0.9
+
+
+# ------------------------------------------------------------------ conv nets: the layers parameter
+CONV = "conv6k3,pool2,dense16"
+
+
+def blob_images(n, shape=(8, 10), seed=0):
+    """Images (n, H*W) float64 in [0, 1]: noise (std 0.1) and one bright 2 x 2 blob, whose quadrant is the
+    class (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right); the blob keeps a pixel from the middle
+    lines, so every class is unambiguous. Returns (X, y)."""
+    rng = np.random.default_rng(seed)
+    H, W = shape
+    y = rng.integers(0, 4, n)
+    x = np.clip(rng.normal(0.2, 0.1, (n, H, W)), 0, 1)
+    for img, c in zip(x, y):
+        r = rng.integers(0, H // 2 - 2) + (H // 2 + 1 if c >= 2 else 0)
+        s = rng.integers(0, W // 2 - 2) + (W // 2 + 1 if c % 2 else 0)
+        img[r:r + 2, s:s + 2] = 1.0
+    return x.reshape(n, -1), y
+
+
+def test_a_conv_net_learns_where_the_blob_is_on_non_square_images():
+    x, y = blob_images(700, seed=1)
+    xt, yt = blob_images(300, seed=2)
+    clf = MLPClassifier(layers=CONV, image_shape=(8, 10, 1), max_iter=15, learning_rate_init=0.01, random_state=0)
+    clf.fit(x, y)
+    assert clf.model_.layer_spec == CONV and [l.kind for l in clf.model_.layers] == ["conv", "pool", "dense", "dense"]
+    assert clf.score(xt, yt) >= 0.95
+    assert clf.loss_curve_[-1] < clf.loss_curve_[0]
+    again = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(again.predict_proba(xt), clf.predict_proba(xt))
+    np.testing.assert_array_equal(again.predict(xt), clf.predict(xt))
+
+
+def test_conv_parameters_round_trip_through_get_params_and_clone():
+    clf = MLPClassifier(layers=CONV, image_shape=(8, 10, 1), max_iter=3)
+    params = clf.get_params()
+    assert params["layers"] == CONV and params["image_shape"] == (8, 10, 1)
+    fresh = clone(clf)
+    assert fresh.get_params() == params and fresh.layers is CONV
+    fresh.set_params(layers="conv4k3,dense8", image_shape=None)
+    assert fresh.get_params()["layers"] == "conv4k3,dense8" and clf.layers == CONV
+    x, y = blob_images(60, shape=(8, 8))
+    assert fresh.fit(x, y).model_.image_shape == (8, 8, 1)  # 64 features: a square image
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"layers": "conv6k3,pool2,dens16"}, r"'dens16' is not a layer"),
+    ({"layers": "conv6k9"}, r"'conv6k9' has a 9 x 9 kernel for 8 x 10 images"),
+    ({"layers": "dense8,pool2"}, r"'pool2' comes after a dense layer"),
+    ({"layers": ["conv6k3"]}, r"layers must be a spec string"),
+    ({"layers": CONV, "hidden_layer_sizes": (32,)}, r"give one of them"),
+    ({"layers": CONV, "image_shape": (8, 8, 1)}, r"image_shape \(8, 8, 1\) does not hold 80 input values"),
+])
+def test_a_bad_conv_configuration_is_one_line_naming_it_at_fit(kw, match):
+    clf = MLPClassifier(max_iter=1, **{"image_shape": (8, 10), **kw})
+    x, y = blob_images(40)
+    with pytest.raises(ValueError, match=match) as err:
+        clf.fit(x, y)
+    assert "\n" not in str(err.value)

@@ -31,7 +31,7 @@ PATTERN = re.compile(r"^ckpt-epoch-(\d{4,})\.npz$")
 KEEP = 2
 # The keys of MLP.config() a checkpoint's network must share with the network it is put into.
 ARCHITECTURE = ("sizes", "activation", "loss", "dtype", "dropout", "input_scale", "input_shift", "pixel_max",
-                "classes", "layers", "image_shape")
+                "classes", "layers", "image_shape", "translate")
 
 
 def checkpoint_files(folder) -> list[Path]:

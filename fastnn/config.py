@@ -34,6 +34,7 @@ class Defaults:
     loss: str = "xent"  # softmax cross-entropy; "mse" is the textbook network's loss
     init: str | None = None  # None: "he" for relu, "xavier" for sigmoid and tanh
     dropout: float = 0.0  # off: on this data, dropout alone does not beat the default network (README)
+    translate: int = 0  # pixels of random translation in training: off for MLPs; the cnn preset's (README)
     optimizer: str = "adam"  # robust to the learning rate: no tuning needed for a first run
     lr: float = 1e-3  # Adam's usual rate
     momentum: float = 0.9  # for "momentum" and "nesterov"
@@ -95,6 +96,7 @@ RULES = {
     "weight_decay": Rule(float, ">= 0", low=0),
     "dropout": Rule(float, "in [0, 1)", low=0, high=1, high_open=True),
     "val_split": Rule(float, "in [0, 1)", low=0, high=1, high_open=True),
+    "translate": Rule(int, ">= 0", low=0),
     "batch_size": Rule(int, "a positive number", low=1),
     "epochs": Rule(int, "a positive number", low=1),
     "patience": Rule(int, "a positive number", low=1),

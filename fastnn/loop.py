@@ -40,7 +40,7 @@ def train_step(model: MLP, opt: Optimizer, x_dev, y_dev, ws: Workspace, idx, los
     arrays for the batch's loss sum and hit count (default ``ws.loss``/``ws.hits``);
     w_dev: optional (N, 1) per-sample weights (the batch loss is sum_i w_i loss_i / B).
     """
-    model.load_batch(ws, x_dev, y_dev, idx, w_dev)
+    model.load_batch(ws, x_dev, y_dev, idx, w_dev, train=True)
     model.forward_backward(ws, loss_out, hits_out)
     opt.step()
     if model.uses_dropout:

@@ -46,6 +46,8 @@ class MLP:
     dropout: the dropout probability of the hidden layers' outputs during training, one
     for all or one per hidden layer (inverted dropout, fused into the layer kernels, masks
     from a hash of seed, step, layer and element; off in evaluation and prediction).
+    translate: in training, each image moved by up to this many pixels each way (a conv net's
+    images, or square ones), a hash of seed, step and row choosing the shift; 0: off.
 
     ``preprocessing`` (a ``Preprocessing``: scale, shift, pixel range) maps raw
     uint8 inputs to network inputs; float inputs are used as given. Set it to the
@@ -59,7 +61,7 @@ class MLP:
     stack: tuple = ()  # (K,) in a ModelStack: the leading axis of every arena, view and activation
 
     def __init__(self, sizes, activation="relu", loss="xent", init=None, device="cpu",
-                 dtype="float32", seed=0, dropout=0.0, layers=None, image_shape=None):
+                 dtype="float32", seed=0, dropout=0.0, layers=None, image_shape=None, translate=0):
         sizes = tuple(int(n) for n in sizes)
         if len(sizes) < 2 or min(sizes) < 1:
             raise ConfigError(f"sizes must list at least two positive widths, got {sizes}")
@@ -80,6 +82,11 @@ class MLP:
         if loss == "xent" and sizes[-1] < 2:
             raise ConfigError("softmax cross-entropy needs at least 2 output classes")
         self.dropout = layer_dropout(dropout, self.layers)
+        self.translate = check("translate", translate)
+        if translate:  # the images' shape: a conv net's, or square ones for an MLP
+            side = min((self.image_shape or image_shape_of(sizes[0], None))[:2])
+            if translate >= side:
+                raise ConfigError(f"translate must be less than the images' side ({side} pixels), got {translate}")
         self.sizes = sizes
         self.activation = activation
         self.loss = loss
@@ -119,7 +126,8 @@ class MLP:
 
     @property
     def uses_dropout(self) -> bool:
-        return any(self.dropout)
+        """Whether a training step draws random numbers (dropout masks, translations) from ``step``."""
+        return any(self.dropout) or bool(getattr(self, "translate", 0))
 
     def _views(self, arena) -> tuple[list, list]:
         """Per-layer views ``(W, b)`` into a 1-D arena laid out as ``W0, b0, W1, b1, ...``
@@ -215,15 +223,23 @@ class MLP:
         yd = None if y is None else self.ops.asarray(y, np.int32)
         return xd, yd
 
-    def load_batch(self, ws: Workspace, x_dev, y_dev, idx, w_dev=None) -> None:
+    def load_batch(self, ws: Workspace, x_dev, y_dev, idx, w_dev=None, train=False) -> None:
         """Gather rows ``idx`` (B,) int64 of device data into ``ws.x``/``ws.y`` (and the
         per-sample weights w_dev (N, 1), model dtype, into ``ws.w``); idx (K, B) for a
         stack's per-model workspace.
 
-        uint8 pixels are converted and preprocessed on the way; float inputs are copied.
+        uint8 pixels are converted and preprocessed on the way; float inputs are copied. train: a
+        training batch, each image moved at random by up to ``translate`` pixels (``Ops.translate``;
+        the pixels moved in are a raw 0 pixel, preprocessed, or 0 for float inputs).
         """
         scale, shift = self.preprocessing.uint8_affine() if x_dev.dtype == np.uint8 else (1.0, 0.0)
-        self.ops.gather_rows(x_dev, idx, ws.x, scale, shift)
+        if train and self.translate:
+            raw = self.ops.scratch(ws.x.shape, ws.x.dtype)
+            self.ops.gather_rows(x_dev, idx, raw, scale, shift)
+            shape = (ws.x.shape[0], *(self.image_shape or image_shape_of(ws.x.shape[1], None)))
+            self.ops.translate(raw.reshape(shape), ws.x.reshape(shape), self.translate, self.seed, self.step, shift)
+        else:
+            self.ops.gather_rows(x_dev, idx, ws.x, scale, shift)
         if y_dev is not None:
             self.ops.gather_labels(y_dev, idx, ws.y)
         ws.weighted = w_dev is not None
@@ -435,7 +451,7 @@ class MLP:
         sizes = [cfg["sizes"][0], cfg["sizes"][-1]] if cfg.get("layers") else cfg["sizes"]
         model = cls(sizes, cfg["activation"], cfg["loss"], cfg["init"], device=device,
                     dtype=dtype or cfg["dtype"], seed=cfg.get("seed", 0), dropout=cfg.get("dropout", 0.0),
-                    layers=cfg.get("layers"), image_shape=cfg.get("image_shape"))
+                    layers=cfg.get("layers"), image_shape=cfg.get("image_shape"), translate=cfg.get("translate", 0))
         model.preprocessing = Preprocessing.from_config(cfg)
         model.classes = cfg.get("classes")
         return model
@@ -444,6 +460,7 @@ class MLP:
         """The architecture, preprocessing and class names (``from_config`` builds the model back)."""
         return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed, "dropout": self.dropout,
+                "translate": self.translate,
                 **self.preprocessing.to_config(), "classes": self.classes,
                 **({"layers": self.layer_spec, "image_shape": list(self.image_shape)} if self.layer_spec else {})}
 

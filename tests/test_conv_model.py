@@ -8,6 +8,7 @@ import pytest
 
 import fastnn
 from fastnn import ConfigError, layers
+from fastnn.backends import NumpyOps, Ops
 
 SPEC = "conv4k3,pool2,conv6k3s,pool2,dense12"  # 10 x 10 images: 8x8x4, 4x4x4, 4x4x6, 2x2x6, 12
 
@@ -106,7 +107,7 @@ def run_cli(args, tmp_path):
 
 def test_the_cli_trains_resumes_and_predicts_a_conv_net_bit_for_bit(synthetic_dir, tmp_path):
     base = ["--data-dir", str(synthetic_dir), "--layers", "conv4k5,pool2,dense16", "--limit", "600", "--device",
-            "cpu", "--quiet"]
+            "cpu", "--quiet", "--translate", "2", "--dropout", "0.2"]
     r = run_cli(base + ["--epochs", "2", "--save", "whole.npz"], tmp_path)
     assert r.returncode == 0, r.stderr
     r = run_cli(base + ["--epochs", "1", "--checkpoint-dir", "ck"], tmp_path)
@@ -114,7 +115,7 @@ def test_the_cli_trains_resumes_and_predicts_a_conv_net_bit_for_bit(synthetic_di
     r = run_cli(["--resume", "ck", "--epochs", "2", "--save", "resumed.npz", "--quiet"], tmp_path)
     assert r.returncode == 0, r.stderr
     whole, resumed = fastnn.MLP.load(tmp_path / "whole.npz"), fastnn.MLP.load(tmp_path / "resumed.npz")
-    assert whole.layer_spec == "conv4k5,pool2,dense16"
+    assert whole.layer_spec == "conv4k5,pool2,dense16" and whole.translate == 2
     for a, b in zip(whole.get_params(), resumed.get_params()):
         np.testing.assert_array_equal(a, b)
 
@@ -127,3 +128,54 @@ def test_the_cli_trains_resumes_and_predicts_a_conv_net_bit_for_bit(synthetic_di
 def test_a_bad_conv_flag_is_one_line_and_exit_2(args, match, synthetic_dir, tmp_path):
     r = run_cli(["--data-dir", str(synthetic_dir), "--epochs", "1", *args], tmp_path)
     assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def shifted(image, dy, dx, fill):
+    """image (H, W, C) moved down dy rows and right dx columns, ``fill`` moved in (by slicing)."""
+    out = np.full_like(image, fill)
+    H, W = image.shape[:2]
+    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = image[max(-dy, 0):H - max(dy, 0),
+                                                                      max(-dx, 0):W - max(dx, 0)]
+    return out
+
+
+@pytest.mark.parametrize("ops", [Ops(np), NumpyOps()], ids=["generic", "numpy"])
+def test_translate_moves_each_image_within_the_limit_and_differs_by_step(ops):
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 7, 9, 2))
+    out = np.empty_like(x)
+    seen, moves_by_step = set(), []
+    for step in (0, 1):
+        ops.translate(x, out, 2, 5, np.array([step], np.int32), -1.5)
+        moves = []
+        for i in range(len(x)):  # exactly one shift in [-2, 2]^2 reproduces each image
+            found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                     if np.array_equal(out[i], shifted(x[i], dy, dx, -1.5))]
+            assert len(found) == 1, (step, i, found)
+            moves.append(found[0])
+        seen |= set(moves)
+        assert len(set(moves)) > 10  # the shifts vary from image to image
+        moves_by_step.append(moves)
+    assert moves_by_step[0] != moves_by_step[1] and len(seen) == 25  # a new step, new shifts; every shift drawn
+
+
+def test_a_model_translates_its_training_batches_only_and_resumes_the_same_shifts():
+    x = np.random.default_rng(1).integers(0, 256, (8, 100), dtype=np.uint8)
+    model = fastnn.MLP([100, 3], layers="conv2k3,dense4", translate=3)
+    model.preprocessing = fastnn.Preprocessing(scale=1 / 255, shift=-0.5)
+    ws = model.workspace(8)
+    xd = model.ops.asarray(x)
+    idx = model.ops.asarray(np.arange(8))
+    model.load_batch(ws, xd, None, idx)
+    plain = ws.x.copy()
+    np.testing.assert_allclose(plain, x / 255 - 0.5, rtol=1e-6, atol=1e-7)  # evaluation: no translation
+    model.load_batch(ws, xd, None, idx, train=True)
+    expected = np.empty_like(plain)
+    Ops(np).translate(plain.reshape(8, 10, 10, 1), expected.reshape(8, 10, 10, 1), 3, 0, model.step, -0.5)
+    np.testing.assert_array_equal(ws.x, expected)  # a raw 0 pixel moved in: -0.5 after preprocessing
+    assert not np.array_equal(ws.x, plain)
+    assert fastnn.MLP.from_config(model.config()).translate == 3 and model.uses_dropout
+    with pytest.raises(ConfigError, match="translate must be less than the images' side"):
+        fastnn.MLP([100, 3], layers="conv2k3,dense4", translate=10)
+    with pytest.raises(ConfigError, match="translate must be a whole number >= 0, got -1"):
+        fastnn.MLP([100, 3], translate=-1)

@@ -1,5 +1,6 @@
-"""The NumPy backend's optimizer updates as single fused loops, compiled by Numba when it is
-installed (``pip install 'fastnn[fast]'``; ``FASTNN_NUMBA=0`` turns them off).
+"""The NumPy backend's optimizer updates, and its conv and pooling loops, as single fused passes
+compiled by Numba when it is installed (``pip install 'fastnn[fast]'``; ``FASTNN_NUMBA=0`` turns
+them off).
 
 NumPy runs an Adam step as 13 passes over the parameter arena, each a separate ufunc call, and
 at an MLP's sizes those passes, not the arithmetic, are the cost (a third of a default epoch).
@@ -8,7 +9,7 @@ Here each update is one pass, element by element, doing exactly the float operat
 first (the caller passes them), and no fused multiply-add (Numba compiles without fastmath):
 so the result is the same bit for bit, whichever path runs (``tests/test_backend.py``).
 
-Each function takes 1-D arrays of one dtype (float32 or float64) and scalars of that dtype.
+Each optimizer function takes 1-D arrays of one dtype (float32 or float64) and scalars of that dtype.
 ``compiled()`` gives them compiled (on first use: ``import fastnn`` does not import Numba), or None.
 """
 

@@ -20,6 +20,7 @@ DEFAULTS = {
     "lr_schedule": RUN.lr_schedule, "seed": RUN.seed, "dtype": RUN.dtype, "val_split": RUN.val_split,
     "class_weight": None, "device": RUN.device, "per_sample": False, "patience": None, "standardize": False,
     "cuda_graph": False, "gpu_gemm": RUN.gpu_gemm, "tf32": False, "layers": None,
+    "translate": RUN.translate,
 }
 
 # The two networks of the questions in the README, done right; then the conv nets.
@@ -143,6 +144,8 @@ def _network_flags(p, add, S) -> None:
     add(g, "--dtype", choices=["float32", "float64"], default=S)
     add(g, "--dropout", "dropout probability of the hidden layers' outputs in training: one for all "
         "(0.2) or one per hidden layer (0.2,0.1)", type=_rates, default=S)
+    add(g, "--translate", "in training, move each image at random by up to this many pixels each way "
+        "(an augmentation for conv nets; 0: off)", type=flag_type("translate"), metavar="PIXELS", default=S)
 
 
 def _training_flags(p, add, S) -> None:
@@ -218,7 +221,7 @@ def resolve_config(args, stored=None, checkpoint=None) -> dict:
 
 
 # The flags that decide a network's architecture or what its inputs are: a resumed run keeps them.
-NETWORK_FLAGS = ("hidden", "layers", "activation", "loss", "dtype", "dropout", "standardize")
+NETWORK_FLAGS = ("hidden", "layers", "activation", "loss", "dtype", "dropout", "translate", "standardize")
 
 
 def check_same_network(stored: dict, given: dict, checkpoint) -> None:

@@ -111,6 +111,7 @@ def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Opt
     sizes = [ds.train_images.shape[1], *([] if cfg["layers"] else cfg["hidden"]), len(ds.classes)]
     model = MLP(sizes, cfg["activation"], cfg["loss"], cfg["init"], device=get_ops(cfg["device"], gemm=cfg["gpu_gemm"]),
                 dtype=cfg["dtype"], seed=cfg["seed"], layers=cfg["layers"], image_shape=ds.image_shape,
+                translate=cfg["translate"],
                 dropout=cfg["dropout"][0] if len(cfg["dropout"]) == 1 else cfg["dropout"])  # one for all, or per layer
     model.preprocessing, model.classes = ds.preprocessing, ds.classes
     opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])

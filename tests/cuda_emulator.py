@@ -368,6 +368,7 @@ template <typename T> std::string emu_type() {
     else if constexpr (std::is_same_v<U, int>) return p + "i4";
     else if constexpr (std::is_same_v<U, long long>) return p + "i8";
     else if constexpr (std::is_same_v<U, unsigned char>) return p + "u1";
+    else if constexpr (std::is_same_v<U, signed char>) return p + "i1";
     else if constexpr (std::is_same_v<U, unsigned int>) return p + "u4";
     else return p + "?";
 }
@@ -476,7 +477,7 @@ def check_launch(grid, block) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 _SCALARS = {"f4": ctypes.c_float, "f8": ctypes.c_double, "i4": ctypes.c_int32, "i8": ctypes.c_int64,
-            "u1": ctypes.c_uint8, "u4": ctypes.c_uint32}
+            "u1": ctypes.c_uint8, "u4": ctypes.c_uint32, "i1": ctypes.c_int8}
 
 
 def seed_state(seed: int | None = None) -> ctypes.c_uint64:

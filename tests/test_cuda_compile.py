@@ -1,6 +1,6 @@
 """Every CUDA kernel fastnn builds compiles for sm_80 and sm_90, checked without a GPU.
 
-All of them are in ``fastnn/backends/kernels.cu``, compiled here with NVRTC through
+All of them are in ``fastnn/backends/kernels.cu`` and ``conv_kernels.cu`` (one module), compiled here with NVRTC through
 ``cupy.cuda.nvrtc`` directly (CuPy's own compile entry points ask for a device
 first), with CuPy's compiler options. The kernels are also executed on the CPU
 by the CUDA emulator (``test_graph_emulation.py``). Needs ``cupy-cuda12x`` and ``nvidia-cuda-nvrtc-cu12`` (``import
@@ -27,7 +27,7 @@ from fastnn.backends import cupy_ops  # noqa: E402
 
 ARCHS = ("compute_80", "compute_90")
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = cupy_ops.KERNELS_CU.read_text()
+SOURCE = cupy_ops.source()  # kernels.cu, then conv_kernels.cu
 OPTIONS = ("-std=c++14",)  # as cupy_ops.module() compiles it
 
 

@@ -1,8 +1,8 @@
 """CuPy backend: the training step as fastnn's own CUDA kernels (``kernels.cu``).
 
 This module and ``fastnn/cuda_graph.py`` (the captured training step) are the only ones that import CuPy.
-Every kernel of the training step is in ``kernels.cu``, one RawModule compiled
-by NVRTC on first use: the three GEMMs of a layer carry their epilogues (bias +
+Every kernel of the training step is in ``kernels.cu`` (a conv net's in ``conv_kernels.cu``), one
+RawModule compiled by NVRTC on first use: the three GEMMs of a layer carry their epilogues (bias +
 activation; activation backward; bias gradient), so a step of an L-layer network
 is 3L + 4 launches, none of them through cuBLAS. That makes the step capturable
 as a CUDA graph (CuPy refuses cuBLAS calls on a capturing stream) and its sums
@@ -13,12 +13,16 @@ tested against. A stack of models (``fastnn.stack.ModelStack``, arrays with a le
 model axis) runs the same kernels with the models on grid axis z (one block per model in
 the loss), and its (K, P) arena is updated by the ``*_stack`` optimizer kernels with
 per-model hyperparameters; with ``gemm="cublas"`` a stack runs the generic code (batched
-cuBLAS GEMMs).
+cuBLAS GEMMs). A conv net's convolutions are implicit GEMMs (the patches are read from the images by
+index, never copied out), its pooling and random translation elementwise kernels: no allocation after
+the first step and no host synchronisation, so its step is captured as a dense step is; with
+``gemm="cublas"`` the convolutions run the generic im2col and cuBLAS GEMMs instead.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import cupy as cp
@@ -28,17 +32,26 @@ from ..errors import ConfigError
 from .ops import GEMMS, Ops
 
 KERNELS_CU = Path(__file__).with_name("kernels.cu")
+CONV_KERNELS_CU = Path(__file__).with_name("conv_kernels.cu")  # the conv nets' kernels, compiled after kernels.cu
+SOURCES = ("KERNELS_CU", "CONV_KERNELS_CU")  # the module's CUDA files, by attribute (the self-check hashes them)
 ACT_CODES = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}  # as in kernels.cu
 TILE = 16  # kernels.cu's GEMM tile: TILE x TILE threads per block
 THREADS = 256  # per block of the elementwise kernels and of row_loss (its shared arrays hold 256)
 MAX_BLOCKS = 4096  # the elementwise kernels loop over the rest (grid-stride)
 MAX_GRID_Y = 65535  # a launch's grid.y and grid.z on every GPU: the GEMMs' blocks take further row tiles in turn
+CONV_SPLIT_ROWS = 512  # a conv weight gradient sums its B*Ho*Wo rows in parts of about this many (grid z)...
+CONV_MAX_SPLITS = 64  # ...at most this many, added in order by conv_grad_sum
+
+
+def source() -> str:
+    """The module's CUDA source: ``kernels.cu``, then ``conv_kernels.cu`` (which uses its helpers)."""
+    return f'{KERNELS_CU.read_text()}\n#line 1 "conv_kernels.cu"\n{CONV_KERNELS_CU.read_text()}'
 
 
 @functools.cache
 def module():
-    """``kernels.cu`` as a CuPy RawModule (NVRTC compiles it at the first kernel lookup)."""
-    return cp.RawModule(code=KERNELS_CU.read_text(), options=("-std=c++14",))
+    """``source()`` as a CuPy RawModule (NVRTC compiles it at the first kernel lookup)."""
+    return cp.RawModule(code=source(), options=("-std=c++14",))
 
 
 @functools.cache
@@ -176,6 +189,63 @@ class CupyOps(Ops):
             a0, d0, gW0, _part(gb, 1)[0], np.int32(m), np.int32(k), np.int32(n), np.int64(sa), np.int64(sd),
             np.int64(sg)))
 
+    # ---------------------------------------------- convolution and pooling (NHWC)
+    def _buffer(self, name: str, shape: tuple, dtype):
+        """A device work array kept per (name, shape, dtype): made at the first step, reused (no
+        allocation in a captured step); the kernels of one stream use it one after another."""
+        key = ("buffer", name, tuple(shape), np.dtype(dtype).str)
+        buf = self._consts.get(key)
+        if buf is None:
+            buf = self._consts[key] = cp.empty(shape, dtype)
+        return buf
+
+    def conv_act(self, x, W, b, cols, out, act, pad, rowwise=False):
+        """The implicit GEMM of conv_kernels.cu (``cols`` not written); its summation order per output
+        element is fixed, whatever the batch: each row is independent of its batch with or without rowwise."""
+        if self.gemm == "cublas":
+            return super().conv_act(x, W, b, cols, out, act, pad, rowwise)
+        shape = _conv_shape(x, W, out, pad)
+        _typed("conv_act", out.dtype)(_gemm_grid(out.size // out.shape[3], out.shape[3]), (TILE, TILE), (
+            x, W, b, out, *shape, _act_code(act)))
+
+    def conv_param_grads(self, x, cols, d, gW, gb, pad):
+        """gW and gb from x and d (``cols`` not read): one GEMM of k*k*C_in + 1 rows (the last the bias
+        gradient) split into at most CONV_MAX_SPLITS parts of the B*Ho*Wo summed rows, added in order."""
+        if self.gemm == "cublas":
+            return super().conv_param_grads(x, cols, d, gW, gb, pad)
+        shape = _conv_shape(x, gW, d, pad)
+        rows, (p, n) = d.size // d.shape[3], gW.shape
+        splits = max(1, min(-(-rows // CONV_SPLIT_ROWS), CONV_MAX_SPLITS))
+        chunk = -(-rows // splits)
+        part = self._buffer("conv_partials", (splits, p + 1, n), gW.dtype) if splits > 1 else gW
+        grid = _gemm_grid(p + 1, n)[:2] + (splits,)
+        _typed("conv_weight_grad", gW.dtype)(grid, (TILE, TILE), (x, d, gW, gb, part, *shape, np.int64(chunk)))
+        if splits > 1:
+            _typed("conv_grad_sum", gW.dtype)(_blocks(gW.size + n), (THREADS,), (
+                part, np.int32(splits), np.int64(gW.size), np.int64(gW.size + n), gW, gb))
+
+    def conv_input_grad(self, d, W, dcols, out, pad):
+        """dL/dx as one GEMM gathered from d by the weight (a transposed convolution; ``dcols`` not written)."""
+        if self.gemm == "cublas":
+            return super().conv_input_grad(d, W, dcols, out, pad)
+        shape = _conv_shape(out, W, d, pad)
+        _typed("conv_input_grad", out.dtype)(_gemm_grid(out.size // out.shape[3], out.shape[3]), (TILE, TILE), (
+            d, W, out, *shape))
+
+    def maxpool(self, x, p, out, arg):
+        _typed("maxpool", x.dtype)(_blocks(out.size), (THREADS,), (
+            x, out, arg, *(np.int32(v) for v in (*x.shape, p, *out.shape[1:3]))))
+
+    def maxpool_backward(self, d, arg, p, out):
+        _typed("maxpool_backward", d.dtype)(_blocks(out.size), (THREADS,), (
+            d, arg, out, *(np.int32(v) for v in (*out.shape, p, *d.shape[1:3]))))
+
+    def translate(self, x, out, limit, seed, step, fill):
+        """The generic hash, the step read by the kernel from the device counter (no host read)."""
+        _typed("translate", out.dtype)(_blocks(out.size), (THREADS,), (
+            x, out, *(np.int32(v) for v in (*x.shape, limit)), np.uint32(int(seed) & 0xFFFFFFFF), step,
+            out.dtype.type(fill)))
+
     def bias_act(self, h, b, act, drop=None):
         if h.ndim == 3:
             return super().bias_act(h, b, act, drop)
@@ -266,6 +336,13 @@ class CupyOps(Ops):
         _typed("adam", p.dtype)(_blocks(p.size), (THREADS,),
                                 (p, g, m, v, t, np.int64(p.size), f(lr), f(b1), f(b2), f(eps), f(wd)))
         self.count(t)
+
+
+def _conv_shape(x, W, out, pad: int) -> tuple:
+    """A convolution's (B, H, W, C_in, Ho, Wo, C_out, k, pad) as conv_kernels.cu's CONV_ARGS take them, from
+    its input x (B, H, W, C_in), weight W (k*k*C_in, C_out) and output out (B, Ho, Wo, C_out)."""
+    k = math.isqrt(W.shape[0] // x.shape[3])
+    return tuple(np.int32(v) for v in (*x.shape, *out.shape[1:3], W.shape[1], k, pad))
 
 
 def _part(x, ndim: int) -> tuple:

@@ -1,22 +1,15 @@
 """The GPU self-check: every fused kernel of the GPU backend against the generic CuPy path, once.
 
-The first time a process asks for the GPU (``get_ops("gpu")``), each public method that ``CupyOps``
-overrides from ``Ops`` (fastnn's own CUDA kernels: the layer GEMMs with their epilogues, bias +
-activation, activation derivative, losses and probabilities, gathers, step counter and optimizer
-updates, stacked forms included) runs on small problems with ragged tiles (batch 1, sizes that are
-no multiple of the GEMM tile 16, tile-aligned widths like 32), compared with the same method of the
-generic ``Ops`` on the same device (CuPy's own matmul and elementwise kernels). The inputs are
-multiples of 1/8, so the GEMMs' products and sums are exact whatever the summation order (or TF32):
-``TOLERANCES`` covers only the transcendental functions and the optimizers' arithmetic.
-A kernel that differs by more (or raises) gets a RuntimeWarning naming it and its error, and is
-replaced for the run by the generic method (an instance attribute ``ops.<name>``): an error that
-only real hardware shows never gives a silently wrong model.
-
-The results are kept per process and device, and in a JSON file under ``$XDG_CACHE_HOME/fastnn/
-gpu-selfcheck/`` (``~/.cache/...``) keyed by the device's name, the driver, CUDA runtime, CuPy and
-fastnn versions, the GEMM mode and a hash of ``kernels.cu`` (none where the device has no name).
-``FASTNN_SELFCHECK=0`` skips the check. ``run(ops)`` checks afresh (no cache, nothing replaced)
-and ``table(results)`` formats the results, for ``fastnn doctor --device gpu``.
+When a process first asks for the GPU (``get_ops("gpu")``), each public method ``CupyOps`` overrides from
+``Ops`` (its CUDA kernels, stacked forms and conv nets' kernels included) runs small problems with ragged
+tiles (batch 1, sizes no multiple of the GEMM tile 16, tile-aligned ones) against the generic ``Ops`` on the
+device. Inputs are multiples of 1/8, so products and sums are exact in any order (or TF32): ``TOLERANCES``
+covers transcendental functions and the optimizers' arithmetic. A kernel that differs by more (or raises)
+gets a RuntimeWarning naming it and its error, and the generic method replaces it for the run (``ops.<name>``).
+Results are kept per process and device, and in a JSON file under ``cache_dir()`` keyed by the device's name,
+driver, CUDA runtime, CuPy and fastnn versions, GEMM mode and a hash of the CUDA sources (none where the device
+has no name). ``FASTNN_SELFCHECK=0`` skips the check; ``run(ops)`` checks afresh (nothing cached or replaced)
+and ``table(results)`` formats results, for ``fastnn doctor --device gpu``.
 """
 
 from __future__ import annotations
@@ -52,10 +45,9 @@ _DONE: dict[str, list] = {}  # key (device and versions) -> results, for this pr
 
 
 class Result(NamedTuple):
-    """One kernel at one dtype: the largest absolute error, and the largest relative error
-    (``|got - want| / max(|want|, atol / rtol)``), over all its cases; ``case`` names the case
-    with the largest error relative to the tolerance (or the one that raised). ok: True, False
-    (replaced by the generic path), or None: unchecked, since the generic path raised (kept)."""
+    """One kernel at one dtype: the largest absolute and relative (``|got - want| / max(|want|, atol / rtol)``)
+    errors; ``case``: the worst case against the tolerance (or the one that raised). ok: True, False (replaced by
+    the generic path), or None: the generic path raised (kept)."""
 
     kernel: str
     dtype: str
@@ -72,7 +64,6 @@ class Case(NamedTuple):
     outputs: tuple  # the names of the arrays compared afterwards
 
 
-# ------------------------------------------------------------------- inputs
 def _eighths(rng, shape, lo=-2.0, hi=2.0) -> np.ndarray:
     """Multiples of 1/8 in [lo, hi]: products and sums of a few dozen of them are exact floats."""
     return rng.integers(int(lo * 8), int(hi * 8) + 1, shape) / 8.0
@@ -91,10 +82,8 @@ def _nan(shape, dt) -> np.ndarray:
 
 def _drop(a, stacked: bool) -> Dropout:
     """Dropout of layer 1 at step 3 (one rate, or one per model: 0, 0.2 and 0.5)."""
-    if stacked:
-        return Dropout(np.array([0.0, 0.2, 0.5]).reshape(-1, 1, 1),
-                       np.array([5, 2 ** 31 + 7, 11], np.uint32).reshape(-1, 1, 1), a["step"], 1)
-    return Dropout(0.3, 2 ** 31 + 5, a["step"], 1)
+    return Dropout(np.array([0.0, 0.2, 0.5]).reshape(-1, 1, 1), np.array([5, 2 ** 31 + 7, 11], np.uint32).reshape(
+        -1, 1, 1), a["step"], 1) if stacked else Dropout(0.3, 2 ** 31 + 5, a["step"], 1)
 
 
 STEP = {"step": np.array([3], np.int32)}
@@ -111,11 +100,9 @@ def _linear_act(dt, rng) -> list[Case]:
     for b, m, n in LAYERS:
         x = {"a": _eighths(rng, (b, m)).astype(dt), "W": _eighths(rng, (m, n)).astype(dt),
              "b": _eighths(rng, n).astype(dt), "out": _nan((b, n), dt), **STEP}
-        for act in _acts((b, m, n)):
-            cases.append(Case(f"{b}x{m}x{n} {act}", x, lambda f, a, act=act: f(a["a"], a["W"], a["b"], a["out"], act),
-                              ("out",)))
-        cases.append(Case(f"{b}x{m}x{n} tanh dropout", x,
-                          lambda f, a: f(a["a"], a["W"], a["b"], a["out"], "tanh", _drop(a, False)), ("out",)))
+        cases += [Case(f"{b}x{m}x{n} {act}", x, lambda f, a, act=act: f(a["a"], a["W"], a["b"], a["out"], act),
+                       ("out",)) for act in _acts((b, m, n))] + [Case(f"{b}x{m}x{n} tanh dropout", x, lambda f, a: f(
+                           a["a"], a["W"], a["b"], a["out"], "tanh", _drop(a, False)), ("out",))]
     cases.append(Case(f"{cases[-1].label[:-8]} rowwise", cases[-1].inputs,
                       lambda f, a: f(a["a"], a["W"], a["b"], a["out"], "tanh", rowwise=True), ("out",)))
     b, m, n, k = *LAYERS[1], MODELS
@@ -140,9 +127,8 @@ def _input_grad(dt, rng) -> list[Case]:
         x = {"d": _eighths(rng, lead + (b, n)).astype(dt), "W": _eighths(rng, lead + (m, n)).astype(dt),
              "a": _eighths(rng, lead + (b, m), 0.0, 0.875).astype(dt), "out": _nan(lead + (b, m), dt), **STEP}
         name = f"{b}x{m}x{n}" if k is None else f"stack of {k}, {b}x{m}x{n}"
-        for act in _acts((b, m, n)) if k is None else ("relu",):
-            cases.append(Case(f"{name} {act}", x, lambda f, a, act=act: f(a["d"], a["W"], a["a"], a["out"], act),
-                              ("out",)))
+        cases += [Case(f"{name} {act}", x, lambda f, a, act=act: f(a["d"], a["W"], a["a"], a["out"], act), ("out",))
+                  for act in (_acts((b, m, n)) if k is None else ("relu",))]
         cases.append(Case(f"{name} tanh dropout", x, lambda f, a, s=k is not None: f(
             a["d"], a["W"], a["a"], a["out"], "tanh", _drop(a, s)), ("out",)))
     return cases
@@ -164,10 +150,8 @@ def _param_grads(dt, rng) -> list[Case]:
 
 
 def _epilogue(name: str) -> Callable:
-    """The cases of bias_act or act_backward: each layer's output shape, every activation, dropout,
-    and a stack's (3, 2, 20) outputs with per-model dropout."""
-    second = "b" if name == "bias_act" else "a"
-    acts = ("relu", "sigmoid", "tanh", "linear")
+    """bias_act's or act_backward's cases: each layer's output shape, every activation, dropout, a stack's."""
+    second, acts = "b" if name == "bias_act" else "a", ("relu", "sigmoid", "tanh", "linear")
 
     def cases(dt, rng) -> list[Case]:
         out = []
@@ -202,9 +186,7 @@ def _gather_labels(dt, rng) -> list[Case]:
 
 
 def _loss(name: str) -> Callable:
-    """The cases of xent or mse: batch 1, 37 and 300 (more rows than a block's threads), with and
-    without the gradient, with per-sample weights, and stacks with shared or per-model labels."""
-
+    """xent's or mse's cases: batch 1, 37, 300 (over a block's threads), no gradient, weights, stacks' labels."""
     def cases(dt, rng) -> list[Case]:
         out = []
         for b, c, k, own_labels in ((1, 10, None, False), (37, 10, None, False), (300, 7, None, False),
@@ -238,10 +220,8 @@ def _probabilities(dt, rng) -> list[Case]:
 
 
 def _optimizer(name: str) -> Callable:
-    """The cases of sgd, momentum or adam: a flat arena of 1037 values (no multiple of the 256
-    threads of a block) and a stack's (3, 345) arena, with one value of each hyperparameter or
-    (K, 1) arrays of one per model, with and without weight decay."""
-
+    """sgd's, momentum's or adam's cases: 1037 values (no multiple of a block's 256 threads), a stack's (3, 345)
+    arena with one value of each hyperparameter or (K, 1) arrays of one per model; weight decay or none."""
     def cases(dt, rng) -> list[Case]:
         out = []
         for shape, per_model in (((1037,), False), ((MODELS, 345), True), ((MODELS, 345), False)):
@@ -276,6 +256,37 @@ def _optimizer_cases(name: str, label: str, x: dict, floats: dict) -> list[Case]
                  ("p", "m", "v", "t"))]
 
 
+CONVS = ((1, 5, 6, 1, 3, 3, 0), (3, 7, 6, 2, 17, 3, 1), (2, 6, 5, 3, 4, 5, 2))  # (B, H, W, C_in, C_out, k, pad)
+IMAGE_CALLS = {  # call(method, arrays, pad or window or limit, activation), and the outputs compared
+    "conv_act": (lambda f, a, p, act: f(a["x"], a["W"], a["b"], a["cols"], a["out"], act, p), ("out",)),
+    "conv_param_grads": (lambda f, a, p, act: f(a["x"], a["cols"], a["d"], a["gW"], a["gb"], p), ("gW", "gb")),
+    "conv_input_grad": (lambda f, a, p, act: f(a["d"], a["W"], a["cols"], a["gx"], p), ("gx",)),
+    "maxpool": (lambda f, a, p, act: f(a["x"], p, a["out"], a["arg"]), ("out", "arg")),
+    "maxpool_backward": (lambda f, a, p, act: f(a["d"], a["at"], p, a["gx"]), ("gx",)),
+    "translate": (lambda f, a, p, act: f(a["x"], a["gx"], p, 2 ** 31 + 9, a["step"], -0.5), ("gx",))}
+
+
+def _images(name: str) -> Callable:
+    """A conv net kernel's cases on CONVS (halves in [-1, 1]: pooling ties; pooling k x k, some rows unread)."""
+    (call, outputs), pool = IMAGE_CALLS[name], name.startswith("maxpool")
+    def cases(dt, rng) -> list[Case]:
+        out = []
+        for bt, h, w, c, n, k, pad in CONVS:
+            o = (bt, h // k, w // k, c) if pool else (bt, h + 2 * pad - k + 1, w + 2 * pad - k + 1, n)
+            x = {"x": (rng.integers(-2, 3, (bt, h, w, c)) / 2).astype(dt), "gx": _nan((bt, h, w, c), dt), **STEP,
+                 **{key: _eighths(rng, shape).astype(dt) for key, shape in (("W", (k * k * c, n)), ("b", n), ("d", o))},
+                 "out": _nan(o, dt), "arg": _nan(o, np.int8), "gW": _nan((k * k * c, n), dt), "gb": _nan(n, dt),
+                 "cols": np.zeros(o[:3] + (k, k, c), dt), "at": np.zeros((bt, h // k, w // k, c), np.int8)}
+            Ops(np).im2col(x["x"], k, pad, x["cols"])  # what the generic paths read: the patches, the argmax
+            Ops(np).maxpool(x["x"], k, np.empty(x["at"].shape, dt), x["at"])
+            p = k if pool else k - 2 if name == "translate" else pad
+            out += [Case(f"{bt}x{h}x{w}x{c} -> {o}, k {k}, pad {pad} {act}", x, lambda f, a, p=p, act=act: call(
+                f, a, p, act), outputs) for act in (_acts(LAYERS[1]) if name == "conv_act" and c == 2 else ("relu",))]
+        return out
+
+    return cases
+
+
 CASES: dict[str, Callable] = {
     "linear_act": _linear_act, "input_grad": _input_grad, "param_grads": _param_grads,
     "bias_act": _epilogue("bias_act"), "act_backward": _epilogue("act_backward"),
@@ -283,6 +294,7 @@ CASES: dict[str, Callable] = {
     "probabilities": _probabilities,
     "count": lambda dt, rng: [Case("t = 5", {"t": np.array([5], np.int32)}, lambda f, a: f(a["t"]), ("t",))],
     "sgd": _optimizer("sgd"), "momentum": _optimizer("momentum"), "adam": _optimizer("adam"),
+    **{name: _images(name) for name in IMAGE_CALLS},
 }
 
 
@@ -301,8 +313,8 @@ def _outputs(ops, method, case: Case) -> dict:
 
 
 def _compare(got, want, rtol: float, atol: float) -> tuple[float, float, float]:
-    """(largest absolute error, largest relative error, largest error / its tolerance) of got against
-    want; NaN against NaN and equal infinities are no error, anything else not finite an infinite one."""
+    """(largest absolute, largest relative error, largest error / tolerance) of got against want; NaN against
+    NaN and equal infinities are no error, anything else not finite an infinite one."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if got.shape != want.shape:
         return np.inf, np.inf, np.inf
@@ -343,9 +355,8 @@ def _check_kernel(ops, ref: Ops, name: str, dtype: str) -> Result:
 
 
 def run(ops, dtypes=DTYPES, kernels=None) -> list[Result]:
-    """Check each fused kernel of ``ops`` (a ``CupyOps``; or only those named in ``kernels``) at each
-    dtype against the generic path on the same device; nothing is cached or replaced (``check_once``
-    does that). The kernels are the class's, even where ``ops`` already runs the generic path instead."""
+    """Check each fused kernel of ``ops`` (a ``CupyOps``; or those named in ``kernels``) at each dtype, nothing
+    cached or replaced (``check_once`` does that); the class's kernels, even where ``ops`` runs the generic path."""
     ref = Ops(ops.xp)
     ref.to_host = ops.to_host  # the generic to_host reads host arrays only
     names = [n for n in fused_kernels(type(ops)) if kernels is None or n in kernels]
@@ -363,15 +374,13 @@ def table(results) -> str:
         lines.append(f"| {r.kernel} | {r.dtype} | {r.max_abs:.3g} | {r.max_rel:.3g} | {rtol:g}, {atol:g} | {verdict} "
                      f"| {r.case if r.max_abs else '(all exact)'} |")
     bad = sorted({r.kernel for r in results if r.ok is False})
-    lines.append("")
-    lines.append(f"{sum(r.ok is True for r in results)} of {len(results)} checks passed"
-                 + (f"; replaced by the generic path: {', '.join(bad)}" if bad else ""))
+    lines += ["", f"{sum(r.ok is True for r in results)} of {len(results)} checks passed"
+              + (f"; replaced by the generic path: {', '.join(bad)}" if bad else "")]
     return "\n".join(lines)
 
 
 def apply(ops, results) -> list[str]:
-    """Replace each kernel that failed by the generic method for this ``ops`` (an instance attribute),
-    with a RuntimeWarning naming it and its error; the names of the kernels that failed."""
+    """Replace each kernel that failed by the generic method for ``ops``, with a RuntimeWarning; their names."""
     failed: dict[str, list[Result]] = {}
     for r in results:
         if r.ok is False and callable(getattr(Ops, r.kernel, None)):
@@ -388,7 +397,6 @@ def apply(ops, results) -> list[str]:
     return list(failed)
 
 
-# ------------------------------------------------------------------- once per device
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/fastnn/gpu-selfcheck`` (``~/.cache/fastnn/gpu-selfcheck``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -396,20 +404,20 @@ def cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _kernels_hash(path: str | None, mtime_ns: int) -> str | None:
-    """A hash of the CUDA source file ``path`` (``CupyOps``'s module's ``KERNELS_CU``)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+def _kernels_hash(files: tuple) -> str:
+    """A hash of the CUDA source files of ``files``, (path, mtime) pairs (``CupyOps``'s module's ``SOURCES``)."""
+    return hashlib.sha256(b"".join(Path(path).read_bytes() for path, _ in files)).hexdigest()[:16]
 
 
 def device_key(ops) -> dict:
-    """What the results depend on: the device (index and name), driver and CUDA runtime, CuPy,
-    fastnn, the GEMM mode and the CUDA source. Fields that cannot be read are None."""
+    """What the results depend on: device, driver, runtime, CuPy, fastnn, GEMM mode, CUDA sources (or None)."""
     rt = getattr(getattr(ops.xp, "cuda", None), "runtime", None)
     key = {"format": FORMAT, "device_index": 0, "device": None, "driver": None, "runtime": None,
            "cupy": getattr(ops.xp, "__version__", None),
            "fastnn": getattr(sys.modules.get("fastnn"), "__version__", None),
            "gemm": getattr(ops, "gemm", None), "kernels": None}
-    source = getattr(sys.modules.get(type(ops).__module__), "KERNELS_CU", None)
+    module = sys.modules.get(type(ops).__module__)
+    sources = [getattr(module, name, None) for name in getattr(module, "SOURCES", ("KERNELS_CU",))]
     for field, read in (("device_index", "getDevice"), ("driver", "driverGetVersion"),
                         ("runtime", "runtimeGetVersion")):
         try:
@@ -417,7 +425,7 @@ def device_key(ops) -> dict:
         except Exception:  # a runtime without it (the CPU emulator), or a driver that cannot say
             pass
     try:
-        key["kernels"] = _kernels_hash(str(source), Path(source).stat().st_mtime_ns) if source else None
+        key["kernels"] = _kernels_hash(tuple((str(p), Path(p).stat().st_mtime_ns) for p in sources))
         name = rt.getDeviceProperties(key["device_index"])["name"]
         key["device"] = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
     except Exception:  # no source file, or no device name (the emulator): no cache file either
@@ -432,16 +440,13 @@ def _cache_file(key: dict) -> Path:
 def _load(key: dict) -> list[Result] | None:
     try:
         data = json.loads(_cache_file(key).read_text())
-        if data.get("key") != key:
-            return None
-        return [Result(**r) for r in data["results"]]
+        return [Result(**r) for r in data["results"]] if data.get("key") == key else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # none yet, or unreadable: check again
 
 
 def _save(key: dict, results: list[Result], seconds: float) -> None:
-    """Write the results atomically (a temporary file renamed over the old one); none where it cannot, or
-    where a kernel or the generic path raised (perhaps for a passing reason, as memory ran out)."""
+    """Write the results atomically (a file renamed); not where a side raised (perhaps as memory ran out)."""
     if any(" raised " in r.case for r in results):
         return
     path = _cache_file(key)
@@ -460,9 +465,8 @@ def _save(key: dict, results: list[Result], seconds: float) -> None:
 
 
 def check_once(ops) -> list[Result] | None:
-    """The self-check of ``ops`` (a ``CupyOps``), once per process and device (and GEMM mode): the
-    results of this process, else of the cache file, else ``run(ops)`` (then saved); the kernels that
-    failed are replaced by the generic path (``apply``). None with ``FASTNN_SELFCHECK=0``."""
+    """The self-check of ``ops`` once per process and device (and GEMM mode): this process's results, else the
+    cache file's, else ``run(ops)``'s (saved); failed kernels replaced (``apply``). None if FASTNN_SELFCHECK=0."""
     if os.environ.get("FASTNN_SELFCHECK", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     key = device_key(ops)

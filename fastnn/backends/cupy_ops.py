@@ -199,6 +199,9 @@ class CupyOps(Ops):
             buf = self._consts[key] = cp.empty(shape, dtype)
         return buf
 
+    def scratch(self, shape, dtype):
+        return self._buffer("scratch", shape, dtype)
+
     def conv_act(self, x, W, b, cols, out, act, pad, rowwise=False):
         """The implicit GEMM of conv_kernels.cu (``cols`` not written); its summation order per output
         element is fixed, whatever the batch: each row is independent of its batch with or without rowwise."""

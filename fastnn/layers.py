@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .backends import Ops
 
 TOKEN = re.compile(r"^(?:conv(?P<c>\d+)k(?P<k>\d+)(?P<same>s?)|pool(?P<p>\d+)|dense(?P<n>\d+))$")
+MAX_POOL = 11  # p*p window positions fit the int8 argmax of the pooling kernels
 GRAMMAR = "convCkK (or convCkKs for 'same' padding), poolP, denseN; e.g. conv20k5,pool2,conv40k5,pool2,dense100"
 
 
@@ -102,6 +103,9 @@ def _layer(m, token: str, spec: str, shape: tuple) -> Layer:
         p = int(m.group("p"))
         if p > H or p > W:
             raise ConfigError(f"--layers {spec!r}: {token!r} pools {p} x {p} windows of {H} x {W} images")
+        if p > MAX_POOL:
+            raise ConfigError(f"--layers {spec!r}: {token!r}: pooling windows are at most {MAX_POOL} x {MAX_POOL} "
+                              "(a window's max is kept as an int8 position)")
         return Layer("pool", C, p, 0, shape, (H // p, W // p, C))
     c, k, same = int(m.group("c")), int(m.group("k")), bool(m.group("same"))
     if same and k % 2 == 0:

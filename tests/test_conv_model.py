@@ -39,10 +39,11 @@ def test_the_spec_gives_every_layers_shape():
     ("dense10,conv4k3", "'conv4k3' comes after a dense layer"),
     ("conv4k4s", "odd kernel"),
     ("pool20", "pools 20 x 20 windows of 10 x 10 images"),
+    ("pool12", "'pool12': pooling windows are at most 11 x 11"),
 ])
 def test_a_bad_spec_is_one_error_naming_the_token(bad, match):
     with pytest.raises(ConfigError, match=match):
-        net(bad)
+        net(bad, side=28 if bad == "pool12" else 10)
 
 
 @pytest.mark.parametrize("spec", [SPEC, "conv3k5s,pool3,dense7", "conv5k1,conv4k3,dense6"])

@@ -202,3 +202,34 @@ def test_numpy_pooling_equals_the_generic_one_bit_for_bit_with_ties_and_nan(shap
     for fast, generic in zip(results[1], results[0]):
         np.testing.assert_array_equal(fast, generic)
         assert np.array_equal(np.signbit(fast), np.signbit(generic))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_compiled_relu_passes_equal_numpys_bit_for_bit(dtype, monkeypatch):
+    """A conv layer's bias + relu and relu backward (rows of any shape): -0.0, NaN, inf as NumPy gives them."""
+    from fastnn.backends import cpu_fused
+
+    if cpu_fused.compiled() is None:
+        pytest.skip("Numba is not installed (the fast extra): the NumPy sequences are the only path")
+    rng = np.random.default_rng(8)
+    h = rng.standard_normal((37, 5)).astype(dtype)
+    h[0, :4] = [np.nan, -np.inf, np.inf, -0.0]
+    b = rng.standard_normal(5).astype(dtype)
+    b[4] = 0.0
+    a = np.maximum(rng.standard_normal((3, 4, 6, 5)), 0).astype(dtype)
+    a[0, 0, 0, :2] = [np.nan, -0.0]
+    d = rng.standard_normal(a.shape).astype(dtype)
+    d[0, 0, 1, :2] = [np.inf, -np.inf]
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(cpu_fused, "_compiled", [None])
+        ops, hc, dc = NumpyOps(), h.copy(), d.copy()
+        ops.bias_act(hc, b, "relu")
+        ops.act_backward(dc, a, "relu")
+        results.append((hc, dc))
+    for fast, numpy_path in zip(*results):
+        np.testing.assert_array_equal(fast.view(f"u{fast.itemsize}"), numpy_path.view(f"u{fast.itemsize}"))
+    generic = h[1:].copy()  # finite rows (NumPy's product by the mask makes relu(-inf) NaN, not 0)
+    GENERIC.bias_act(generic, b, "relu")
+    np.testing.assert_array_equal(results[0][0][1:], generic)

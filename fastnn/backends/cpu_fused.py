@@ -36,8 +36,10 @@ def compiled() -> types.SimpleNamespace | None:
             _compiled.append(None)
         else:
             jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-            _compiled.append(types.SimpleNamespace(**{f.__name__: jit(f) for f in (sgd, momentum, adam, im2col, col2im,
-                                                                                   maxpool, maxpool_backward)}))
+            # one thread each: a loop split over the cores fights BLAS's threads (and other processes) for
+            # them, 3-8x slower than one thread on a busy 2-core machine
+            _compiled.append(types.SimpleNamespace(**{f.__name__: jit(f) for f in (
+                sgd, momentum, adam, im2col, col2im, maxpool, maxpool_backward, bias_relu, relu_backward)}))
     return _compiled[0]
 
 
@@ -102,8 +104,8 @@ def col2im(dcols, pad, out):
     as the generic version's strided adds do."""
     B, H, W, C = out.shape
     Ho, Wo, k = dcols.shape[1], dcols.shape[2], dcols.shape[3]
-    out[:] = 0
     for b in range(B):
+        out[b] = 0
         for i in range(k):
             for j in range(k):
                 for oy in range(max(0, pad - i), min(Ho, H + pad - i)):
@@ -145,13 +147,32 @@ def maxpool_backward(d, arg, p, out):
     zero = out.dtype.type(0)
     for b in range(B):
         for y in range(H):
+            oy = y // p
             for x in range(W):
-                oy, ox = y // p, x // p
-                o = out[b, y, x]
+                ox = x // p
                 if oy < Ho and ox < Wo:
                     q = (y - oy * p) * p + (x - ox * p)
-                    g, a = d[b, oy, ox], arg[b, oy, ox]
                     for c in range(C):
-                        o[c] = g[c] * (1 if a[c] == q else zero)
+                        out[b, y, x, c] = d[b, oy, ox, c] * (1 if arg[b, oy, ox, c] == q else zero)
                 else:
-                    o[:] = 0
+                    for c in range(C):
+                        out[b, y, x, c] = 0
+
+
+# relu's forward and backward passes on a conv layer's (rows, C) output, as NumpyOps does them in
+# NumPy (``h += b; h *= h > 0`` and ``d *= a > 0``: a product by 1 or 0, so -0.0 and NaN as there)
+def bias_relu(h, b):
+    """In place: h (R, N) = relu(h + b), b (N,)."""
+    one, zero = h.dtype.type(1), h.dtype.type(0)
+    for r in range(h.shape[0]):
+        for j in range(h.shape[1]):
+            v = h[r, j] + b[j]
+            h[r, j] = v * (one if v > 0 else zero)
+
+
+def relu_backward(d, a):
+    """In place: d (R, N) *= (a > 0), a (R, N) the layer's relu output."""
+    one, zero = d.dtype.type(1), d.dtype.type(0)
+    for r in range(d.shape[0]):
+        for j in range(d.shape[1]):
+            d[r, j] = d[r, j] * (one if a[r, j] > 0 else zero)

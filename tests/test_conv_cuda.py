@@ -212,3 +212,32 @@ def test_a_captured_conv_step_equals_uncaptured_bit_for_bit(emulated_gpu):
         np.testing.assert_array_equal(pc, pe)
     assert [(h["train_loss"], h["train_accuracy"]) for h in hc] == [(h["train_loss"], h["train_accuracy"]) for h in he]
     assert oc.steps == oe.steps
+
+
+# ------------------------------------------------------------ the same on a real GPU (skipped without one)
+@pytest.fixture
+def real_gpu():
+    from conftest import gpu_ops
+
+    gpu_ops()  # skips without a usable GPU
+
+
+@pytest.mark.gpu
+def test_a_conv_net_trains_on_the_gpu_as_on_numpy(real_gpu):
+    """The hardware's turn: the conv kernels (and the self-check, which must replace none) in float64."""
+    x, y = conv_data()
+    gpu, _, hg = train_conv(x, y, "gpu")
+    cpu, _, hc = train_conv(x, y, "cpu")
+    for pg, pc in zip(gpu.get_params(), cpu.get_params()):
+        np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)
+    assert hg[-1]["train_loss"] == pytest.approx(hc[-1]["train_loss"], rel=1e-10)
+
+
+@pytest.mark.gpu
+def test_a_captured_conv_step_equals_uncaptured_on_the_gpu(real_gpu):
+    x, y = conv_data()
+    eager, oe, he = train_conv(x, y, "gpu", "float32")
+    captured, oc, hc = train_conv(x, y, "gpu", "float32", cuda_graph=True)
+    for pe, pc in zip(eager.get_params(), captured.get_params()):
+        np.testing.assert_array_equal(pc, pe)
+    assert oc.steps == oe.steps

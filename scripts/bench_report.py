@@ -5,8 +5,9 @@
     python scripts/bench_report.py bench.json [--png chart.png] [--out results.md]
 
 Seconds per epoch come from each case's ``extra_info["epoch_seconds"]`` (per-sample
-cases timed a slice and scaled it); speedups are against the naive per-sample loop
-of the same run.
+cases timed a slice and scaled it; the conv-net cases an epoch of a subset); speedups
+are against the naive per-sample loop of the same run and the same network (the
+conv-net cases of benchmarks/test_conv_speed.py have none: no speedups for them).
 """
 
 import argparse
@@ -24,34 +25,87 @@ def load(path):
 
 def table(data) -> str:
     benches = data.get("benchmarks", [])
-    by_name = {b["name"]: b for b in benches}
-    naive = by_name.get("test_naive_per_sample_loop", {}).get("extra_info", {}).get("epoch_seconds")
+    infos = [b.get("extra_info", {}) for b in benches]
+    # the naive loop's seconds per epoch by network: None for the MLP's cases, which record no network
+    naive = {e.get("network"): e["epoch_seconds"] for b, e in zip(benches, infos)
+             if b["name"] == "test_naive_per_sample_loop" and "epoch_seconds" in e}
     machine = data.get("machine_info", {})
     lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
              f"{machine.get('cpu', {}).get('count', '?')} cores; run {data.get('datetime', '?')}", ""]
-    if any("epoch_seconds" in b.get("extra_info", {}) for b in benches):
+    if any("epoch_seconds" in e for e in infos):
         lines += ["| group | case | seconds per epoch | samples/s | GFLOP/s | speedup over naive | note |",
                   "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
-    for b in benches:
-        e = b.get("extra_info", {})
+    for b, e in zip(benches, infos):
         if "epoch_seconds" not in e:
             continue
-        speed = f"{naive / e['epoch_seconds']:.1f}x" if naive else ""
+        base = naive.get(e.get("network"))
+        speed = f"{base / e['epoch_seconds']:.1f}x" if base else ""
         lines.append(f"| {b['group']} | {e.get('impl', b['name'])} | {e['epoch_seconds']:.3f} | "
-                     f"{e['samples_per_s']:,.0f} | {e.get('gflops', 0):.1f} | {speed} | {e.get('slice', '')} |")
-    for b in benches:
-        e = b.get("extra_info", {})
+                     f"{e['samples_per_s']:,.0f} | {e.get('gflops', 0):.1f} | {speed} | {note(e)} |")
+    for network in dict.fromkeys(e["network"] for e in infos if "network" in e):
+        groups = ", ".join(dict.fromkeys(b["group"] for b, e in zip(benches, infos) if e.get("network") == network))
+        lines.append(f"\nThe {groups} cases train {network}"
+                     + ("." if network in naive else "; no naive loop of this network ran, so no speedups."))
+    for b, e in zip(benches, infos):
         if b["group"] == "gemm-peak":
             lines.append(f"\nGEMM peak ({b['name']}): {e['gflops']:.1f} GFLOP/s at {e['shape']} float32")
-        if "naive_over_fastnn" in e:
-            lines.append(
-                f"\nAlternating in one process (medians): naive {e['naive_epoch_seconds']:.2f} s, "
+        line = alternating(e)
+        if line:
+            lines.append("\nAlternating in one process (medians)" + line)
+    lines += stack_table(benches)
+    return "\n".join(lines) + "\n"
+
+
+def note(e) -> str:
+    """What a row timed and how it was scaled: the MLP's ``slice``, or a conv-net row's subset, batch, threads."""
+    if "images" not in e:
+        return e.get("slice", "")
+    used = "" if e.get("threads") is None else ", " + threads(e["threads"])
+    epoch = round(e["epoch_seconds"] * e["samples_per_s"])  # record()'s scale: images per epoch (60000)
+    return f"timed an epoch of the first {e['images']} images at batch {e['batch']}{used}, scaled to {epoch}"
+
+
+def threads(n) -> str:
+    return "its default threads" if n is None else f"{n} thread" + ("s" if n != 1 else "")
+
+
+def alternating(e) -> str | None:
+    """The rest of the sentence for a case alternated round by round in one process (None for any other):
+    the MLP's (benchmarks/test_train_speed.py) or one of benchmarks/test_conv_speed.py's ratio cases."""
+    if "naive_over_fastnn" in e:
+        return (f": naive {e['naive_epoch_seconds']:.2f} s, "
                 f"fastnn batch 128 {e['fastnn_epoch_seconds']:.3f} s, PyTorch batch 128 "
                 f"{e['torch_epoch_seconds']:.3f} s, the GEMMs alone {e['gemm_epoch_seconds']:.3f} s: "
                 f"fastnn is {e['naive_over_fastnn']:.1f}x the naive loop, {e['torch_over_fastnn']:.2f}x "
                 f"PyTorch, and takes {e['fastnn_over_gemm']:.2f}x its GEMM time.")
-    lines += stack_table(benches)
-    return "\n".join(lines) + "\n"
+    if "network" not in e:
+        return None
+    net = e["network"].split(" (")[0]  # "network3 (conv20k5,...)": its name
+    if "per_sample_over_batched" in e:
+        return (f", {net}, BLAS {threads(e['threads'])}: batch 1 {e['per_sample_us_per_image']:,.0f} us per image "
+                f"(epochs of {e['per_sample_images']} images), batch {e['batch']} "
+                f"{e['batched_us_per_image']:,.0f} us per image ({e['batched_images']} images): batch 1 takes "
+                f"{e['per_sample_over_batched']:.1f}x as long per image.")
+    if "torch_over_fastnn" in e:
+        return (f", {net}, epochs of {e['images']} images at batch {e['batch']}: fastnn (BLAS "
+                f"{threads(e['fastnn_blas_threads'])}) {e['fastnn_seconds']:.3f} s, PyTorch {e['torch']} "
+                f"({threads(e['torch_threads'])}) {e['torch_seconds']:.3f} s: PyTorch takes "
+                f"{e['torch_over_fastnn']:.2f}x fastnn's time.")
+    if "epoch_over_gemms" in e:
+        return (f", {net}, BLAS {threads(e['threads'])}: an epoch of {e['images']} images at batch {e['batch']} "
+                f"{e['epoch_seconds_measured']:.3f} s, its GEMMs alone ({e['gemms_per_step']} per step) "
+                f"{e['gemm_seconds']:.3f} s ({e['gemm_gflops']:.1f} GFLOP/s): the epoch takes "
+                f"{e['epoch_over_gemms']:.2f}x its GEMMs' time; \"{e['claim']}\" "
+                + ("holds." if e["claim_holds"] else "does not hold."))
+    if "fastnn_eager_seconds" in e:
+        cases = [k.removesuffix("_seconds") for k in e if k.endswith("_seconds")]
+        medians = ", ".join(f"{c.replace('_', ' ')} {e[c + '_seconds']:.3f} s" for c in cases)
+        ratios = "; ".join(f"over {base.replace('_', ' ')}: " + ", ".join(
+            f"{c.replace('_', ' ')} {e[f'{c}_over_{base}']:.2f}x" for c in cases if c != base)
+            for base in ("fastnn_eager", "fastnn_graph"))
+        return (f" on {e['device']}, {net}, epochs of {e['images']} images at batch {e['batch']}, PyTorch "
+                f"{e['torch']} (cudnn TF32 {'on' if e['cudnn_tf32'] else 'off'}): {medians}; {ratios}.")
+    return None
 
 
 STACK_CASES = ("stacked", "stacked_graph", "stacked_cublas", "sequential", "one_model", "torch_loop", "torch_vmap",

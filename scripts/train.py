@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train an MLP on MNIST-like data: ``python scripts/train.py --help``."""
+"""Train an MLP or a conv net on MNIST-like data: ``python scripts/train.py --help``."""
 
 import sys
 from pathlib import Path

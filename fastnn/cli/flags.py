@@ -69,7 +69,7 @@ def _hidden(text: str) -> list[int]:
     return sizes
 
 
-TRAIN_HELP = ("Train an MLP on MNIST-like data and report its test accuracy (defaults: Fashion-MNIST, "
+TRAIN_HELP = ("Train an MLP or a conv net on MNIST-like data and report its test accuracy (defaults: Fashion-MNIST, "
               "784-256-128-10 relu, Adam, cosine schedule, 20 epochs).")
 DOCTOR_HELP = ("Check data, initialisation, gradients and a short trial run on a copy of the network, "
                "and explain what would keep it from learning. Exit status 1 when it finds an error.")

@@ -372,14 +372,19 @@ def check_own_gradients(model: MLP, x, y, loss_fn=None, grad_fn=None, params=Non
     Every parameter array is checked, a conv net's too (pooling through the layers below it). fastnn's
     pass is checked on samples where the loss is differentiable (``off_kink_rows``: relu units off their
     kink, no near ties in a max-pooling window): there central differences are no derivative, and a
-    mismatch is no fault of the backward pass (code gradient-check-skipped, info, when no sample is)."""
+    mismatch is no fault of the backward pass (code gradient-check-skipped, info, when no sample is; a conv
+    net, whose blank image borders put units at the kink, is then checked on random images instead)."""
     if loss_fn is not None and grad_fn is not None:
         params = params if params is not None else model.get_params()
         names = param_names(model) if len(params) == len(model.shapes) else None
         report = check_gradients(loss_fn, grad_fn, params, max_entries=30, names=names)
         who = "your gradient function"
     else:
-        rows = off_kink_rows(model, np.asarray(x)[:GRAD_POOL])
+        x = np.asarray(x)[:GRAD_POOL]
+        rows = off_kink_rows(model, x)
+        if len(rows) == 0 and model.layer_spec is not None:  # blank borders: a conv net is checked on noise
+            x = _noise_like(x)
+            rows = off_kink_rows(model, x)
         if len(rows) == 0:
             conv = model.layer_spec is not None
             return [Finding(
@@ -389,12 +394,22 @@ def check_own_gradients(model: MLP, x, y, loss_fn=None, grad_fn=None, params=Non
                 f"{' (black image borders)' if conv else 'inputs'} with zero biases give)"
                 f"{', or max-pooling windows hold near ties' if conv else ''}, where central differences measure a "
                 "slope of 1/2 and backpropagation 0",
-                "the inputs may be sound (a conv net's zero biases put all-zero patches at the kink): run "
-                "fastnn.gradcheck on inputs without them, e.g. random ones" if conv else
+                "the inputs may be sound (random images put this conv net's units at the kink too): run "
+                "fastnn.gradcheck on inputs of your own that keep every relu unit off 0" if conv else
                 "fix the inputs first; the check runs on samples that keep every relu unit off 0")]
-        report = gradcheck(model, np.asarray(x)[rows], np.asarray(y)[rows], max_entries=20)
+        report = gradcheck(model, x[rows], np.asarray(y)[rows], max_entries=20)
         who = "fastnn's backward pass"
     return _mismatch(model, report, who) if report.max_rel_error > GRAD_REL_ERROR else []
+
+
+def _noise_like(x: np.ndarray) -> np.ndarray:
+    """Random images in x's range and dtype (uint8 pixels: 0-255), seeded: inputs that keep a conv net's
+    units off relu's kink where real images' blank borders put them on it."""
+    rng = np.random.default_rng(0)
+    if x.dtype == np.uint8:
+        return rng.integers(0, 256, x.shape, dtype=np.uint8)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 1.0)
+    return rng.uniform(lo, hi if hi > lo else lo + 1.0, x.shape).astype(x.dtype)
 
 
 def _mismatch(model: MLP, report, who: str) -> list[Finding]:

@@ -296,6 +296,25 @@ def test_a_broken_conv_or_pool_backward_is_named_by_its_layers(data, monkeypatch
     assert wrong and all("conv" in n for n in wrong) and max(report.rel_errors[4:]) < 1e-6, str(report)
 
 
+def test_a_conv_net_on_blank_images_is_checked_on_random_ones(data, monkeypatch):
+    """Blank images put every conv unit at relu's kink (zero patches, zero biases): the backward pass is
+    then checked on random images, and a broken one is still caught."""
+    x, y, _, _ = data
+    blank = np.zeros_like(x)
+    assert len(off_kink_rows(conv_net(), blank[:256])) == 0
+    assert check_own_gradients(conv_net(), blank, y) == []  # checked, and sound: no finding
+    cls = type(conv_net().ops)
+    original = cls.maxpool_backward
+
+    def broken(self, d, arg, p, out):
+        original(self, d, arg, p, out)
+        out *= 0.5
+
+    monkeypatch.setattr(cls, "maxpool_backward", broken)
+    f = check_own_gradients(conv_net(), blank, y)
+    assert codes(f) == {"gradient-mismatch"}, "\n".join(map(str, f))
+
+
 def test_the_doctor_names_the_conv_layers_in_its_unit_checks(data):
     x, y, _, _ = data
     m = conv_net()

@@ -190,54 +190,39 @@ def train_conv(x, y, device, dtype="float64", cuda_graph=False, epochs=1):
     return model, opt, hist
 
 
-def test_a_conv_net_trains_on_the_emulated_gpu_as_on_numpy(emulated_gpu):
-    """Batch 5 of 13 (two full batches and a ragged one of 3), float64: the same parameters and loss."""
-    x, y = conv_data()
-    gpu, _, hg = train_conv(x, y, "gpu")
-    cpu, _, hc = train_conv(x, y, "cpu")
-    for pg, pc in zip(gpu.get_params(), cpu.get_params()):
-        np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)
-    assert hg[-1]["train_loss"] == pytest.approx(hc[-1]["train_loss"], rel=1e-10)
-    np.testing.assert_allclose(gpu.predict_proba(x[:4]), cpu.predict_proba(x[:4]), rtol=1e-10, atol=1e-12)
-
-
-def test_a_captured_conv_step_equals_uncaptured_bit_for_bit(emulated_gpu):
-    """Capture refuses allocations, host copies and synchronisations: a conv step is capturable."""
-    x, y = conv_data()
-    eager, oe, he = train_conv(x, y, "gpu", "float32")
-    launches = emulated_gpu.emulator_state.graph_launches
-    captured, oc, hc = train_conv(x, y, "gpu", "float32", cuda_graph=True)
-    assert emulated_gpu.emulator_state.graph_launches - launches == 2  # both full batches replayed
-    for pe, pc in zip(eager.get_params(), captured.get_params()):
-        np.testing.assert_array_equal(pc, pe)
-    assert [(h["train_loss"], h["train_accuracy"]) for h in hc] == [(h["train_loss"], h["train_accuracy"]) for h in he]
-    assert oc.steps == oe.steps
-
-
-# ------------------------------------------------------------ the same on a real GPU (skipped without one)
-@pytest.fixture
-def real_gpu():
+@pytest.fixture(params=["emulated", pytest.param("real", marks=pytest.mark.gpu)])
+def gpu(request):
+    """The emulated GPU (CPU only), then the real one (``pytest -m gpu``; skipped without one): the fake
+    cupy module, or None."""
+    if request.param == "emulated":
+        return request.getfixturevalue("emulated_gpu")
     from conftest import gpu_ops
 
     gpu_ops()  # skips without a usable GPU
+    return None
 
 
-@pytest.mark.gpu
-def test_a_conv_net_trains_on_the_gpu_as_on_numpy(real_gpu):
-    """The hardware's turn: the conv kernels (and the self-check, which must replace none) in float64."""
+def test_a_conv_net_trains_on_the_gpu_as_on_numpy(gpu):
+    """Batch 5 of 13 (two full batches and a ragged one of 3), float64: the same parameters and loss (on
+    hardware, also: the self-check replaced no conv kernel, which would warn)."""
     x, y = conv_data()
-    gpu, _, hg = train_conv(x, y, "gpu")
+    on_gpu, _, hg = train_conv(x, y, "gpu")
     cpu, _, hc = train_conv(x, y, "cpu")
-    for pg, pc in zip(gpu.get_params(), cpu.get_params()):
+    for pg, pc in zip(on_gpu.get_params(), cpu.get_params()):
         np.testing.assert_allclose(pg, pc, rtol=1e-10, atol=1e-12)
     assert hg[-1]["train_loss"] == pytest.approx(hc[-1]["train_loss"], rel=1e-10)
+    np.testing.assert_allclose(on_gpu.predict_proba(x[:4]), cpu.predict_proba(x[:4]), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.gpu
-def test_a_captured_conv_step_equals_uncaptured_on_the_gpu(real_gpu):
+def test_a_captured_conv_step_equals_uncaptured_bit_for_bit(gpu):
+    """Capture refuses allocations, host copies and synchronisations: a conv step is capturable."""
     x, y = conv_data()
     eager, oe, he = train_conv(x, y, "gpu", "float32")
+    launches = gpu.emulator_state.graph_launches if gpu else 0
     captured, oc, hc = train_conv(x, y, "gpu", "float32", cuda_graph=True)
+    if gpu:
+        assert gpu.emulator_state.graph_launches - launches == 2  # both full batches replayed
     for pe, pc in zip(eager.get_params(), captured.get_params()):
         np.testing.assert_array_equal(pc, pe)
+    assert [(h["train_loss"], h["train_accuracy"]) for h in hc] == [(h["train_loss"], h["train_accuracy"]) for h in he]
     assert oc.steps == oe.steps

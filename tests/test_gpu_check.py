@@ -146,7 +146,8 @@ def test_the_selfcheck_part_on_the_emulated_gpu(emulated_gpu, monkeypatch, tmp_p
     from fastnn.backends.cupy_ops import CupyOps
 
     checks = 2 * len(selfcheck.fused_kernels(CupyOps))  # each kernel in float32 and float64
-    assert checks >= 40 and text.count(f"{checks} of {checks} checks passed") == 2 and "## gemm=fastnn" in text and "## gemm=cublas" in text
+    assert checks >= 40 and text.count(f"{checks} of {checks} checks passed") == 2
+    assert "## gemm=fastnn" in text and "## gemm=cublas" in text
     assert "warning" not in text
 
 

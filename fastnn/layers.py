@@ -134,8 +134,17 @@ def image_shape_of(width: int, image_shape=None) -> tuple:
         return shape
     side = int(round(int(width) ** 0.5))
     if side * side != int(width):
-        raise ConfigError(f"{width} input values are not a square image: give image_shape=(H, W, C) for a conv net")
+        raise ConfigError(f"{width} input values are not a square image: give image_shape=(H, W, C)")
     return (side, side, 1)
+
+
+def translated_shape(width: int, image_shape, translate: int) -> tuple:
+    """(H, W, C) of the images that ``translate`` pixels move (``image_shape_of``), the shift checked to be
+    less than their side."""
+    shape = image_shape_of(width, image_shape)
+    if translate >= min(shape[:2]):
+        raise ConfigError(f"translate must be less than the images' side ({min(shape[:2])} pixels), got {translate}")
+    return shape
 
 
 def dropout_rates(dropout, n_hidden: int) -> list[float]:

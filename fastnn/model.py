@@ -29,7 +29,7 @@ from .backends import ACTIVATIONS, Dropout, get_ops, resolve_dtype
 from .config import INITS, LOSSES, check
 from .errors import ConfigError, DataError
 from .guards import DIVERGED, check_fits, describe_nonfinite, file_params, nonfinite_params
-from .layers import Workspace, dense_spec, dropout_rates, image_shape_of, layer_dropout, parse
+from .layers import Workspace, dense_spec, dropout_rates, image_shape_of, layer_dropout, parse, translated_shape
 from .preprocessing import Preprocessing
 
 __all__ = ["MLP", "Workspace", "LOSSES", "INITS", "dropout_rates"]
@@ -46,8 +46,9 @@ class MLP:
     dropout: the dropout probability of the hidden layers' outputs during training, one
     for all or one per hidden layer (inverted dropout, fused into the layer kernels, masks
     from a hash of seed, step, layer and element; off in evaluation and prediction).
-    translate: in training, each image moved by up to this many pixels each way (a conv net's
-    images, or square ones), a hash of seed, step and row choosing the shift; 0: off.
+    translate: in training, each image moved by up to this many pixels each way (images of
+    ``image_shape``, square single-channel ones by default; an MLP's too), a hash of seed, step and
+    row choosing the shift; 0: off.
 
     ``preprocessing`` (a ``Preprocessing``: scale, shift, pixel range) maps raw
     uint8 inputs to network inputs; float inputs are used as given. Set it to the
@@ -65,7 +66,7 @@ class MLP:
         sizes = tuple(int(n) for n in sizes)
         if len(sizes) < 2 or min(sizes) < 1:
             raise ConfigError(f"sizes must list at least two positive widths, got {sizes}")
-        self.layer_spec, self.image_shape = layers, None  # a conv net's spec (fastnn.layers) and (H, W, C)
+        self.layer_spec, self.image_shape = layers, None  # a conv net's spec (fastnn.layers); (H, W, C) of images
         if layers is None:
             self.layers = dense_spec(sizes[1:-1], sizes[0], sizes[-1])
         else:
@@ -83,10 +84,8 @@ class MLP:
             raise ConfigError("softmax cross-entropy needs at least 2 output classes")
         self.dropout = layer_dropout(dropout, self.layers)
         self.translate = check("translate", translate)
-        if translate:  # the images' shape: a conv net's, or square ones for an MLP
-            side = min((self.image_shape or image_shape_of(sizes[0], None))[:2])
-            if translate >= side:
-                raise ConfigError(f"translate must be less than the images' side ({side} pixels), got {translate}")
+        if translate:  # the images' shape: a conv net's, or for an MLP the one given (square by default)
+            self.image_shape = translated_shape(sizes[0], self.image_shape or image_shape, translate)
         self.sizes = sizes
         self.activation = activation
         self.loss = loss
@@ -230,14 +229,16 @@ class MLP:
 
         uint8 pixels are converted and preprocessed on the way; float inputs are copied. train: a
         training batch, each image moved at random by up to ``translate`` pixels (``Ops.translate``;
-        the pixels moved in are a raw 0 pixel, preprocessed, or 0 for float inputs).
+        the pixels moved in are a blank pixel as the network sees it: a raw 0 pixel, preprocessed,
+        for uint8 and float inputs alike).
         """
         scale, shift = self.preprocessing.uint8_affine() if x_dev.dtype == np.uint8 else (1.0, 0.0)
         if train and self.translate:
             raw = self.ops.scratch(ws.x.shape, ws.x.dtype)
             self.ops.gather_rows(x_dev, idx, raw, scale, shift)
-            shape = (ws.x.shape[0], *(self.image_shape or image_shape_of(ws.x.shape[1], None)))
-            self.ops.translate(raw.reshape(shape), ws.x.reshape(shape), self.translate, self.seed, self.step, shift)
+            shape = (ws.x.shape[0], *self.image_shape)
+            blank = self.preprocessing.uint8_affine()[1]
+            self.ops.translate(raw.reshape(shape), ws.x.reshape(shape), self.translate, self.seed, self.step, blank)
         else:
             self.ops.gather_rows(x_dev, idx, ws.x, scale, shift)
         if y_dev is not None:
@@ -462,7 +463,8 @@ class MLP:
                 "init": self.init, "dtype": self.dtype.name, "seed": self.seed, "dropout": self.dropout,
                 "translate": self.translate,
                 **self.preprocessing.to_config(), "classes": self.classes,
-                **({"layers": self.layer_spec, "image_shape": list(self.image_shape)} if self.layer_spec else {})}
+                **({"layers": self.layer_spec} if self.layer_spec else {}),
+                **({"image_shape": list(self.image_shape)} if self.image_shape else {})}
 
     def to_onnx(self, path, input_type: str = "uint8") -> None:
         """Export to ONNX (``fastnn.export.export_onnx``): preprocessing, layers, probabilities, label."""

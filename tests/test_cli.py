@@ -653,14 +653,14 @@ def test_a_limit_too_small_for_the_validation_split_is_one_line(data_args):
 
 @pytest.mark.accuracy
 @pytest.mark.slow
-def test_the_cnn_preset_passes_the_mlp_ceiling_in_three_epochs(tmp_path, real_data_args):
-    """The conv net's claim in short: 3 epochs of the cnn preset beat what 20 MLP configurations reach
-    (~0.899, README) on Fashion-MNIST's test set."""
+def test_the_cnn_preset_passes_the_mlp_ceiling_in_five_epochs(tmp_path, real_data_args):
+    """The conv net's claim in short: 5 epochs of the cnn preset (0.9070 here, 101 s) beat what 20 MLP
+    configurations reach (~0.899, README) on Fashion-MNIST's test set."""
     metrics = tmp_path / "m.jsonl"
-    args = ["--preset", "cnn", "--epochs", "3", "--quiet", "--metrics", str(metrics)]
+    args = ["--preset", "cnn", "--epochs", "5", "--quiet", "--metrics", str(metrics)]
     r = subprocess.run(TRAIN + real_data_args + args, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(s) for s in metrics.read_text().splitlines()]
     print(r.stdout.splitlines()[-1])
-    assert lines[0]["layers"] == PRESETS["cnn"]["layers"]
+    assert lines[0]["layers"] == PRESETS["cnn"]["layers"] and lines[0]["translate"] == 1
     assert lines[-1]["test_accuracy"] >= 0.90

@@ -160,23 +160,59 @@ def test_translate_moves_each_image_within_the_limit_and_differs_by_step(ops):
     assert moves_by_step[0] != moves_by_step[1] and len(seen) == 25  # a new step, new shifts; every shift drawn
 
 
-def test_a_model_translates_its_training_batches_only_and_resumes_the_same_shifts():
-    x = np.random.default_rng(1).integers(0, 256, (8, 100), dtype=np.uint8)
+def moved_by_one_shift(out, images, limit, fill) -> bool:
+    """Whether each of ``out`` (N, H, W, C) is its image moved by exactly one (dy, dx) in [-limit, limit]^2."""
+    return all(sum(np.array_equal(o, shifted(im, dy, dx, fill)) for dy in range(-limit, limit + 1)
+                   for dx in range(-limit, limit + 1)) == 1 for o, im in zip(out, images))
+
+
+def test_a_model_translates_its_training_batches_only_with_a_blank_pixel_moved_in():
+    x = np.random.default_rng(1).integers(1, 256, (8, 100), dtype=np.uint8)  # no 0 pixel: the fill shows
     model = fastnn.MLP([100, 3], layers="conv2k3,dense4", translate=3)
     model.preprocessing = fastnn.Preprocessing(scale=1 / 255, shift=-0.5)
     ws = model.workspace(8)
-    xd = model.ops.asarray(x)
     idx = model.ops.asarray(np.arange(8))
-    model.load_batch(ws, xd, None, idx)
+    model.load_batch(ws, model.ops.asarray(x), None, idx)
     plain = ws.x.copy()
     np.testing.assert_allclose(plain, x / 255 - 0.5, rtol=1e-6, atol=1e-7)  # evaluation: no translation
-    model.load_batch(ws, xd, None, idx, train=True)
-    expected = np.empty_like(plain)
-    Ops(np).translate(plain.reshape(8, 10, 10, 1), expected.reshape(8, 10, 10, 1), 3, 0, model.step, -0.5)
-    np.testing.assert_array_equal(ws.x, expected)  # a raw 0 pixel moved in: -0.5 after preprocessing
-    assert not np.array_equal(ws.x, plain)
-    assert fastnn.MLP.from_config(model.config()).translate == 3 and model.uses_dropout
+    model.load_batch(ws, model.ops.asarray(x), None, idx, train=True)
+    from_uint8 = ws.x.copy()
+    assert moved_by_one_shift(from_uint8.reshape(8, 10, 10, 1), plain.reshape(8, 10, 10, 1), 3, np.float32(-0.5))
+    assert not np.array_equal(from_uint8, plain)
+    model.load_batch(ws, model.ops.asarray(plain), None, idx, train=True)  # the same images as network inputs
+    np.testing.assert_array_equal(ws.x, from_uint8)  # the same shifts, and the same blank pixel (-0.5) moved in
+    back = fastnn.MLP.from_config(model.config())
+    assert back.translate == 3 and back.image_shape == (10, 10, 1) and model.uses_dropout
+
+
+def test_an_mlp_translates_images_of_the_shape_given_and_fit_draws_new_shifts_each_step():
+    model = fastnn.MLP([100, 3], translate=2, image_shape=(5, 20))  # not square: 5 x 20 single-channel images
+    assert model.image_shape == (5, 20, 1) and fastnn.MLP.from_config(model.config()).image_shape == (5, 20, 1)
+    x = np.random.default_rng(2).standard_normal((6, 100)).astype(np.float32) + 3  # float inputs, none 0
+    ws = model.workspace(6)
+    shifts = []
+    for _ in range(2):
+        model.load_batch(ws, model.ops.asarray(x), None, model.ops.asarray(np.arange(6)), train=True)
+        assert moved_by_one_shift(ws.x.reshape(6, 5, 20, 1), x.reshape(6, 5, 20, 1), 2, np.float32(0))
+        shifts.append(ws.x.copy())
+        model.ops.count(model.step)
+    assert not np.array_equal(*shifts)
+    fastnn.fit(model, np.tile(x, (4, 1)), np.arange(24) % 3, epochs=1, batch_size=8)  # no dropout: shifts alone
+    assert int(model.ops.to_host(model.step)[0]) == 2 + 3  # each of the 3 steps advanced the counter
+    with pytest.raises(ConfigError, match="translate must be less than the images' side \\(5 pixels\\)"):
+        fastnn.MLP([100, 3], translate=5, image_shape=(5, 20))
     with pytest.raises(ConfigError, match="translate must be less than the images' side"):
         fastnn.MLP([100, 3], layers="conv2k3,dense4", translate=10)
     with pytest.raises(ConfigError, match="translate must be a whole number >= 0, got -1"):
         fastnn.MLP([100, 3], translate=-1)
+
+
+def test_resuming_a_cnn_run_from_before_translate_keeps_its_images_unshifted():
+    """A checkpoint of the cnn preset written before the preset shifted images has no translate key: the
+    resumed run continues the network it had (no shifts), not the preset's current one."""
+    from fastnn.cli.flags import DEFAULTS, PRESETS, resolve_config, train_parser
+
+    stored = {k: v for k, v in {**DEFAULTS, **PRESETS["cnn"], "preset": "cnn"}.items() if k != "translate"}
+    cfg = resolve_config(train_parser().parse_args(["--resume", "ck"]), stored)
+    assert cfg["translate"] == 0 and cfg["layers"] == PRESETS["cnn"]["layers"]
+    assert resolve_config(train_parser().parse_args(["--resume", "ck"]), {**stored, "translate": 1})["translate"] == 1

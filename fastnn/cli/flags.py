@@ -133,7 +133,7 @@ def _data_flags(p, add, S) -> None:
 def _network_flags(p, add, S) -> None:
     g = p.add_argument_group("network")
     add(g, "--preset", "seed1/seed2: the networks of the two questions in the README, done right; network3: "
-        "Nielsen's conv net (ReLU, dropout 0.5); cnn: fastnn's recommended conv net",
+        "Nielsen's conv net (ReLU, dropout 0.5); cnn: fastnn's recommended conv net (1-pixel shifts, 20 epochs)",
         choices=list(PRESETS), default=S)
     add(g, "--hidden", "hidden widths, e.g. 128,64", type=_hidden, default=S)
     add(g, "--layers", "a conv net instead: e.g. conv20k5,pool2,conv40k5,pool2,dense100 (convCkK: C channels, "
@@ -192,6 +192,7 @@ def resolve_config(args, stored=None, checkpoint=None) -> dict:
     if stored:
         cfg.update({k: v for k, v in stored.items() if k in cfg})
         cfg["val_split"] = stored.get("val_split", 0.0)  # runs from before --val-split used all the data
+        cfg["translate"] = stored.get("translate", 0)  # ... and before --translate did not shift images
         check_same_network(cfg, given, checkpoint or "of --resume")
     for key in ("data_dir", "train", "test"):  # stored absolute: --resume works from any folder
         if given.get(key) is not None:

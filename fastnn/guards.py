@@ -47,22 +47,30 @@ def n_params(sizes) -> int:
     return sum(fi * fo + fo for fi, fo in zip(sizes[:-1], sizes[1:]))
 
 
-def training_bytes(sizes, dtype, n_models: int = 1, batch: int = BATCH) -> int:
+def training_bytes(sizes, dtype, n_models: int = 1, batch: int = BATCH, layers=None) -> int:
     """Bytes a network of layer widths ``sizes`` (ints) needs to train in ``dtype``: parameters,
     gradients and up to two optimizer-state arrays (Adam's), P values each, plus the batch
-    buffers (inputs (B, D), activations and deltas (B, n) per layer); times ``n_models`` (a stack)."""
+    buffers (inputs (B, D), activations and deltas (B, n) per layer); times ``n_models`` (a stack).
+    layers: a conv net's ``fastnn.layers.Layer`` list (sizes then its flattened outputs): its
+    parameters come from the layers, and each convolution adds its patches and their gradient."""
     sizes = [int(n) for n in sizes]
-    per_model = 4 * n_params(sizes) + int(batch) * (sizes[0] + 2 * sum(sizes[1:]))
+    if layers is None:
+        params, patches = n_params(sizes), 0
+    else:
+        params = sum(int(np.prod(l.weight_shape)) + l.size for l in layers if l.kind != "pool")
+        patches = sum(2 * (l.width_out // l.size) * l.weight_shape[0] for l in layers if l.kind == "conv")
+    per_model = 4 * params + int(batch) * (sizes[0] + 2 * sum(sizes[1:]) + patches)
     return int(n_models) * per_model * np.dtype(dtype).itemsize
 
 
-def check_fits(sizes, dtype, n_models: int = 1, batch: int = BATCH) -> None:
+def check_fits(sizes, dtype, n_models: int = 1, batch: int = BATCH, layers=None, spec=None) -> None:
     """ConfigError (one line) when ``training_bytes`` exceeds the machine's physical memory; it
-    names the network and both sizes. Pure arithmetic: nothing is allocated."""
-    need, have = training_bytes(sizes, dtype, n_models, batch), physical_memory()
+    names the network (``spec``, a conv net's layer spec, or the widths) and both sizes. Pure
+    arithmetic: nothing is allocated."""
+    need, have = training_bytes(sizes, dtype, n_models, batch, layers), physical_memory()
     if need > have:
         stack = f"a stack of {n_models} " if n_models > 1 else "a "
-        net = "-".join(str(int(n)) for n in sizes)
+        net = spec or "-".join(str(int(n)) for n in sizes)
         raise ConfigError(f"{stack}{net} network would need {format_bytes(need)} of memory (parameters, gradients, "
                           f"optimizer state, batch buffers, in {np.dtype(dtype).name}); this machine has "
                           f"{format_bytes(have)}")
@@ -118,15 +126,17 @@ def file_params(path, meta: dict, arrays: dict) -> list[np.ndarray]:
     anything is allocated: the sizes must fit in memory (DataError naming the file) and give each
     array's shape (ValueError naming the array)."""
     sizes, dtype = [int(n) for n in meta["sizes"]], resolve_dtype(meta["dtype"])
+    layers = None
     if meta.get("layers"):  # a conv net: the spec gives the shapes
         layers = parse(meta["layers"], image_shape_of(sizes[0], meta.get("image_shape")), sizes[-1])
+        sizes = [sizes[0], *(l.width_out for l in layers)]
         shapes = [s for l in layers if l.kind != "pool" for s in (l.weight_shape, (l.size,))]
     else:
-        try:
-            check_fits(sizes, dtype)
-        except ConfigError as exc:  # a valid file, perhaps, but not for this machine
-            raise DataError(f"{path}: {exc}") from None
         shapes = [s for fi, fo in zip(sizes[:-1], sizes[1:]) for s in ((fi, fo), (fo,))]
+    try:
+        check_fits(sizes, dtype, layers=layers, spec=meta.get("layers"))
+    except ConfigError as exc:  # a valid file, perhaps, but not for this machine
+        raise DataError(f"{path}: {exc}") from None
     params = []
     for i, shape in enumerate(shapes):
         p = arrays[f"p{i}"]

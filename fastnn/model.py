@@ -92,8 +92,8 @@ class MLP:
         self.init = init
         self.seed = seed
         self.dtype = resolve_dtype(dtype)
-        if layers is None:
-            check_fits(sizes, self.dtype, int(np.prod(self.stack)))  # before a byte is allocated
+        # before a byte is allocated (a conv net: its layers give the parameters and the patch buffers)
+        check_fits(sizes, self.dtype, int(np.prod(self.stack)), layers=self.layers if layers else None, spec=layers)
         self.ops = get_ops(device)
         self.device = self.ops.name
         self.preprocessing = Preprocessing()

@@ -628,6 +628,8 @@ def test_a_network_too_big_for_the_machine_is_one_line_before_anything_is_alloca
     err = one_line_error(run(TRAIN + data_args + SMALL + ["--hidden", "1000000000"]))
     assert err.startswith("error: --hidden 1000000000: a 784-1000000000-10 network would need 14 TB of memory "
                           "(parameters, gradients, optimizer state, batch buffers, in float32); this machine has ")
+    err = one_line_error(run(TRAIN + data_args + ["--epochs", "1", "--layers", "conv3000000k3,dense10"]))
+    assert err.startswith("error: --layers conv3000000k3,dense10: a conv3000000k3,dense10 network would need 2.4 TB")
     from fastnn import npzfile
 
     fastnn.MLP([784, 8, 10]).save(tmp_path / "m.npz")

@@ -216,3 +216,16 @@ def test_resuming_a_cnn_run_from_before_translate_keeps_its_images_unshifted():
     cfg = resolve_config(train_parser().parse_args(["--resume", "ck"]), stored)
     assert cfg["translate"] == 0 and cfg["layers"] == PRESETS["cnn"]["layers"]
     assert resolve_config(train_parser().parse_args(["--resume", "ck"]), {**stored, "translate": 1})["translate"] == 1
+
+
+def test_a_conv_net_too_big_for_memory_is_one_error_before_anything_is_allocated(tmp_path):
+    """Its layers give the estimate (parameters, outputs and each convolution's patches), not the widths."""
+    from fastnn import guards
+
+    m = net("conv4k3s,pool2,dense5", dtype="float64")
+    patches = 2 * 100 * 9  # cols and dcols of the one convolution, per image
+    params = (9 * 4 + 4) + (100 * 5 + 5) + (5 * 3 + 3)  # conv, dense (after pooling to 5x5x4), output
+    assert guards.training_bytes(m.sizes, np.float64, batch=2, layers=m.layers) == (
+        4 * params + 2 * (100 + 2 * sum(m.sizes[1:]) + patches)) * 8
+    with pytest.raises(ConfigError, match=r"a conv100000k3s,dense10 network would need \d+ GB of memory"):
+        fastnn.MLP([784, 10], layers="conv100000k3s,dense10")

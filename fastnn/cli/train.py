@@ -18,6 +18,7 @@ from ..backends import get_ops, resolve_dtype, set_tf32
 from ..diagnose import EpochMonitor, diagnose
 from ..errors import ConfigError, DataError, DivergedError
 from ..guards import check_fits
+from ..layers import image_shape_of, parse
 from ..lock import FolderLock
 from ..loop import stratified_split
 from ..lrfind import lr_find, plot_lr_find
@@ -94,15 +95,20 @@ def _split_problem(labels: np.ndarray, val_split: float, limit: int | None, empt
 
 
 def check_size(cfg: dict, ds: datasets.Dataset, state: dict | None, given: dict) -> None:
-    """Before the network is allocated: ConfigError naming --hidden (or DataError naming the checkpoint
+    """Before the network is allocated: ConfigError naming --hidden or --layers (or DataError naming the checkpoint
     a resumed run took its layers from) when it would not fit in this machine's memory."""
-    sizes = [ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)]
+    sizes, conv, flag = [ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], None, "hidden"
+    if cfg["layers"]:  # a conv net: its layers give the parameters, outputs and patch buffers
+        conv, flag = parse(cfg["layers"], image_shape_of(sizes[0], ds.image_shape), sizes[-1]), "layers"
+        sizes = [sizes[0], *(l.width_out for l in conv)]
     try:
-        check_fits(sizes, resolve_dtype(cfg["dtype"]), batch=min(cfg["batch_size"], len(ds.train_labels)))
+        check_fits(sizes, resolve_dtype(cfg["dtype"]), batch=min(cfg["batch_size"], len(ds.train_labels)),
+                   layers=conv, spec=cfg["layers"])
     except ConfigError as exc:
-        if state is not None and "hidden" not in given:
+        if state is not None and flag not in given:
             raise DataError(f"{state['path']}: {exc}") from None
-        raise ConfigError(f"--hidden {','.join(map(str, cfg['hidden']))}: {exc}") from None
+        value = cfg["layers"] or ",".join(map(str, cfg["hidden"]))
+        raise ConfigError(f"--{flag} {value}: {exc}") from None
 
 
 def build(cfg: dict, ds: datasets.Dataset, state: dict | None) -> tuple[MLP, Optimizer, np.random.Generator]:

@@ -109,9 +109,25 @@ def run_kernels(small: bool = False) -> None:
             for b in batches:
                 fastnn.fit(m, x[:b], y[:b], epochs=1, batch_size=b, lr=1e-3, optimizer="sgd", lr_schedule="constant")
         run_stacks(x, y, dtype, batches, small)
+        run_convs(x, y, dtype, small)
     m.ops.synchronize()
     print("kernels ran:", len(batches), "batch sizes x 2 dtypes x 2 losses,", "sgd" if small else "3 optimizers,",
-          "stacks" if small else "cuBLAS GEMMs, captured steps and stacks")
+          "stacks, conv nets" if small else "cuBLAS GEMMs, captured steps, stacks and conv nets")
+
+
+def run_convs(x, y, dtype: str, small: bool) -> None:
+    """A conv net (both paddings, pooling windows that leave a row and column over, a weight gradient
+    split in parts at batch 257, 1-pixel shifts) on the top-left 12 x 12 pixels of the images, at batch
+    1 and 257, evaluated; and a captured step (full workload only)."""
+    import fastnn
+
+    x12 = np.ascontiguousarray(x.reshape(-1, 28, 28)[:, :12, :12].reshape(-1, 144))
+    m = fastnn.MLP([144, 10], layers="conv5k3s,pool2,conv7k3,pool3,dense9", device="gpu", dtype=dtype, translate=1)
+    for b in SMALL_BATCHES:
+        fastnn.fit(m, x12[:b], y[:b], epochs=1, batch_size=b, lr=1e-3, lr_schedule="constant")
+        m.evaluate(x12[:b], y[:b], batch_size=b)
+    if not small:
+        fastnn.fit(m, x12[:600], y[:600], epochs=1, batch_size=256, lr=1e-3, cuda_graph=True, lr_schedule="constant")
 
 
 def run_stacks(x, y, dtype: str, batches, small: bool) -> None:

@@ -544,7 +544,7 @@ def fake_cupy(kernels_cache: Path | None = None, seed: int | None = None) -> typ
     """A new stand-in for the ``cupy`` module (see the module docstring), with its own state; ``seed``
     (default ``$FASTNN_EMU_SEED``, else 0) seeds the threads' order, and ``seed_emulator(seed)`` reseeds it."""
     state = types.SimpleNamespace(capture=None, capture_stream=None, streams=[], launches=0, graph_launches=0,
-                                  rng=seed_state(seed))
+                                  rng=seed_state(seed), kernels_launched=set())
     page = mmap.PAGESIZE
 
     def no_capture(what: str) -> None:
@@ -713,6 +713,7 @@ def fake_cupy(kernels_cache: Path | None = None, seed: int | None = None) -> typ
             else:
                 self.emulated.run(grid, block, values)
             state.launches += 1
+            state.kernels_launched.add(self.emulated.name)
 
     class RawModule:
         def __init__(self, code, options=()):

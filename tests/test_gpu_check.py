@@ -158,5 +158,7 @@ def test_racechecks_small_workload_runs_on_the_emulated_gpu(emulated_gpu, monkey
     monkeypatch.setenv("FASTNN_SELFCHECK", "0")  # as the sanitize part runs it
     launches = emulated_gpu.emulator_state.launches
     gc.run_kernels(small=True)
-    assert "kernels ran: 2 batch sizes x 2 dtypes x 2 losses, sgd stacks" in capsys.readouterr().out
+    assert "kernels ran: 2 batch sizes x 2 dtypes x 2 losses, sgd stacks, conv nets" in capsys.readouterr().out
+    assert {"conv_act_f32", "conv_weight_grad_f64", "conv_grad_sum_f32", "conv_input_grad_f64", "maxpool_f32",
+            "maxpool_backward_f64", "translate_f32"} <= emulated_gpu.emulator_state.kernels_launched
     assert emulated_gpu.emulator_state.launches - launches > 100

@@ -233,3 +233,14 @@ def test_the_compiled_relu_passes_equal_numpys_bit_for_bit(dtype, monkeypatch):
     generic = h[1:].copy()  # finite rows (NumPy's product by the mask makes relu(-inf) NaN, not 0)
     GENERIC.bias_act(generic, b, "relu")
     np.testing.assert_array_equal(results[0][0][1:], generic)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_translation_equals_the_generic_one_bit_for_bit(dtype, fast_path):
+    """Both paths (the compiled one moves the images in one pass, no (B, H, W, C) temporaries), several steps."""
+    x = np.random.default_rng(9).standard_normal((11, 7, 9, 3)).astype(dtype)
+    for limit, seed, step in ((1, 3, 0), (2, 2 ** 32 - 5, 17), (6, -7, 2 ** 31 - 1)):
+        got, want = np.full_like(x, np.nan), np.full_like(x, np.nan)
+        fast_path.translate(x, got, limit, seed, np.array([step], np.int32), -0.5)
+        GENERIC.translate(x, want, limit, seed, np.array([step], np.int32), -0.5)
+        np.testing.assert_array_equal(got.view(f"u{x.itemsize}"), want.view(f"u{x.itemsize}"))

@@ -1,4 +1,4 @@
-"""The NumPy backend's optimizer updates, and its conv and pooling loops, as single fused passes
+"""The NumPy backend's optimizer updates, and its conv, pooling and image-shift loops, as single fused passes
 compiled by Numba when it is installed (``pip install 'fastnn[fast]'``; ``FASTNN_NUMBA=0`` turns
 them off).
 
@@ -39,7 +39,8 @@ def compiled() -> types.SimpleNamespace | None:
             # one thread each: a loop split over the cores fights BLAS's threads (and other processes) for
             # them, 3-8x slower than one thread on a busy 2-core machine
             _compiled.append(types.SimpleNamespace(**{f.__name__: jit(f) for f in (
-                sgd, momentum, adam, im2col, col2im, maxpool, maxpool_backward, bias_relu, relu_backward)}))
+                sgd, momentum, adam, im2col, col2im, maxpool, maxpool_backward, bias_relu, relu_backward,
+                shift_images)}))
     return _compiled[0]
 
 
@@ -176,3 +177,20 @@ def relu_backward(d, a):
     for r in range(d.shape[0]):
         for j in range(d.shape[1]):
             d[r, j] = d[r, j] * (one if a[r, j] > 0 else zero)
+
+
+def shift_images(x, out, dy, dx, fill):
+    """out (B, H, W, C) = image b of x moved by dy[b] rows and dx[b] columns (``Ops.translate``'s shifts),
+    ``fill`` where the pixel came from outside."""
+    B, H, W, C = x.shape
+    for b in range(B):
+        for y in range(H):
+            sy = y - dy[b]
+            for xx in range(W):
+                sx = xx - dx[b]
+                if 0 <= sy < H and 0 <= sx < W:
+                    for c in range(C):
+                        out[b, y, xx, c] = x[b, sy, sx, c]
+                else:
+                    for c in range(C):
+                        out[b, y, xx, c] = fill

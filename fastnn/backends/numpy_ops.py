@@ -132,6 +132,12 @@ class NumpyOps(Ops):
             return fused.maxpool_backward(d, arg, p, out)
         super().maxpool_backward(d, arg, p, out)
 
+    def translate(self, x, out, limit, seed, step, fill):
+        if not (fused := cpu_fused.compiled()):
+            return super().translate(x, out, limit, seed, step, fill)
+        dy, dx = self.translation_shifts(x.shape[0], limit, seed, step)  # B values; the images in one pass
+        fused.shift_images(x, out, dy, dx, out.dtype.type(fill))
+
     def matmul(self, a, b, out):
         np.matmul(a, b, out=out)
 

@@ -327,17 +327,20 @@ class Ops:
         with n = 2 limit + 1 and h = mix(seed ^ mix(step ^ mix(i ^ 0x9E3779B9)))."""
         xp = self.xp
         B, H, W, _ = x.shape
-        n = 2 * limit + 1
-        step = np.uint32(int(self.to_host(step)[0]) & 0xFFFFFFFF)
-        rows = xp.arange(B, dtype=np.uint32) ^ np.uint32(0x9E3779B9)
-        h = _mix32(np.uint32(seed & 0xFFFFFFFF) ^ _mix32(step ^ _mix32(rows)))
-        dy = (h % np.uint32(n)).astype(np.int64) - limit
-        dx = (h // np.uint32(n) % np.uint32(n)).astype(np.int64) - limit
+        dy, dx = self.translation_shifts(B, limit, seed, step)
         ys = xp.arange(H)[None, :] - dy[:, None]  # (B, H): the source row of each output row
         xs = xp.arange(W)[None, :] - dx[:, None]  # (B, W)
         inside = ((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :]
         moved = x[xp.arange(B)[:, None, None], xp.clip(ys, 0, H - 1)[:, :, None], xp.clip(xs, 0, W - 1)[:, None, :]]
         out[...] = xp.where(inside[..., None], moved, xp.asarray(fill, out.dtype))
+
+    def translation_shifts(self, B: int, limit: int, seed: int, step) -> tuple:
+        """``translate``'s (dy, dx) of rows 0..B-1, (B,) int64 each (the hash in its docstring)."""
+        n = 2 * limit + 1
+        step = np.uint32(int(self.to_host(step)[0]) & 0xFFFFFFFF)
+        rows = self.xp.arange(B, dtype=np.uint32) ^ np.uint32(0x9E3779B9)
+        h = _mix32(np.uint32(seed & 0xFFFFFFFF) ^ _mix32(step ^ _mix32(rows)))
+        return (h % np.uint32(n)).astype(np.int64) - limit, (h // np.uint32(n) % np.uint32(n)).astype(np.int64) - limit
 
     # ----------------------------------------------------------------- losses
     def _at_labels(self, z, y) -> tuple:

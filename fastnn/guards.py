@@ -51,12 +51,13 @@ def training_bytes(sizes, dtype, n_models: int = 1, batch: int = BATCH, layers=N
     """Bytes a network of layer widths ``sizes`` (ints) needs to train in ``dtype``: parameters,
     gradients and up to two optimizer-state arrays (Adam's), P values each, plus the batch
     buffers (inputs (B, D), activations and deltas (B, n) per layer); times ``n_models`` (a stack).
-    layers: a conv net's ``fastnn.layers.Layer`` list (sizes then its flattened outputs): its
-    parameters come from the layers, and each convolution adds its patches and their gradient."""
+    layers: a conv net's ``fastnn.layers.Layer`` list (then only sizes[0] is read): its layers give the
+    parameters and the widths, and each convolution adds its patches and their gradient."""
     sizes = [int(n) for n in sizes]
     if layers is None:
         params, patches = n_params(sizes), 0
     else:
+        sizes = [sizes[0], *(l.width_out for l in layers)]
         params = sum(int(np.prod(l.weight_shape)) + l.size for l in layers if l.kind != "pool")
         patches = sum(2 * (l.width_out // l.size) * l.weight_shape[0] for l in layers if l.kind == "conv")
     per_model = 4 * params + int(batch) * (sizes[0] + 2 * sum(sizes[1:]) + patches)
@@ -129,7 +130,6 @@ def file_params(path, meta: dict, arrays: dict) -> list[np.ndarray]:
     layers = None
     if meta.get("layers"):  # a conv net: the spec gives the shapes
         layers = parse(meta["layers"], image_shape_of(sizes[0], meta.get("image_shape")), sizes[-1])
-        sizes = [sizes[0], *(l.width_out for l in layers)]
         shapes = [s for l in layers if l.kind != "pool" for s in (l.weight_shape, (l.size,))]
     else:
         shapes = [s for fi, fo in zip(sizes[:-1], sizes[1:]) for s in ((fi, fo), (fo,))]

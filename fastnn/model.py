@@ -126,7 +126,7 @@ class MLP:
     @property
     def uses_dropout(self) -> bool:
         """Whether a training step draws random numbers (dropout masks, translations) from ``step``."""
-        return any(self.dropout) or bool(getattr(self, "translate", 0))
+        return any(self.dropout) or self.translate > 0
 
     def _views(self, arena) -> tuple[list, list]:
         """Per-layer views ``(W, b)`` into a 1-D arena laid out as ``W0, b0, W1, b1, ...``

@@ -88,7 +88,7 @@ class NumpyOps(Ops):
 
     def bias_act(self, h, b, act, drop=None):
         if act == "relu" and drop is None and h.ndim == 2 and (fused := cpu_fused.compiled()):
-            fused.bias_relu(h, b)  # one pass over a conv layer's outputs (the same bits as below)
+            fused.bias_relu(h, b)  # one pass (the same bits as below): conv outputs, and dense ones without dropout
         elif act == "relu" and (drop is None or h.ndim == 2):
             # h * (h > 0) runs 2x faster than np.maximum(h, 0) on these small matrices
             h += b

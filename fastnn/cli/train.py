@@ -100,7 +100,6 @@ def check_size(cfg: dict, ds: datasets.Dataset, state: dict | None, given: dict)
     sizes, conv, flag = [ds.train_images.shape[1], *cfg["hidden"], len(ds.classes)], None, "hidden"
     if cfg["layers"]:  # a conv net: its layers give the parameters, outputs and patch buffers
         conv, flag = parse(cfg["layers"], image_shape_of(sizes[0], ds.image_shape), sizes[-1]), "layers"
-        sizes = [sizes[0], *(l.width_out for l in conv)]
     try:
         check_fits(sizes, resolve_dtype(cfg["dtype"]), batch=min(cfg["batch_size"], len(ds.train_labels)),
                    layers=conv, spec=cfg["layers"])

@@ -199,11 +199,13 @@ extern "C" __global__ void conv_input_grad_f64(const double* d, const double* w,
 }
 
 // ------------------------------------------------------------------ pooling
+#define POOL_ARGS int B, int H, int W, int C, int p, int Ho, int Wo  // x or dL/dx (B, H, W, C), p x p windows
+#define POOL_PASS B, H, W, C, p, Ho, Wo
 // out (B, Ho, Wo, C) = the max of each p x p window of x (B, H, W, C), Ho = H / p (floor); arg: the
 // window position (row-major) of the first maximum. A NaN in a window makes the max NaN and stops
 // arg where it was, as Ops.maxpool's strict greater-than and propagating maximum do.
 template <typename T>
-__device__ void maxpool(const T* x, T* out, signed char* arg, int B, int H, int W, int C, int p, int Ho, int Wo) {
+__device__ void maxpool(const T* x, T* out, signed char* arg, POOL_ARGS) {
     FOR_EACH(e, (long long)B * Ho * Wo * C) {
         const int c = (int)(e % C);
         long long t = e / C;
@@ -225,8 +227,7 @@ __device__ void maxpool(const T* x, T* out, signed char* arg, int B, int H, int 
 // out (B, H, W, C) = d (B, Ho, Wo, C) at each window's max (arg), 0 elsewhere and where no window read
 // (d times 0 or 1, as Ops.maxpool_backward multiplies)
 template <typename T>
-__device__ void maxpool_backward(const T* d, const signed char* arg, T* out, int B, int H, int W, int C, int p, int Ho,
-                                 int Wo) {
+__device__ void maxpool_backward(const T* d, const signed char* arg, T* out, POOL_ARGS) {
     FOR_EACH(e, (long long)B * H * W * C) {
         const int c = (int)(e % C);
         long long t = e / C;
@@ -262,21 +263,17 @@ __device__ void translate(const T* x, T* out, int B, int H, int W, int C, int li
     }
 }
 
-extern "C" __global__ void maxpool_f32(const float* x, float* out, signed char* arg, int B, int H, int W, int C, int p,
-                                     int Ho, int Wo) {
-    maxpool<float>(x, out, arg, B, H, W, C, p, Ho, Wo);
+extern "C" __global__ void maxpool_f32(const float* x, float* out, signed char* arg, POOL_ARGS) {
+    maxpool<float>(x, out, arg, POOL_PASS);
 }
-extern "C" __global__ void maxpool_backward_f32(const float* d, const signed char* arg, float* out, int B, int H, int W,
-                                              int C, int p, int Ho, int Wo) {
-    maxpool_backward<float>(d, arg, out, B, H, W, C, p, Ho, Wo);
+extern "C" __global__ void maxpool_f64(const double* x, double* out, signed char* arg, POOL_ARGS) {
+    maxpool<double>(x, out, arg, POOL_PASS);
 }
-extern "C" __global__ void maxpool_f64(const double* x, double* out, signed char* arg, int B, int H, int W, int C, int p,
-                                     int Ho, int Wo) {
-    maxpool<double>(x, out, arg, B, H, W, C, p, Ho, Wo);
+extern "C" __global__ void maxpool_backward_f32(const float* d, const signed char* arg, float* out, POOL_ARGS) {
+    maxpool_backward<float>(d, arg, out, POOL_PASS);
 }
-extern "C" __global__ void maxpool_backward_f64(const double* d, const signed char* arg, double* out, int B, int H, int W,
-                                              int C, int p, int Ho, int Wo) {
-    maxpool_backward<double>(d, arg, out, B, H, W, C, p, Ho, Wo);
+extern "C" __global__ void maxpool_backward_f64(const double* d, const signed char* arg, double* out, POOL_ARGS) {
+    maxpool_backward<double>(d, arg, out, POOL_PASS);
 }
 extern "C" __global__ void translate_f32(const float* x, float* out, int B, int H, int W, int C, int limit,
                                        unsigned int seed, const int* step, float fill) {

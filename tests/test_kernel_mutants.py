@@ -266,14 +266,18 @@ def test_the_workload_passes_on_kernels_cu(emulated_gpu, monkeypatch):
 @pytest.mark.parametrize("index", range(len(BARRIERS)))
 def test_every_barrier_is_needed(emulated_gpu, mutants, monkeypatch, index):
     """In every one of several orders of the threads (seeds)."""
-    line = SOURCE.count("\n", 0, BARRIERS[index][0]) + 1
+    where = f"kernels.cu:{SOURCE.count(chr(10), 0, BARRIERS[index][0]) + 1}"
     ops = gpu_ops_of(mutants[f"barrier {index}"], monkeypatch)
+    assert_fails_in_every_order(emulated_gpu, lambda: WORKLOAD(ops), f"barrier {index} ({where}) removed")
+
+
+def assert_fails_in_every_order(emulated_gpu, workload, what: str) -> None:
+    """``workload()`` raises (a race the emulator reports, or a wrong result) under each seed of SEEDS."""
     for seed in SEEDS:
         emulated_gpu.seed_emulator(seed)
         with pytest.raises((RuntimeError, AssertionError)) as failure:
-            WORKLOAD(ops)
-        print(f"barrier {index} (kernels.cu:{line}) removed, seed {seed}: {failure.typename}: "
-              f"{str(failure.value).splitlines()[0]}")
+            workload()
+        print(f"{what}, seed {seed}: {failure.typename}: {str(failure.value).splitlines()[0]}")
 
 
 @pytest.mark.parametrize("b,m,n", [(33, 784, 32), (32, 256, 24), (16, 128, 10)])
@@ -296,14 +300,10 @@ def test_the_conv_workload_passes_on_conv_kernels_cu(emulated_gpu, monkeypatch):
 @pytest.mark.parametrize("index", range(len(CONV_BARRIERS)))
 def test_every_conv_barrier_is_needed(emulated_gpu, mutants, monkeypatch, index):
     """In every one of several orders of the threads (seeds)."""
-    line = CONV_SOURCE.count("\n", 0, CONV_BARRIERS[index][0]) + 1
+    where = f"conv_kernels.cu:{CONV_SOURCE.count(chr(10), 0, CONV_BARRIERS[index][0]) + 1}"
     ops = gpu_ops_of(mutants[f"conv barrier {index}"], monkeypatch)
-    for seed in SEEDS:
-        emulated_gpu.seed_emulator(seed)
-        with pytest.raises((RuntimeError, AssertionError)) as failure:
-            CONV_WORKLOAD(ops, monkeypatch)
-        print(f"barrier {index} (conv_kernels.cu:{line}) removed, seed {seed}: {failure.typename}: "
-              f"{str(failure.value).splitlines()[0]}")
+    assert_fails_in_every_order(emulated_gpu, lambda: CONV_WORKLOAD(ops, monkeypatch),
+                                f"barrier {index} ({where}) removed")
 
 
 @pytest.mark.parametrize("name", CONV_INDEX_MUTANTS)

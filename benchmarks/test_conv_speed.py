@@ -156,7 +156,7 @@ class GemmsOfConvEpoch:
             if layer.kind == "pool":
                 continue
             rows = B * layer.shape_out[0] * layer.shape_out[1] if layer.kind == "conv" else B
-            a = ws.cols[l] if layer.kind == "conv" else (ws.x if l == 0 else ws.acts[l - 1])
+            a = model.ops.patch_matrix(ws.cols[l]) if layer.kind == "conv" else (ws.x if l == 0 else ws.acts[l - 1])
             a, out, d = a.reshape(rows, -1), ws.acts[l].reshape(rows, -1), ws.deltas[l].reshape(rows, -1)
             W, gW = model.W[l], model.gW[l]
             forward.append((np.matmul, a, W, out))

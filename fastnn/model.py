@@ -323,9 +323,9 @@ class MLP:
             return
         if layer.kind == "conv":
             ops.conv_input_grad(d, self.W[l], ws.dcols[l], d_prev, layer.pad)
+            ops.act_backward(d_prev, a_prev, act, drop)
         else:
-            ops.maxpool_backward(d, ws.args[l], layer.k, d_prev)
-        ops.act_backward(d_prev, a_prev, act, drop)
+            ops.maxpool_act_backward(d, ws.args[l], layer.k, d_prev, a_prev, act, drop)
 
     def forward_backward(self, ws: Workspace, loss_out=None, hits_out=None) -> None:
         """The step before the update: forward, loss, backward of the batch in ``ws``.

@@ -59,8 +59,9 @@ def test_numpy_im2col_equals_the_generic_one_bit_for_bit(case, dtype):
     x, W, b = random_case(case, dtype)
     k, pad = case[5], case[6]
     ref, ref_cols = conv(GENERIC, x, W, b, k, pad, "relu")
-    fast, fast_cols = conv(NumpyOps(), x, W, b, k, pad, "relu")
-    np.testing.assert_array_equal(fast_cols, ref_cols)
+    numpy_ops = NumpyOps()
+    fast, fast_cols = conv(numpy_ops, x, W, b, k, pad, "relu")
+    np.testing.assert_array_equal(numpy_ops.patch_matrix(fast_cols), GENERIC.patch_matrix(ref_cols))
     np.testing.assert_array_equal(fast, ref)
 
 
@@ -171,13 +172,13 @@ def test_every_numpy_conv_kernel_equals_the_generic_one_bit_for_bit(case, dtype,
     k, pad = case[5], case[6]
     ref, ref_cols = conv(GENERIC, x, W, b, k, pad, "relu")
     out, cols = conv(fast_path, x, W, b, k, pad, "relu")
-    np.testing.assert_array_equal(cols, ref_cols)
+    np.testing.assert_array_equal(fast_path.patch_matrix(cols), GENERIC.patch_matrix(ref_cols))
     np.testing.assert_array_equal(out, ref)
     d = np.random.default_rng(5).standard_normal(out.shape).astype(dtype)
     grads = []
-    for ops in (GENERIC, fast_path):
+    for ops, patches in ((GENERIC, ref_cols), (fast_path, cols)):  # each reads the patches its im2col wrote
         gW, gb, gx = np.empty_like(W), np.empty_like(b), np.full_like(x, np.nan)  # every element must be written
-        ops.conv_param_grads(x, cols, d, gW, gb, pad)
+        ops.conv_param_grads(x, patches, d, gW, gb, pad)
         ops.conv_input_grad(d, W, np.empty_like(cols), gx, pad)
         grads.append((gW, gb, gx))
     np.testing.assert_array_equal(grads[1][2], grads[0][2])  # dL/dx: the same GEMM, col2im in the same order
@@ -198,7 +199,9 @@ def test_numpy_pooling_equals_the_generic_one_bit_for_bit_with_ties_and_nan(shap
         r[0, 0, 0, 1 % shape[3]] = -0.0
         gx = np.full_like(x, np.nan)  # every element must be written, the unread rows and columns too
         ops.maxpool_backward(r, arg, p, gx)
-        results.append((out, arg, gx))
+        gz = np.full_like(x, np.nan)  # and with the relu derivative of the pooling's input (x as a relu output)
+        ops.maxpool_act_backward(r, arg, p, gz, x, "relu")
+        results.append((out, arg, gx, gz))
     for fast, generic in zip(results[1], results[0]):
         np.testing.assert_array_equal(fast, generic)
         assert np.array_equal(np.signbit(fast), np.signbit(generic))

@@ -275,7 +275,7 @@ def test_a_healthy_conv_net_passes_the_gradient_check_with_every_layer_named(dat
 
 @pytest.mark.parametrize("op,out_arg,fault", [
     ("conv_input_grad", 3, "layer 1 (conv4k5), layer 2 (pool2), layer 3 (conv6k3)"),  # into conv6k3's input
-    ("maxpool_backward", 3, "layer 3 (conv6k3), layer 4 (pool2), layer 5 (dense16)"),  # both pools: the top one
+    ("maxpool_act_backward", 3, "layer 3 (conv6k3), layer 4 (pool2), layer 5 (dense16)"),  # both pools: the top one
 ])
 def test_a_broken_conv_or_pool_backward_is_named_by_its_layers(data, monkeypatch, op, out_arg, fault):
     x, y, _, _ = data
@@ -304,13 +304,13 @@ def test_a_conv_net_on_blank_images_is_checked_on_random_ones(data, monkeypatch)
     assert len(off_kink_rows(conv_net(), blank[:256])) == 0
     assert check_own_gradients(conv_net(), blank, y) == []  # checked, and sound: no finding
     cls = type(conv_net().ops)
-    original = cls.maxpool_backward
+    original = cls.maxpool_act_backward
 
-    def broken(self, d, arg, p, out):
-        original(self, d, arg, p, out)
+    def broken(self, d, arg, p, out, *rest):
+        original(self, d, arg, p, out, *rest)
         out *= 0.5
 
-    monkeypatch.setattr(cls, "maxpool_backward", broken)
+    monkeypatch.setattr(cls, "maxpool_act_backward", broken)
     f = check_own_gradients(conv_net(), blank, y)
     assert codes(f) == {"gradient-mismatch"}, "\n".join(map(str, f))
 

@@ -140,12 +140,14 @@ def maxpool(x, p, out, arg):
                     a[c] = at[c]
 
 
-def maxpool_backward(d, arg, p, out):
+def maxpool_backward(d, arg, p, out, relu_of):
     """out (B, H, W, C) = each window's gradient d (B, Ho, Wo, C) at its max (``d * (arg == q)``), zero
-    elsewhere, also in the rows and columns no window read."""
+    elsewhere, also in the rows and columns no window read. relu_of: None, or the pooling's input
+    (B, H, W, C), a relu's output: then times relu's derivative too (``* (relu_of > 0)``, as
+    ``relu_backward`` after this pass would)."""
     B, H, W, C = out.shape
     Ho, Wo = d.shape[1], d.shape[2]
-    zero = out.dtype.type(0)
+    one, zero = out.dtype.type(1), out.dtype.type(0)
     for b in range(B):
         for y in range(H):
             oy = y // p
@@ -154,7 +156,10 @@ def maxpool_backward(d, arg, p, out):
                 if oy < Ho and ox < Wo:
                     q = (y - oy * p) * p + (x - ox * p)
                     for c in range(C):
-                        out[b, y, x, c] = d[b, oy, ox, c] * (1 if arg[b, oy, ox, c] == q else zero)
+                        g = d[b, oy, ox, c] * (one if arg[b, oy, ox, c] == q else zero)
+                        if relu_of is not None:
+                            g = g * (one if relu_of[b, y, x, c] > 0 else zero)
+                        out[b, y, x, c] = g
                 else:
                     for c in range(C):
                         out[b, y, x, c] = 0

@@ -260,13 +260,19 @@ class Ops:
             for j in range(k):
                 cols[:, :, :, i, j, :] = x[:, i:i + Ho, j:j + Wo, :]
 
+    def patch_matrix(self, cols):
+        """The patches that ``im2col`` wrote into cols (B, Ho, Wo, k, k, C) as the GEMMs read them: a
+        (B*Ho*Wo, k*k*C) view, one row per output position (here the buffer's own layout; a backend
+        may store them otherwise, as long as its im2col and this view agree)."""
+        return cols.reshape(cols.shape[0] * cols.shape[1] * cols.shape[2], -1)
+
     def conv_act(self, x, W, b, cols, out, act: str, pad: int, rowwise: bool = False) -> None:
         """Forward: ``out = act(im2col(x) @ W + b)``, one GEMM. x: (B, H, W, C_in); W: (k*k*C_in, C_out);
         b: (C_out,); cols: (B, Ho, Wo, k, k, C_in), the patches (kept for the weight gradient);
         out: (B, Ho, Wo, C_out); rowwise: each patch's product on its own (as ``linear_act``)."""
         self.im2col(x, cols.shape[3], pad, cols)
         rows = out.shape[0] * out.shape[1] * out.shape[2]
-        self.linear_act(cols.reshape(rows, -1), W, b, out.reshape(rows, -1), act, rowwise=rowwise)
+        self.linear_act(self.patch_matrix(cols), W, b, out.reshape(rows, -1), act, rowwise=rowwise)
 
     def conv_param_grads(self, x, cols, d, gW, gb, pad: int) -> None:
         """``gW = patches.T @ d`` and ``gb = d summed over images and positions``. x: (B, H, W, C_in) the
@@ -274,7 +280,7 @@ class Ops:
         them; a backend that never materializes them reads x and pad); d: (B, Ho, Wo, C_out) dL/dz;
         gW: (k*k*C_in, C_out); gb: (C_out,)."""
         rows = d.shape[0] * d.shape[1] * d.shape[2]
-        self.param_grads(cols.reshape(rows, -1), d.reshape(rows, -1), gW, gb)
+        self.param_grads(self.patch_matrix(cols), d.reshape(rows, -1), gW, gb)
 
     def conv_input_grad(self, d, W, dcols, out, pad: int) -> None:
         """dL/dx (out, (B, H, W, C_in)) of a convolution from d (B, Ho, Wo, C_out): ``dcols = d @ W.T``
@@ -318,6 +324,13 @@ class Ops:
             i, j = divmod(q, p)
             self.xp.equal(arg, q, out=at_q)
             self.xp.multiply(d, at_q, out=out[:, i:Ho * p:p, j:Wo * p:p])
+
+    def maxpool_act_backward(self, d, arg, p: int, out, a, act: str, drop: Dropout | None = None) -> None:
+        """dL/dz of the layer below a max pooling: ``maxpool_backward(d, arg, p, out)``, then
+        ``act_backward(out, a, act, drop)`` with a (B, H, W, C) that layer's activation (the pooling's
+        input). One call, so a backend can do both in one pass."""
+        self.maxpool_backward(d, arg, p, out)
+        self.act_backward(out, a, act, drop)
 
     def translate(self, x, out, limit: int, seed: int, step, fill: float) -> None:
         """Random translation, the conv nets' augmentation: out (B, H, W, C) = each image of x (same

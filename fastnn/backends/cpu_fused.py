@@ -151,18 +151,19 @@ def maxpool_backward(d, arg, p, out, relu_of):
     for b in range(B):
         for y in range(H):
             oy = y // p
-            for x in range(W):
-                ox = x // p
-                if oy < Ho and ox < Wo:
-                    q = (y - oy * p) * p + (x - ox * p)
+            if oy >= Ho:  # a row no window read
+                out[b, y] = 0
+                continue
+            for ox in range(Wo):
+                dw, at = d[b, oy, ox], arg[b, oy, ox]
+                for j in range(p):
+                    q, o = (y - oy * p) * p + j, out[b, y, ox * p + j]
                     for c in range(C):
-                        g = d[b, oy, ox, c] * (one if arg[b, oy, ox, c] == q else zero)
+                        g = dw[c] * (one if at[c] == q else zero)
                         if relu_of is not None:
-                            g = g * (one if relu_of[b, y, x, c] > 0 else zero)
-                        out[b, y, x, c] = g
-                else:
-                    for c in range(C):
-                        out[b, y, x, c] = 0
+                            g = g * (one if relu_of[b, y, ox * p + j, c] > 0 else zero)
+                        o[c] = g
+            out[b, y, Wo * p:] = 0  # the columns no window read
 
 
 # relu's forward and backward passes on a conv layer's (rows, C) output, as NumpyOps does them in

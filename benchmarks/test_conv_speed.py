@@ -141,11 +141,12 @@ class TorchConvEpoch(TorchEpoch):
 
 class GemmsOfConvEpoch:
     """Only the GEMMs of a network3 epoch, at the training shapes, into the model's workspace: per
-    step, for each convolution the forward ``patches (B*Ho*Wo, k*k*C) @ W (k*k*C, N)``, the weight
-    gradient ``patches.T @ d`` and the input gradient ``d @ W.T`` (into the patches' gradient; none
-    for the first layer); for each dense layer the same three. ``np.matmul`` and ``np.dot`` as
-    fastnn's NumPy backend calls them, into preallocated outputs; no im2col, pooling, activation,
-    loss or optimizer. The buffers read are filled with random values first (no NaN or denormals)."""
+    step, for each convolution the forward ``patches (B*Ho*Wo, k*k*C) @ W (k*k*C, N)`` (the patch
+    matrix as the backend stores it, ``Ops.patch_matrix``), the weight gradient ``patches.T @ d`` and
+    the input gradient ``d @ W.T`` (into the patches' buffer, as the model does; none for the first
+    layer); for each dense layer the same three. ``np.matmul`` and ``np.dot`` as fastnn's NumPy
+    backend calls them, into preallocated outputs; no im2col, pooling, activation, loss or optimizer.
+    The buffers read are filled with random values first (no NaN or denormals)."""
 
     def __init__(self, model, batch, n):
         ws, B, rng = model.workspace(batch), batch, np.random.default_rng(0)
@@ -162,7 +163,7 @@ class GemmsOfConvEpoch:
             forward.append((np.matmul, a, W, out))
             grads = [(np.dot, a.T, d, gW)]
             if l > 0:
-                da = ws.dcols[l] if layer.kind == "conv" else ws.deltas[l - 1]
+                da = ws.cols[l] if layer.kind == "conv" else ws.deltas[l - 1]
                 grads.append((np.matmul, d, W.T, da.reshape(rows, -1)))
             backward = grads + backward
         self.gemms, self.steps = forward + backward, -(-n // batch)

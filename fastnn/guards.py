@@ -52,14 +52,14 @@ def training_bytes(sizes, dtype, n_models: int = 1, batch: int = BATCH, layers=N
     gradients and up to two optimizer-state arrays (Adam's), P values each, plus the batch
     buffers (inputs (B, D), activations and deltas (B, n) per layer); times ``n_models`` (a stack).
     layers: a conv net's ``fastnn.layers.Layer`` list (then only sizes[0] is read): its layers give the
-    parameters and the widths, and each convolution adds its patches and their gradient."""
+    parameters and the widths, and each convolution adds its patches (their gradient reuses the buffer)."""
     sizes = [int(n) for n in sizes]
     if layers is None:
         params, patches = n_params(sizes), 0
     else:
         sizes = [sizes[0], *(l.width_out for l in layers)]
         params = sum(int(np.prod(l.weight_shape)) + l.size for l in layers if l.kind != "pool")
-        patches = sum(2 * (l.width_out // l.size) * l.weight_shape[0] for l in layers if l.kind == "conv")
+        patches = sum((l.width_out // l.size) * l.weight_shape[0] for l in layers if l.kind == "conv")
     per_model = 4 * params + int(batch) * (sizes[0] + 2 * sum(sizes[1:]) + patches)
     return int(n_models) * per_model * np.dtype(dtype).itemsize
 

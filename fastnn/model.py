@@ -322,7 +322,7 @@ class MLP:
             ops.input_grad(d, self.W[l], a_prev.reshape(B, -1), d_prev.reshape(B, -1), act, drop)
             return
         if layer.kind == "conv":
-            ops.conv_input_grad(d, self.W[l], ws.dcols[l], d_prev, layer.pad)
+            ops.conv_input_grad(d, self.W[l], ws.cols[l], d_prev, layer.pad)  # overwrites the patches, read above
             ops.act_backward(d_prev, a_prev, act, drop)
         else:
             ops.maxpool_act_backward(d, ws.args[l], layer.k, d_prev, a_prev, act, drop)

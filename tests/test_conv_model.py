@@ -223,7 +223,7 @@ def test_a_conv_net_too_big_for_memory_is_one_error_before_anything_is_allocated
     from fastnn import guards
 
     m = net("conv4k3s,pool2,dense5", dtype="float64")
-    patches = 2 * 100 * 9  # cols and dcols of the one convolution, per image
+    patches = 100 * 9  # the one convolution's patches (their gradient reuses the buffer), per image
     params = (9 * 4 + 4) + (100 * 5 + 5) + (5 * 3 + 3)  # conv, dense (after pooling to 5x5x4), output
     assert guards.training_bytes(m.sizes, np.float64, batch=2, layers=m.layers) == (
         4 * params + 2 * (100 + 2 * sum(m.sizes[1:]) + patches)) * 8

@@ -118,26 +118,32 @@ def col2im(dcols, pad, out):
 
 def maxpool(x, p, out, arg):
     """out (B, Ho, Wo, C) = the max of each p x p window of x, arg its first position (int8); NaN
-    propagates to out as ``np.maximum`` does, without moving arg (``np.greater`` is false)."""
+    propagates to out as ``np.maximum`` does, without moving arg (``np.greater`` is false). A row of
+    windows at a time, their positions in order, each over a contiguous run of x."""
     B, Ho, Wo, C = out.shape
-    at = np.empty(C, np.int32)  # the window's arg in int32: selects into int8 do not vectorize (3x slower)
+    at = np.empty((Wo, C), np.int32)  # the windows' arg in int32: selects into int8 do not vectorize (3x slower)
     for b in range(B):
         for oy in range(Ho):
+            m = out[b, oy]
+            for q in range(p * p):
+                i = q // p
+                row = x[b, oy * p + i]
+                for ox in range(Wo):
+                    v, mo, ao = row[ox * p + q - i * p], m[ox], at[ox]
+                    if q == 0:
+                        for c in range(C):
+                            mo[c] = v[c]
+                            ao[c] = 0
+                    else:
+                        for c in range(C):  # selects, not branches: random data would mispredict half
+                            vc, mc = v[c], mo[c]
+                            greater = vc > mc
+                            mo[c] = vc if greater | (vc != vc) else mc
+                            ao[c] = q if greater else ao[c]
+            a = arg[b, oy]
             for ox in range(Wo):
-                m, first = out[b, oy, ox], x[b, oy * p, ox * p]
                 for c in range(C):
-                    m[c] = first[c]
-                    at[c] = 0
-                for q in range(1, p * p):
-                    v = x[b, oy * p + q // p, ox * p + q % p]
-                    for c in range(C):  # selects, not branches: random data would mispredict half
-                        vc, mc = v[c], m[c]
-                        greater = vc > mc
-                        m[c] = vc if greater | (vc != vc) else mc
-                        at[c] = q if greater else at[c]
-                a = arg[b, oy, ox]
-                for c in range(C):
-                    a[c] = at[c]
+                    a[ox, c] = at[ox, c]
 
 
 def maxpool_backward(d, arg, p, out, relu_of):

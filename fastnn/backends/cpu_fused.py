@@ -160,16 +160,19 @@ def maxpool_backward(d, arg, p, out, relu_of):
             if oy >= Ho:  # a row no window read
                 out[b, y] = 0
                 continue
+            out_row, d_row, arg_row = out[b, y], d[b, oy], arg[b, oy]
             for ox in range(Wo):
-                dw, at = d[b, oy, ox], arg[b, oy, ox]
+                dw, at = d_row[ox], arg_row[ox]
                 for j in range(p):
-                    q, o = (y - oy * p) * p + j, out[b, y, ox * p + j]
-                    for c in range(C):
-                        g = dw[c] * (one if at[c] == q else zero)
-                        if relu_of is not None:
-                            g = g * (one if relu_of[b, y, ox * p + j, c] > 0 else zero)
-                        o[c] = g
-            out[b, y, Wo * p:] = 0  # the columns no window read
+                    q, o = (y - oy * p) * p + j, out_row[ox * p + j]
+                    if relu_of is not None:
+                        a = relu_of[b, y, ox * p + j]
+                        for c in range(C):
+                            o[c] = (dw[c] * (one if at[c] == q else zero)) * (one if a[c] > 0 else zero)
+                    else:
+                        for c in range(C):
+                            o[c] = dw[c] * (one if at[c] == q else zero)
+            out_row[Wo * p:] = 0  # the columns no window read
 
 
 # relu's forward and backward passes on a conv layer's (rows, C) output, as NumpyOps does them in

@@ -415,6 +415,31 @@ def test_adam_by_hand(ops):
     assert int(ops.to_host(t)[0]) == 2
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["adam", "momentum"])
+def test_optimizer_state_decaying_below_the_normal_range_is_flushed_to_zero(ops, name, dtype):
+    """A parameter whose gradient stays zero has its state decay by b1 (mu) each step; once below the
+    smallest normal number (slow operands on x86) it is stored as +0, on every backend; the rest is
+    untouched."""
+    tiny = np.finfo(dtype).tiny
+    start = np.array([1.05, 1.0005, -1.05, 3.0, 0.5, -0.0], dtype) * tiny  # 0.5 tiny: subnormal already
+
+    def arr(values):
+        return ops.xp.asarray(np.array(values, dtype))  # a copy, on every backend
+
+    p, g, m, v = arr(np.ones(6)), arr(np.zeros(6)), arr(start), arr(np.abs(start))
+    if name == "adam":
+        ops.adam(p, g, m, v, ops.xp.zeros(1, np.int32), 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        states = [(m, start * dtype(0.9), [0, 0, 0, 1, 0, 0]), (v, np.abs(start) * dtype(0.999), [1, 0, 1, 1, 0, 0])]
+    else:
+        ops.momentum(p, g, v, 1e-3, 0.9, 0.0, False)
+        states = [(v, np.abs(start) * dtype(0.9), [0, 0, 0, 1, 0, 0])]
+    for state, decayed, kept in states:
+        got = host(ops, state)
+        np.testing.assert_array_equal(got, np.where(kept, decayed, 0))
+        assert not np.signbit(got).any() and np.all((got == 0) | (np.abs(got) >= tiny))
+
+
 def test_dropout_masks_are_a_deterministic_hash_of_seed_step_layer_and_element():
     ops = Ops(np)
     step = np.array([3], np.int32)
@@ -498,16 +523,22 @@ def test_fused_cpu_updates_equal_the_ufunc_sequences_bit_for_bit(numpy_sequence,
         rng = np.random.default_rng(5)
         n = fastnn.backends.numpy_ops.FUSED_MIN_SIZE  # the smallest arena the fused loops serve
         p, m, v = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+        tiny = np.finfo(dtype).tiny
+        m[:64] = v[:64] = tiny * np.linspace(0.5, 2.0, 64, dtype=dtype)  # zero gradients there: flushed on the way
         v = np.abs(v)
         t = np.zeros(1, np.int32)
         for _ in range(4):
             g = rng.standard_normal(n).astype(dtype)
+            g[:64] = 0
             if name == "sgd":
                 ops.sgd(p, g, 0.05, wd)
             elif name == "adam":
                 ops.adam(p, g, m, v, t, 0.01, 0.9, 0.999, 1e-8, wd)
             else:
                 ops.momentum(p, g, v, 0.05, 0.9, wd, name == "nesterov")
+        if name == "adam" or name != "sgd" and not wd:  # (momentum's weight decay feeds v: no decay to zero)
+            state = v if name != "adam" else np.concatenate([m, v])
+            assert np.count_nonzero(state[:64] == 0) > 0 and not np.any((state != 0) & (np.abs(state) < tiny))
         return p, m, v
 
     arena = np.zeros(fastnn.backends.numpy_ops.FUSED_MIN_SIZE, dtype)

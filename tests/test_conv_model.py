@@ -1,6 +1,7 @@
 """Convolutional networks in the one model type: gradients, batched = mean of per-sample, training,
 saving and the refusals, on the same kernels and arenas as the dense layers."""
 
+import json
 import pickle
 
 import numpy as np
@@ -109,12 +110,15 @@ def run_cli(args, tmp_path):
 def test_the_cli_trains_resumes_and_predicts_a_conv_net_bit_for_bit(synthetic_dir, tmp_path):
     base = ["--data-dir", str(synthetic_dir), "--layers", "conv4k5,pool2,dense16", "--limit", "600", "--device",
             "cpu", "--quiet", "--translate", "2", "--dropout", "0.2"]
-    r = run_cli(base + ["--epochs", "2", "--save", "whole.npz"], tmp_path)
+    r = run_cli(base + ["--epochs", "2", "--save", "whole.npz", "--metrics", "m.jsonl"], tmp_path)
     assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    assert config["type"] == "config" and config["layers"] == "conv4k5,pool2,dense16" and config["hidden"] is None
     r = run_cli(base + ["--epochs", "1", "--checkpoint-dir", "ck"], tmp_path)
     assert r.returncode == 0, r.stderr
-    r = run_cli(["--resume", "ck", "--epochs", "2", "--save", "resumed.npz", "--quiet"], tmp_path)
+    r = run_cli(["--resume", "ck", "--epochs", "2", "--save", "resumed.npz"], tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "network conv4k5,pool2,dense16 (28x28x1 images) relu/xent" in r.stdout, r.stdout
     whole, resumed = fastnn.MLP.load(tmp_path / "whole.npz"), fastnn.MLP.load(tmp_path / "resumed.npz")
     assert whole.layer_spec == "conv4k5,pool2,dense16" and whole.translate == 2
     for a, b in zip(whole.get_params(), resumed.get_params()):

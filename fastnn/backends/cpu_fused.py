@@ -50,24 +50,31 @@ def sgd(p, g, decay, lr):
         p[e] = p[e] * decay - g[e] * lr
 
 
-def momentum(p, g, v, lr, mu, wd, mu_lr, nesterov):
-    """``gg = g + p wd`` (wd > 0); ``v = v mu + gg``; ``p -= gg lr + v mu_lr`` (Nesterov) or ``v lr``."""
+def momentum(p, g, v, lr, mu, wd, mu_lr, nesterov, tiny):
+    """``gg = g + p wd`` (wd > 0); ``v = v mu + gg``, 0 where ``|v| < tiny`` (``Ops.flush_subnormal``);
+    ``p -= gg lr + v mu_lr`` (Nesterov) or ``v lr``."""
+    zero = p.dtype.type(0)
     for e in range(p.shape[0]):
         ge = g[e] + p[e] * wd if wd != 0 else g[e]
         ve = v[e] * mu + ge
+        ve = zero if abs(ve) < tiny else ve
         v[e] = ve
         p[e] = (p[e] - ge * lr) - ve * mu_lr if nesterov else p[e] - ve * lr
 
 
-def adam(p, g, m, v, b1, a1, b2, a2, inv_sqrt_c2, eps, decay, lr_c1):
-    """``m = m b1 + g a1``; ``v = v b2 + g^2 a2``; ``p = p decay - m / (sqrt(v) inv_sqrt_c2 + eps) lr_c1``
+def adam(p, g, m, v, b1, a1, b2, a2, inv_sqrt_c2, eps, decay, lr_c1, tiny):
+    """``m = m b1 + g a1``; ``v = v b2 + g^2 a2``, each 0 where below ``tiny`` in magnitude
+    (``Ops.flush_subnormal``); ``p = p decay - m / (sqrt(v) inv_sqrt_c2 + eps) lr_c1``
     (a1 = 1 - b1, a2 = 1 - b2, the bias corrections c1 = 1 - b1^t, c2 = 1 - b2^t, decay = 1 - lr wd).
     inv_sqrt_c2 is a float64, and ``sqrt(v) inv_sqrt_c2`` is done in float64 and rounded, as NumPy
     does with a float64 scalar; every other constant has the arena's dtype."""
+    zero = p.dtype.type(0)
     for e in range(p.shape[0]):
         ge = g[e]
         me = m[e] * b1 + ge * a1
         ve = v[e] * b2 + (ge * ge) * a2
+        me = zero if abs(me) < tiny else me
+        ve = zero if abs(ve) < tiny else ve
         m[e] = me
         v[e] = ve
         root = p.dtype.type(math.sqrt(ve) * inv_sqrt_c2)

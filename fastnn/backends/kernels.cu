@@ -360,10 +360,18 @@ extern "C" __global__ void gather_labels(const int* src, const long long* idx, l
 template <typename T>
 __device__ void sgd_at(T* p, const T* g, long long e, T lr, T wd) { p[e] -= lr * (g[e] + wd * p[e]); }
 
+// Optimizer state below the smallest normal number in magnitude stored as +0 (Ops.flush_subnormal),
+// as on the CPU, where subnormal operands are slow.
+template <typename T>
+__device__ T flushed(T x) {
+    const T tiny = sizeof(T) == 4 ? (T)1.17549435082228751e-38 : (T)2.22507385850720138e-308;
+    return x < tiny && x > -tiny ? (T)0 : x;
+}
+
 template <typename T>
 __device__ void momentum_at(T* p, const T* g, T* v, long long e, T lr, T mu, T wd, int nesterov) {
     const T gg = g[e] + wd * p[e];
-    const T ve = mu * v[e] + gg;
+    const T ve = flushed(mu * v[e] + gg);
     v[e] = ve;
     p[e] -= lr * (nesterov ? gg + mu * ve : ve);
 }
@@ -378,7 +386,7 @@ __device__ void adam_corrections(const int* t, T b1, T b2, T* c1, T* c2) {
 template <typename T>
 __device__ void adam_at(T* p, const T* g, T* m, T* v, long long e, T lr, T b1, T b2, T c1, T c2, T eps, T wd) {
     const T ge = g[e];
-    const T me = b1 * m[e] + ((T)1 - b1) * ge, ve = b2 * v[e] + ((T)1 - b2) * ge * ge;
+    const T me = flushed(b1 * m[e] + ((T)1 - b1) * ge), ve = flushed(b2 * v[e] + ((T)1 - b2) * ge * ge);
     m[e] = me;
     v[e] = ve;
     p[e] -= lr * ((me / c1) / (sqrt(ve / c2) + eps) + wd * p[e]);

@@ -290,17 +290,28 @@ class NumpyOps(Ops):
         g *= lr
         p -= g
 
+    def flush_subnormal(self, state, work=None):
+        """``Ops.flush_subnormal`` through ``work`` (a float array of state's shape, overwritten) and a
+        scratch mask: no allocation."""
+        if work is None:
+            return super().flush_subnormal(state)
+        np.abs(state, out=work)
+        small = self.scratch(state.shape, np.bool_)
+        np.less(work, np.finfo(state.dtype).tiny, out=small)
+        np.copyto(state, 0, where=small)
+
     def momentum(self, p, g, v, lr, mu, wd, nesterov):
         if fused := self._fused((p, g, v), lr, mu, wd):
             t = p.dtype.type
             return fused.momentum(p.reshape(-1), g.reshape(-1), v.reshape(-1), t(lr), t(mu), t(wd), t(mu * lr),
-                                  bool(nesterov))
+                                  bool(nesterov), np.finfo(p.dtype).tiny)
         if applies(wd):
             t = self.scratch(p.shape, p.dtype)
             np.multiply(p, wd, out=t)
             g += t
         v *= mu
         v += g
+        self.flush_subnormal(v, self.scratch(p.shape, p.dtype))
         if nesterov:
             t = self.scratch(p.shape, p.dtype)
             np.multiply(v, mu * lr, out=t)
@@ -320,7 +331,7 @@ class NumpyOps(Ops):
             f = p.dtype.type
             return fused.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), f(b1), f(1.0 - b1),
                               f(b2), f(1.0 - b2), 1.0 / math.sqrt(c2), f(eps), f(1.0 - lr * wd if wd else 1.0),
-                              f(lr / c1))
+                              f(lr / c1), np.finfo(p.dtype).tiny)
         w = self.scratch(p.shape, p.dtype)
         m *= b1
         np.multiply(g, 1.0 - b1, out=w)
@@ -329,6 +340,8 @@ class NumpyOps(Ops):
         np.square(g, out=g)
         g *= 1.0 - b2
         v += g
+        self.flush_subnormal(m, w)
+        self.flush_subnormal(v, w)
         np.sqrt(v, out=w)
         w *= 1.0 / np.sqrt(c2)  # a NumPy float64: this multiply is done in float64, then rounded
         w += eps

@@ -165,12 +165,15 @@ def announce(run: Run) -> None:
     """The run's configuration: a line on screen, a record in the metrics."""
     cfg, ds, inputs, model, out, resumed_after = run.cfg, run.ds, run.inputs, run.model, run.out, run.resumed_after
     n_val = 0 if inputs.y_val is None else len(inputs.y_val)
-    out.record({"type": "config", **cfg, "sizes": list(model.sizes), "device": model.device,
+    # a conv net is its layer spec (its flattened widths say little; --hidden is unused)
+    spec = model.layer_spec and f"{model.layer_spec} ({'x'.join(map(str, model.image_shape))} images)"
+    out.record({"type": "config", **cfg, **({"hidden": None} if spec else {}), "sizes": list(model.sizes),
+                "device": model.device,
                 "classes": ds.classes, "source": ds.source, "n_train": len(inputs.y_train), "n_val": n_val,
                 "n_test": len(ds.test_labels), "resumed_from_epoch": resumed_after, "fastnn": __version__})
     out.say(f"fastnn {__version__}: {ds.name} ({len(inputs.y_train)} train / {n_val} validation / "
             f"{len(ds.test_labels)} test), "
-            f"network {'-'.join(map(str, model.sizes))} {cfg['activation']}/{cfg['loss']}, "
+            f"network {spec or '-'.join(map(str, model.sizes))} {cfg['activation']}/{cfg['loss']}, "
             f"{cfg['optimizer']} lr {cfg['lr']:g}, batch {cfg['batch_size']}, device {model.device}"
             + (f", resuming after epoch {resumed_after}" if resumed_after is not None else ""))
 

@@ -94,6 +94,8 @@ RULES = {
     "lr": Rule(float, ">= 0", low=0),  # 0 trains nothing (the doctor says so), but is allowed: a loss of fixed weights
     "momentum": Rule(float, "in [0, 1)", low=0, high=1, high_open=True),
     "weight_decay": Rule(float, ">= 0", low=0),
+    "beta": Rule(float, "in [0, 1)", low=0, high=1, high_open=True),  # Adam's b1, b2 (1 would divide by 1 - 1)
+    "eps": Rule(float, "> 0", low=0, low_open=True),  # Adam's: 0 divides by a zero moment
     "dropout": Rule(float, "in [0, 1)", low=0, high=1, high_open=True),
     "val_split": Rule(float, "in [0, 1)", low=0, high=1, high_open=True),
     "translate": Rule(int, ">= 0", low=0),

@@ -366,7 +366,7 @@ class MLP:
         patch buffers are large, as many images as take about 64 MB of buffers."""
         if self.layer_spec is None:
             return batch_size
-        per_sample = sum(2 * l.k * l.k * l.width_in + 2 * l.width_out for l in self.layers)
+        per_sample = sum((l.k * l.k * l.width_in if l.kind == "conv" else 0) + 2 * l.width_out for l in self.layers)
         return max(1, min(batch_size, (64 << 20) // (per_sample * self.dtype.itemsize)))
 
     def _batches_device(self, xd, yd, batch_size):

@@ -130,8 +130,12 @@ class Adam(Optimizer):
     def __init__(self, model: MLP, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(model, lr, weight_decay)
-        self.b1, self.b2 = (float(b) for b in betas)
-        self.eps = float(eps)
+        try:
+            b1, b2 = betas
+        except (TypeError, ValueError):
+            raise ConfigError(f"Adam's betas must be two numbers in [0, 1), got {betas!r}") from None
+        self.b1, self.b2 = (float(check("beta", b, "each of Adam's betas")) for b in (b1, b2))
+        self.eps = float(check("eps", eps, "Adam's eps"))
         self.state["t"] = model.ops.xp.zeros(1, np.int32)  # steps taken, kept on the device
 
     def _update(self, p, g):

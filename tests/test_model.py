@@ -177,6 +177,17 @@ def test_unknown_optimizer():
         fastnn.fit(fastnn.MLP([12, 3]), x, y, optimizer="rmsprop")
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"eps": 0.0}, r"Adam's eps must be > 0, got 0.0"),  # a zero moment (flushed or never set) would divide by 0
+    ({"eps": float("nan")}, "Adam's eps must be > 0"),
+    ({"betas": (0.9, 1.0)}, r"each of Adam's betas must be in \[0, 1\), got 1.0"),  # 1 - b2^t = 0
+    ({"betas": 0.9}, "Adam's betas must be two numbers"),
+])
+def test_adam_refuses_eps_and_betas_it_would_divide_by_zero_with(kwargs, match):
+    with pytest.raises(fastnn.ConfigError, match=match):
+        fastnn.optim.Adam(fastnn.MLP([4, 3]), **kwargs)
+
+
 def test_bad_data_gets_clear_errors():
     x, y = toy()
     m = fastnn.MLP([12, 3])

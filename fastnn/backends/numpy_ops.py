@@ -102,7 +102,8 @@ class NumpyOps(Ops):
             super().bias_act(h, b, act, drop)
 
     # Convolution and pooling: Numba's one-pass loops (``cpu_fused``) when installed, else NumPy's
-    # strided copies. Each is the generic definition's result bit for bit.
+    # strided copies. Each is the generic definition's result bit for bit (the patches: as
+    # ``patch_matrix`` reads them, which for one input channel is another layout of the buffer).
     def patch_matrix(self, cols):
         if cols.shape[5] == 1:  # one channel: stored transposed, (k*k, B*Ho*Wo) (see im2col); a column-major view
             return cols.reshape(-1).reshape(cols.shape[3] * cols.shape[4], -1).T
@@ -115,6 +116,8 @@ class NumpyOps(Ops):
             # 25 floats at a time. Stored transposed instead, (k, k, B, Ho, Wo), each kernel offset is one
             # strided copy of whole image rows: 3.5x faster (network3's first layer, 128 images), and the GEMMs
             # read the transposed matrix (BLAS's transposed operand) as fast.
+            if not cols.flags.c_contiguous:  # the reshape below would copy, and the patches be lost
+                raise ValueError(f"im2col: the patch buffer {cols.shape} must be C-contiguous")
             x = self._padded(x, pad)
             Ho, Wo = cols.shape[1], cols.shape[2]
             by_offset = cols.reshape(k, k, B, Ho, Wo)

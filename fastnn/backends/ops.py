@@ -249,7 +249,8 @@ class Ops:
     # (0: "valid", (k - 1) // 2 for odd k: "same"). Pooling is p x p, non-overlapping (floor).
     def im2col(self, x, k: int, pad: int, cols) -> None:
         """cols (B, Ho, Wo, k, k, C) = the k x k patches of x (B, H, W, C) padded by ``pad`` zeros:
-        one strided copy per kernel offset (k*k of them), none per image or position."""
+        one strided copy per kernel offset (k*k of them), none per image or position. A backend may
+        lay the buffer out otherwise: read it through ``patch_matrix``."""
         B, H, W, C = x.shape
         Ho, Wo = cols.shape[1], cols.shape[2]
         if pad:
@@ -447,7 +448,8 @@ class Ops:
         zero (a weight reading an always-blank pixel, a dead unit's) decays geometrically into the
         subnormal range within a few epochs and stays there, and on x86 CPUs every subnormal operand
         costs a microcode assist (Adam's pass 9x as long with a third of m subnormal). The update such
-        a value makes (< 1.2e-38 lr / eps in float32) leaves every parameter over ~1e-26 unchanged."""
+        a value makes (< 1.2e-38 lr / eps in float32) leaves every weight over ~4e-23 lr unchanged
+        (eps 1e-8)."""
         tiny = np.finfo(state.dtype).tiny
         self.xp.copyto(state, 0, where=self.xp.abs(state) < tiny)
 

@@ -191,10 +191,11 @@ class Workspace:
         self.acts = [xp.empty(stack + (batch, *l.shape_out), dtype) for l in layers]
         self.deltas = [xp.empty(stack + (batch, *l.shape_out), dtype) for l in layers]
         # a convolution's patches (B, Ho, Wo, k, k, C_in), kept from forward for its weight gradient, then
-        # overwritten by their gradient (the input gradient's GEMM, after the weight gradient has read them);
-        # a pooling layer's argmax (B, Ho, Wo, C) int8; None for the other layers
-        self.cols = [xp.empty((batch, *l.shape_out[:2], l.k, l.k, l.shape_in[2]), dtype) if l.kind == "conv"
-                     else None for l in layers]
+        # overwritten by their gradient (the input gradient's GEMM, after the weight gradient has read them),
+        # where the backend writes patches out (``Ops.patches_in_memory``); a pooling layer's argmax
+        # (B, Ho, Wo, C) int8; None for the other layers
+        self.cols = [xp.empty((batch, *l.shape_out[:2], l.k, l.k, l.shape_in[2]), dtype)
+                     if l.kind == "conv" and ops.patches_in_memory else None for l in layers]
         self.args = [xp.empty((batch, *l.shape_out), np.int8) if l.kind == "pool" else None for l in layers]
         self.loss = xp.zeros(stack or (1,), dtype)
         self.hits = xp.zeros(stack or (1,), np.int32)

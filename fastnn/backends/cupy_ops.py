@@ -101,6 +101,11 @@ class CupyOps(Ops):
         super().__init__(cp)
         self.gemm = gemm
 
+    @property
+    def patches_in_memory(self) -> bool:
+        """Only the cuBLAS path writes a convolution's patches out; the implicit GEMMs read the images."""
+        return self.gemm == "cublas"
+
     def to_host(self, a) -> np.ndarray:
         return cp.asnumpy(a)
 

@@ -81,6 +81,7 @@ class Ops:
     """
 
     name = "generic"
+    patches_in_memory = True  # a convolution's patches are written out (im2col) for its GEMMs to read
 
     def __init__(self, xp):
         self.xp = xp

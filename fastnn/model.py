@@ -232,12 +232,12 @@ class MLP:
         the pixels moved in are a blank pixel as the network sees it: a raw 0 pixel, preprocessed,
         for uint8 and float inputs alike).
         """
-        scale, shift = self.preprocessing.uint8_affine() if x_dev.dtype == np.uint8 else (1.0, 0.0)
+        pixel_scale, blank = self.preprocessing.uint8_affine()  # blank: a raw 0 pixel as the network sees it
+        scale, shift = (pixel_scale, blank) if x_dev.dtype == np.uint8 else (1.0, 0.0)
         if train and self.translate:
             raw = self.ops.scratch(ws.x.shape, ws.x.dtype)
             self.ops.gather_rows(x_dev, idx, raw, scale, shift)
             shape = (ws.x.shape[0], *self.image_shape)
-            blank = self.preprocessing.uint8_affine()[1]
             self.ops.translate(raw.reshape(shape), ws.x.reshape(shape), self.translate, self.seed, self.step, blank)
         else:
             self.ops.gather_rows(x_dev, idx, ws.x, scale, shift)

@@ -293,11 +293,9 @@ class NumpyOps(Ops):
         g *= lr
         p -= g
 
-    def flush_subnormal(self, state, work=None):
+    def _flush_subnormal(self, state, work):
         """``Ops.flush_subnormal`` through ``work`` (a float array of state's shape, overwritten) and a
         scratch mask: no allocation."""
-        if work is None:
-            return super().flush_subnormal(state)
         np.abs(state, out=work)
         small = self.scratch(state.shape, np.bool_)
         np.less(work, np.finfo(state.dtype).tiny, out=small)
@@ -314,7 +312,7 @@ class NumpyOps(Ops):
             g += t
         v *= mu
         v += g
-        self.flush_subnormal(v, self.scratch(p.shape, p.dtype))
+        self._flush_subnormal(v, self.scratch(p.shape, p.dtype))
         if nesterov:
             t = self.scratch(p.shape, p.dtype)
             np.multiply(v, mu * lr, out=t)
@@ -343,8 +341,8 @@ class NumpyOps(Ops):
         np.square(g, out=g)
         g *= 1.0 - b2
         v += g
-        self.flush_subnormal(m, w)
-        self.flush_subnormal(v, w)
+        self._flush_subnormal(m, w)
+        self._flush_subnormal(v, w)
         np.sqrt(v, out=w)
         w *= 1.0 / np.sqrt(c2)  # a NumPy float64: this multiply is done in float64, then rounded
         w += eps
